@@ -1,0 +1,1 @@
+"""KFP v2 components: thin adapters over habla functions."""

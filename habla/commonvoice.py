@@ -1,0 +1,174 @@
+"""Common Voice releases: names and versions, the TSV files of every generation, clip durations.
+
+A release's locale folder holds ``clips/*.mp3`` and TSVs (``train``, ``dev``, ``test``, ``validated``, ...).
+Columns are found by header name, never by position (they changed over the years: ``accent`` became
+``accents`` in 17.0; ``variant`` came in 13.0, ``sentence_id``/``sentence_domain`` in 17.0), and quote
+characters inside sentences are data, so the TSVs are read with quoting disabled.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from habla import storage
+from habla.errors import HablaError
+
+TSV_SPLITS = ("train", "dev", "test", "validated", "invalidated", "other")
+REQUIRED_COLUMNS = ("client_id", "path", "sentence")
+# Metadata carried into manifest lines; values are "" when a release lacks the column.
+METADATA_COLUMNS = ("client_id", "gender", "age", "accents", "locale")
+DURATION_FILES = ("clip_durations.tsv", "times.txt")
+
+_RELEASE_RE = re.compile(
+    r"cv-corpus-(?P<version>\d+(?:\.\d+)*)(?P<delta>-delta)?-(?P<date>\d{4}-\d{2}-\d{2})-(?P<locale>[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)*)"
+    r"(?P<ext>\.tar\.gz|\.tgz)?$"
+)
+
+
+@dataclass(frozen=True, order=True)
+class ReleaseName:
+    """A parsed ``cv-corpus-<version>[-delta]-<date>-<locale>[.tar.gz]`` name; orders by version."""
+
+    version: tuple[int, ...]
+    date: str
+    locale: str
+    delta: bool = False
+    archive: bool = False
+
+    @property
+    def version_str(self) -> str:
+        return ".".join(map(str, self.version))
+
+    @property
+    def name(self) -> str:
+        delta = "-delta" if self.delta else ""
+        return f"cv-corpus-{self.version_str}{delta}-{self.date}-{self.locale}"
+
+
+def parse_release_name(text: str) -> ReleaseName | None:
+    """Parse a release name from a file or folder name (or the last component of a path/URI)."""
+    match = _RELEASE_RE.search(storage.name(text))
+    if not match:
+        return None
+    return ReleaseName(
+        version=tuple(int(p) for p in match["version"].split(".")),
+        date=match["date"],
+        locale=match["locale"],
+        delta=bool(match["delta"]),
+        archive=bool(match["ext"]),
+    )
+
+
+def release_label(uri: str) -> str:
+    """A human label for a release location: its cv-corpus name if one appears in the path, else the path."""
+    parts = [p for p in str(uri).rstrip("/").replace("\\", "/").split("/") if p]
+    for part in reversed(parts):
+        parsed = parse_release_name(part)
+        if parsed:
+            return parsed.name
+    return "/".join(parts[-2:]) if parts else str(uri)
+
+
+# ------------------------------------------------------------------------------------------------- TSVs
+
+
+@dataclass(slots=True)
+class TsvRow:
+    """One data row of a TSV, by column name. ``line`` is the 1-based line number in the file."""
+
+    line: int
+    fields: dict[str, str]
+
+
+@dataclass(slots=True)
+class MalformedRow:
+    """A line whose field count does not match the header."""
+
+    line: int
+    path: str  # best effort: the value in the path column, if the line has one
+    detail: str
+
+
+def _open_lines(uri: str) -> Iterator[str]:
+    """Lines without their terminator, streamed. Bytes that are not UTF-8 become U+FFFD (rejected later)."""
+    if storage.is_s3(uri):
+        stream = io.StringIO(storage.read_bytes(uri).decode("utf-8", errors="replace"), newline="\n")
+    else:
+        stream = open(uri, encoding="utf-8", errors="replace", newline="\n")  # noqa: SIM115
+    with stream:
+        for line in stream:
+            yield line.rstrip("\r\n")
+
+
+def read_tsv(uri: str) -> tuple[list[str], Iterator[TsvRow | MalformedRow]]:
+    """Read a Common Voice TSV with quoting disabled. Returns the header and a row iterator.
+
+    A line whose number of tab-separated fields differs from the header's is yielded as a
+    :class:`MalformedRow` (never dropped), so callers can account for every line.
+    Raises FileNotFoundError if the file is missing, HablaError if the header lacks a required column.
+    """
+    lines = _open_lines(uri)
+    try:
+        header = next(lines).lstrip("\ufeff").split("\t")
+    except StopIteration:
+        raise HablaError(f"{uri}: empty TSV (no header line)") from None
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise HablaError(f"{uri}: not a Common Voice TSV (missing column(s) {', '.join(missing)})")
+    return header, _rows(header, lines)
+
+
+def _rows(header: list[str], lines: Iterator[str]) -> Iterator[TsvRow | MalformedRow]:
+    n = len(header)
+    path_index = header.index("path")
+    # ``accent`` (before 17.0) and ``accents`` hold the same thing; expose one name.
+    accent_alias = "accent" if "accent" in header and "accents" not in header else None
+    intern = sys.intern  # speakers and demographic values repeat a lot: share one string each
+    for number, line in enumerate(lines, start=2):
+        if not line.strip():
+            continue
+        values = line.split("\t")
+        if len(values) != n:
+            path = values[path_index] if len(values) > path_index else ""
+            yield MalformedRow(number, path, f"{len(values)} fields, header has {n}")
+            continue
+        fields = dict(zip(header, values))
+        if accent_alias:
+            fields["accents"] = fields.pop(accent_alias)
+        for key in ("client_id", "gender", "age", "accents", "locale"):
+            if key in fields:
+                fields[key] = intern(fields[key])
+        yield TsvRow(number, fields)
+
+
+# -------------------------------------------------------------------------------------------- durations
+
+
+def read_durations(root: str) -> dict[str, float] | None:
+    """Clip durations in seconds from ``clip_durations.tsv`` (16.1+) or ``times.txt`` (14.0), if present.
+
+    Both are two columns: the clip file name and its duration in milliseconds (an optional header line).
+    Returns None when the release has neither file: durations then come from decoding.
+    """
+    for filename in DURATION_FILES:
+        uri = storage.join(root, filename)
+        try:
+            text = storage.read_text(uri)
+        except FileNotFoundError:
+            continue
+        durations: dict[str, float] = {}
+        for line in text.splitlines():
+            parts = line.split("\t") if "\t" in line else line.split()
+            if len(parts) < 2:
+                continue
+            try:
+                durations[parts[0].strip()] = float(parts[1]) / 1000.0
+            except ValueError:
+                continue  # the header line
+        return durations
+    return None

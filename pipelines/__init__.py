@@ -1,0 +1,1 @@
+"""The habla Kubeflow pipeline."""
