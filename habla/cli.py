@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from habla import __version__
+from habla import __version__, storage
 from habla.errors import HablaError
 
 # command name -> (module, one-line help)
@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     except HablaError as exc:
         print(f"habla {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # Storage and endpoint failures that survived the retries (botocore errors, a full disk): one line.
+        if type(exc).__module__.startswith(("botocore", "boto3", "s3transfer")) or isinstance(exc, OSError):
+            print(f"habla {args.command}: error: {storage.describe_error(exc)}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print(f"habla {args.command}: interrupted", file=sys.stderr)
         return 130

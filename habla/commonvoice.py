@@ -172,3 +172,68 @@ def read_durations(root: str) -> dict[str, float] | None:
                 continue  # the header line
         return durations
     return None
+
+
+# ------------------------------------------------------------------------------------ locating a release
+
+
+def locate_release(src: str, locale: str) -> str:
+    """The locale folder of an extracted release: ``src`` itself or ``src/<locale>``. Raises HablaError."""
+    storage.check_readable_root(src)
+    for candidate in (src, storage.join(src, locale)):
+        if any(storage.exists(storage.join(candidate, f"{s}.tsv")) for s in ("train", "validated", "dev", "test")):
+            return candidate
+    raise HablaError(
+        f"{src}: not a Common Voice locale folder (no train/dev/test/validated.tsv here or under {locale}/)"
+    )
+
+
+def is_archive(src: str) -> bool:
+    return str(src).endswith((".tar.gz", ".tgz", ".tar"))
+
+
+def stage_archive(archive: str, staging: str, locale: str) -> str:
+    """Unpack the TSVs, duration tables and clips of one locale from a release archive into ``staging``.
+
+    The archive is read once, as a stream (it can be tens of GB, local or in object storage). Only
+    ``<top>/<locale>/*.tsv|.txt`` and ``<top>/<locale>/clips/*`` are kept; member names are checked so that
+    nothing lands outside ``staging``. Re-runs are cheap: a completed staging is recorded in
+    ``staging/_STAGED.json``, and an interrupted one skips files already written with the right size.
+    Returns the staged locale folder.
+    """
+    import json
+    import tarfile
+
+    marker = storage.join(staging, "_STAGED.json")
+    if storage.exists(marker):
+        return json.loads(storage.read_text(marker))["root"]
+    already = {info.uri: info.size for info in storage.list_files(staging)}
+    root = None
+    try:
+        stream = storage.open_stream(archive)
+    except FileNotFoundError:
+        raise HablaError(f"{archive}: no such archive") from None
+    mode = "r|" if archive.endswith(".tar") else "r|gz"
+    try:
+        with stream, tarfile.open(fileobj=stream, mode=mode) as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if not member.isfile() or member.name.startswith("/") or ".." in parts:
+                    continue
+                if len(parts) == 3 and parts[1] == locale and parts[2].endswith((".tsv", ".txt")):
+                    pass
+                elif len(parts) == 4 and parts[1] == locale and parts[2] == "clips" and parts[3]:
+                    pass
+                else:
+                    continue
+                target = storage.join(staging, *parts[1:])
+                root = storage.join(staging, locale)
+                if already.get(target) == member.size:
+                    continue
+                storage.write_bytes(target, tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise HablaError(f"{archive}: cannot read the archive ({exc})") from None
+    if root is None:
+        raise HablaError(f"{archive}: holds no '{locale}' locale folder (<top>/{locale}/*.tsv)")
+    storage.write_text(marker, json.dumps({"archive": archive, "root": root}))
+    return root

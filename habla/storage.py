@@ -4,8 +4,9 @@ A location is either a local path or ``s3://bucket/key``. The S3 endpoint and cr
 standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_REGION``/``AWS_DEFAULT_REGION``, profiles), so MinIO, SeaweedFS (KFP's default store) and AWS all work.
 
-Every write is atomic: a local file is written to a temporary name in the same folder and renamed; an S3
-object only becomes visible when its PUT (or multipart upload) completes. Transient S3 errors (5xx,
+Every write is atomic: a local file is written to a temporary name in the same folder and renamed (a killed
+process never leaves a partial file under the final name); an S3 object only becomes visible when its PUT (or
+multipart upload) completes. Transient S3 errors (5xx,
 throttling, dropped connections) are retried with backoff by botocore's ``standard`` retry mode, and reads of
 a response body that break half-way are retried here.
 """
@@ -221,8 +222,6 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

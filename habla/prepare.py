@@ -1,0 +1,680 @@
+"""``habla prepare``: a Common Voice release → 16 kHz WAV (or NeMo tar shards) + NeMo manifests + a report.
+
+Three steps, each a plain function the KFP components call too:
+
+1. :func:`plan` reads the TSVs, normalizes the text, applies the row filters (malformed rows, unsafe paths,
+   text, duplicates, leakage, durations when the release has a duration table) and splits the remaining
+   clips into N shards balanced by duration. Writes ``plan/``.
+2. :func:`convert_shard` converts the clips of one shard with W worker processes (in-process MP3 decode,
+   down-mix, soxr resample, PCM_16) and writes the audio plus ``shards/shard-<k>.json``. Shards are
+   independent: on a cluster each is one KFP ParallelFor task.
+3. :func:`assemble` gathers the shard results into ``manifests/<split>.json``, ``rejected.jsonl`` and the
+   dataset report, and checks that every input row ended up in exactly one of them.
+
+Every file is written atomically and every step skips work that is already complete, so a re-run rewrites
+nothing and a killed run, started again, ends exactly as an uninterrupted one. See docs/layout.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import heapq
+import json
+import logging
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from habla import audio, commonvoice, storage
+from habla.errors import HablaError
+from habla.progress import Progress
+from habla.text import TextRejected, normalize_text
+
+log = logging.getLogger("habla.prepare")
+
+EVAL_SPLITS = ("dev", "test")
+PLAN_VERSION = 1
+# Weight of a clip when the release has no duration table (planning then balances clip counts).
+DEFAULT_CLIP_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Everything that decides the content of a prepared dataset (recorded in plan.json)."""
+
+    splits: tuple[str, ...] = ("train", "dev", "test")
+    train_source: str = "train"  # "validated": validated.tsv minus dev/test speakers, sentences and clips
+    format: str = "wav"  # "tar": the train split as NeMo tarred shards
+    shards: int = 4
+    locale: str = "es"
+    min_duration: float = 0.5
+    max_duration: float = 20.0
+    # Characters (of normalized text) per second of audio outside this range mean a wrong transcript or a
+    # mostly silent clip. NeMo-speech-data-processor's Spanish recipe uses 1-21; CV clips carry leading and
+    # trailing silence, which lowers the rate of short sentences.
+    min_chars_per_second: float = 1.0
+    max_chars_per_second: float = 21.0
+
+    def validate(self) -> None:
+        unknown = [s for s in self.splits if s not in ("train", "dev", "test")]
+        if unknown or not self.splits:
+            raise HablaError(f"--splits must be a comma-separated subset of train,dev,test (got {unknown or 'none'})")
+        if self.train_source not in ("train", "validated"):
+            raise HablaError(f"--train-source must be train or validated (got {self.train_source!r})")
+        if self.format not in ("wav", "tar"):
+            raise HablaError(f"--format must be wav or tar (got {self.format!r})")
+        if self.shards < 1:
+            raise HablaError(f"--shards must be >= 1 (got {self.shards})")
+        if not 0 <= self.min_duration < self.max_duration:
+            raise HablaError(f"need 0 <= --min-duration < --max-duration (got {self.min_duration}, {self.max_duration})")
+        if not 0 <= self.min_chars_per_second < self.max_chars_per_second:
+            raise HablaError("need 0 <= --min-chars-per-second < --max-chars-per-second")
+
+
+@dataclass(slots=True)
+class Clip:
+    """A row of a TSV that passed the row filters; becomes a manifest line unless its audio is bad."""
+
+    split: str
+    path: str  # the clip's file name as in the TSV (checked: a plain name inside clips/)
+    text: str  # normalized
+    sentence: str  # as in the TSV
+    client_id: str
+    gender: str
+    age: str
+    accents: str
+    locale: str
+    line: int
+    duration: float | None = None  # from the release's duration table; None: measured when decoding
+
+
+@dataclass(slots=True)
+class Rejection:
+    split: str
+    path: str
+    reason: str
+    detail: str = ""
+    line: int = 0
+
+
+@dataclass
+class Plan:
+    """What plan() decided; serialized under ``<out>/plan/``."""
+
+    release: str  # the release location given by the user
+    root: str  # the locale folder the clips are read from (staged, for an archive)
+    options: PrepareOptions
+    rows_read: dict[str, int]  # data rows per TSV read (the accounting base)
+    tsv_of_split: dict[str, str]
+    has_durations: bool
+    shards: list[list[Clip]] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ paths
+
+
+def _plan_dir(out: str) -> str:
+    return storage.join(out, "plan")
+
+
+def _plan_shard_uri(out: str, shard: int) -> str:
+    return storage.join(out, "plan", f"shard-{shard:05d}.jsonl")
+
+
+def _result_uri(out: str, shard: int) -> str:
+    return storage.join(out, "shards", f"shard-{shard:05d}.json")
+
+
+def _wav_uri(out: str, split: str, clip_path: str) -> str:
+    return storage.join(out, "audio", split, PurePosixPath(clip_path).stem + ".wav")
+
+
+def _tar_uri(out: str, split: str, index: int) -> str:
+    return storage.join(out, "tarred", split, f"audio_{index}.tar")
+
+
+def _tar_manifest_uri(out: str, split: str, index: int) -> str:
+    return storage.join(out, "tarred", split, f"manifest_{index}.json")
+
+
+def is_safe_clip_name(path: str) -> bool:
+    """A plain file name (no folder part, no ``..``): data files are untrusted and must not escape clips/."""
+    return (
+        bool(path)
+        and path == PurePosixPath(path).name
+        and path not in (".", "..")
+        and not path.startswith(".")
+        and "\\" not in path
+        and "\x00" not in path
+    )
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+
+def _options_key(options: PrepareOptions) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()}
+
+
+def build_plan(release: str, root: str, options: PrepareOptions) -> Plan:
+    """Read the TSVs and decide, row by row, what becomes a clip and what is rejected (no audio is read)."""
+    tsv_of_split = {s: "validated" if s == "train" and options.train_source == "validated" else s for s in options.splits}
+    durations = commonvoice.read_durations(root)
+    plan = Plan(release, root, options, {}, tsv_of_split, durations is not None)
+
+    # Dev/test rows guard the train split even when they are not prepared themselves.
+    eval_paths: set[str] = set()
+    eval_speakers: set[str] = set()
+    eval_texts: set[str] = set()
+    if "train" in options.splits:
+        for split in EVAL_SPLITS:
+            uri = storage.join(root, f"{split}.tsv")
+            if split not in options.splits and not storage.exists(uri):
+                continue
+            for row in _read_rows(uri):
+                if isinstance(row, commonvoice.TsvRow):
+                    eval_paths.add(row.fields["path"])
+                    eval_speakers.add(row.fields["client_id"])
+                    try:
+                        eval_texts.add(normalize_text(row.fields["sentence"]))
+                    except TextRejected:
+                        pass
+
+    clips_by_split: dict[str, list[Clip]] = {}
+    for split in options.splits:
+        tsv = tsv_of_split[split]
+        uri = storage.join(root, f"{tsv}.tsv")
+        seen: set[str] = set()
+        clips: list[Clip] = []
+        rows = 0
+        for row in _read_rows(uri):
+            rows += 1
+            if isinstance(row, commonvoice.MalformedRow):
+                plan.rejected.append(Rejection(split, row.path, "malformed_row", row.detail, row.line))
+                continue
+            clip, rejection = _check_row(split, row, seen, eval_paths, eval_speakers, eval_texts, durations, options)
+            if rejection:
+                plan.rejected.append(rejection)
+            else:
+                clips.append(clip)
+        plan.rows_read[f"{tsv}.tsv" if tsv == split else f"{tsv}.tsv (as {split})"] = rows
+        clips_by_split[split] = clips
+
+    plan.shards = _balance(clips_by_split, options.shards)
+    return plan
+
+
+def _read_rows(uri: str) -> Iterator[commonvoice.TsvRow | commonvoice.MalformedRow]:
+    try:
+        _, rows = commonvoice.read_tsv(uri)
+    except FileNotFoundError:
+        raise HablaError(f"{uri}: no such TSV in the release") from None
+    return rows
+
+
+def _check_row(
+    split: str,
+    row: commonvoice.TsvRow,
+    seen: set[str],
+    eval_paths: set[str],
+    eval_speakers: set[str],
+    eval_texts: set[str],
+    durations: dict[str, float] | None,
+    options: PrepareOptions,
+) -> tuple[Clip | None, Rejection | None]:
+    """Apply the row filters in a fixed order; the first that fails names the reason."""
+    f = row.fields
+    path, sentence = f["path"], f["sentence"]
+
+    def reject(reason: str, detail: str = "") -> tuple[None, Rejection]:
+        return None, Rejection(split, path, reason, detail, row.line)
+
+    if not is_safe_clip_name(path):
+        return reject("unsafe_path", "clip path must be a plain file name inside clips/")
+    if "\ufffd" in sentence:
+        return reject("undecodable_text", "sentence is not valid UTF-8")
+    try:
+        text = normalize_text(sentence)
+    except TextRejected as exc:
+        return reject(exc.reason, exc.detail)
+    if path in seen:
+        return reject("duplicate", "clip listed more than once in this TSV")
+    seen.add(path)
+    if split == "train":
+        if path in eval_paths:
+            return reject("eval_overlap", "clip also listed in dev/test")
+        if options.train_source == "validated":
+            if f["client_id"] in eval_speakers:
+                return reject("eval_speaker", "speaker also in dev/test")
+            if text in eval_texts:
+                return reject("eval_sentence", "sentence also in dev/test")
+    duration = durations.get(path) if durations is not None else None
+    if duration is not None:
+        reason = duration_problem(duration, text, options)
+        if reason:
+            return reject(*reason)
+    return (
+        Clip(split, path, text, sentence, f["client_id"], f.get("gender", ""), f.get("age", ""),
+             f.get("accents", ""), f.get("locale", ""), row.line, duration),
+        None,
+    )
+
+
+def duration_problem(duration: float, text: str, options: PrepareOptions) -> tuple[str, str] | None:
+    """The duration and speaking-rate filters, shared by planning (duration table) and conversion (decoded)."""
+    if duration < options.min_duration:
+        return "too_short", f"{duration:.2f}s < {options.min_duration}s"
+    if duration > options.max_duration:
+        return "too_long", f"{duration:.2f}s > {options.max_duration}s"
+    rate = len(text) / duration
+    if not options.min_chars_per_second <= rate <= options.max_chars_per_second:
+        return "chars_per_second", f"{rate:.1f} chars/s"
+    return None
+
+
+def _balance(clips_by_split: dict[str, list[Clip]], shards: int) -> list[list[Clip]]:
+    """Spread each split over the shards, longest clip first onto the lightest shard (deterministic).
+
+    Every split is spread over ``min(shards, len(clips))`` shards, so shard k holds about 1/N of every split:
+    shards take about the same time, and the tar shards of a split are numbered 0..m-1 without gaps.
+    """
+    out: list[list[Clip]] = [[] for _ in range(shards)]
+    for split in sorted(clips_by_split):
+        clips = clips_by_split[split]
+        count = min(shards, len(clips))
+        heap = [(0.0, k) for k in range(count)]
+        for clip in sorted(clips, key=lambda c: (-(c.duration or DEFAULT_CLIP_SECONDS), c.path)):
+            load, k = heapq.heappop(heap)
+            out[k].append(clip)
+            heapq.heappush(heap, (load + (clip.duration or DEFAULT_CLIP_SECONDS), k))
+    for shard in out:
+        shard.sort(key=lambda c: (c.split, c.path))
+    return out
+
+
+def _jsonl(records: Iterable) -> str:
+    return "".join(json.dumps(dataclasses.asdict(r), ensure_ascii=False) + "\n" for r in records)
+
+
+def plan(release: str, out: str, options: PrepareOptions) -> dict:
+    """Step 1: locate (or unpack) the release, plan the shards, write ``<out>/plan``. Returns plan.json.
+
+    If ``<out>`` already holds a plan made with the same release and options, it is returned unchanged.
+    """
+    options.validate()
+    plan_json = storage.join(_plan_dir(out), "plan.json")
+    storage.check_writable_root(out)
+    if storage.exists(plan_json):
+        existing = json.loads(storage.read_text(plan_json))
+        if existing["release"] != release or existing["options"] != _options_key(options):
+            raise HablaError(
+                f"{out} holds data prepared from another release or with other options "
+                f"({existing['release']}, {existing['options']}); use a new --out"
+            )
+        log.info("plan: %s already planned (%d shards), reusing it", out, existing["num_shards"])
+        return existing
+
+    if commonvoice.is_archive(release):
+        log.info("unpacking %s (one streaming read) into %s", release, storage.join(out, "staging"))
+        root = commonvoice.stage_archive(release, storage.join(out, "staging"), options.locale)
+    else:
+        root = commonvoice.locate_release(release, options.locale)
+
+    started = time.monotonic()
+    result = build_plan(release, root, options)
+    for k, shard in enumerate(result.shards):
+        storage.write_text(_plan_shard_uri(out, k), _jsonl(shard))
+    storage.write_text(storage.join(_plan_dir(out), "rejected.jsonl"), _jsonl(result.rejected))
+    summary = {
+        "version": PLAN_VERSION,
+        "release": release,
+        "release_label": commonvoice.release_label(release),
+        "root": result.root,
+        "options": _options_key(options),
+        "rows_read": result.rows_read,
+        "has_durations": result.has_durations,
+        "num_shards": len(result.shards),
+        # With --format tar the train split is written as tar shards 0..m-1 (dev/test stay WAV files).
+        "tar_shards": {"train": sum(any(c.split == "train" for c in sh) for sh in result.shards)}
+        if options.format == "tar" and "train" in options.splits else {},
+        "shards": [
+            {"clips": len(shard), "planned_seconds": round(sum(c.duration or DEFAULT_CLIP_SECONDS for c in shard), 3)}
+            for shard in result.shards
+        ],
+        "planned_clips": sum(len(s) for s in result.shards),
+        "rejected_at_plan": len(result.rejected),
+    }
+    # plan.json is written last: its presence means the plan is complete.
+    storage.write_text(plan_json, json.dumps(summary, indent=1, ensure_ascii=False))
+    log.info(
+        "plan: %d rows read, %d clips in %d shards, %d rejected (%.1fs)",
+        sum(result.rows_read.values()), summary["planned_clips"], len(result.shards), len(result.rejected),
+        time.monotonic() - started,
+    )
+    return summary
+
+
+def read_plan(out: str) -> dict:
+    uri = storage.join(_plan_dir(out), "plan.json")
+    try:
+        return json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        raise HablaError(f"{out}: no plan yet (run the plan step first)") from None
+
+
+def _read_jsonl(uri: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line]
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+
+@dataclass(frozen=True)
+class _Task:
+    clip: dict
+    source: str
+    target: str | None  # WAV destination; None: return the WAV bytes (tar shards are written by the parent)
+    resume: bool
+
+
+def _convert_one(task: _Task, options: PrepareOptions) -> tuple[dict, bytes | None]:
+    """Convert one clip. Returns (manifest entry or rejection dict, WAV bytes for tar shards)."""
+    clip = task.clip
+
+    def rejected(reason: str, detail: str = "") -> tuple[dict, None]:
+        return {"rejected": True, "split": clip["split"], "path": clip["path"], "reason": reason,
+                "detail": detail, "line": clip["line"]}, None
+
+    if task.resume and task.target and storage.exists(task.target):
+        # Written atomically by an earlier attempt, after passing every filter: only its duration is needed.
+        duration = audio.wav_duration(storage.read_bytes(task.target, byte_range=(0, 4095)))
+        return _entry(clip, task.target, duration), None
+    try:
+        data = storage.read_bytes(task.source)
+    except FileNotFoundError:
+        return rejected("missing_clip", "no such file in clips/")
+    except IsADirectoryError:
+        return rejected("missing_clip", "a folder, not a file")
+    try:
+        converted = audio.convert(data, clip["duration"])
+    except audio.AudioRejected as exc:
+        return rejected(exc.reason, exc.detail)
+    problem = duration_problem(converted.duration, clip["text"], options)
+    if problem:
+        return rejected(*problem)
+    if task.target is None:
+        return _entry(clip, None, converted.duration), converted.wav
+    storage.write_bytes(task.target, converted.wav)
+    return _entry(clip, task.target, converted.duration), None
+
+
+def _entry(clip: dict, target: str | None, duration: float) -> dict:
+    entry = {
+        "audio_filepath": storage.absolute(target) if target else PurePosixPath(clip["path"]).stem + ".wav",
+        "duration": round(duration, 4),
+        "text": clip["text"],
+        "sentence": clip["sentence"],
+        "path": clip["path"],
+    }
+    entry.update({k: clip[k] for k in commonvoice.METADATA_COLUMNS})
+    return {"split": clip["split"], "entry": entry}
+
+
+def _worker(args: tuple[_Task, PrepareOptions]) -> tuple[dict, bytes | None]:
+    return _convert_one(*args)
+
+
+def _deterministic_tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    return info
+
+
+def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
+    """Step 2: convert the clips of one shard. Returns the shard's result (also written to ``shards/``).
+
+    A complete shard is skipped. A shard that was started before (and killed) resumes: WAVs already
+    written are kept, not converted again. Tar shards are built in a local temporary file and published
+    whole, so a killed tar shard is rebuilt.
+    """
+    result_uri = _result_uri(out, shard)
+    if storage.exists(result_uri):
+        log.info("shard %d: already converted", shard)
+        return json.loads(storage.read_text(result_uri))
+    summary = read_plan(out)
+    if not 0 <= shard < summary["num_shards"]:
+        raise HablaError(f"shard {shard} does not exist (the plan has {summary['num_shards']} shards)")
+    options = PrepareOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["options"].items()})
+    workers = workers or os.cpu_count() or 1
+    clips = _read_jsonl(_plan_shard_uri(out, shard))
+    started_marker = storage.join(out, "shards", f"shard-{shard:05d}.started")
+    resume = storage.exists(started_marker)
+    if not resume:
+        storage.write_text(started_marker, "")
+    tarred = set(summary["tar_shards"])
+    tasks = [
+        _Task(
+            clip,
+            storage.join(summary["root"], "clips", clip["path"]),
+            None if clip["split"] in tarred else _wav_uri(out, clip["split"], clip["path"]),
+            resume,
+        )
+        for clip in clips
+    ]
+
+    started = time.monotonic()
+    cpu_started = time.process_time()
+    entries: list[dict] = []
+    rejected: list[dict] = []
+    tar_members: dict[str, list[tuple[dict, bytes]]] = {s: [] for s in tarred}
+    with Progress(len(tasks), f"shard {shard}") as progress:
+        for record, wav in _map(_worker, [(t, options) for t in tasks], workers):
+            if record.get("rejected"):
+                record.pop("rejected")
+                rejected.append(record)
+                progress.update(1)
+                continue
+            progress.update(1, record["entry"]["duration"])
+            if wav is not None:
+                tar_members[record["split"]].append((record, wav))
+            else:
+                entries.append(record)
+    for split, members in tar_members.items():
+        entries.extend(_write_tar_shard(out, split, shard, members))
+
+    result = {
+        "shard": shard,
+        "entries": entries,
+        "rejected": rejected,
+        "stats": {
+            "clips": len(entries),
+            "rejected": len(rejected),
+            "audio_seconds": round(sum(e["entry"]["duration"] for e in entries), 3),
+            "wall_seconds": round(time.monotonic() - started, 3),
+            "parent_cpu_seconds": round(time.process_time() - cpu_started, 3),
+            "workers": workers,
+        },
+    }
+    storage.write_text(result_uri, json.dumps(result, ensure_ascii=False))
+    storage.delete(started_marker)
+    return result
+
+
+def _map(fn, items: list, workers: int) -> Iterator:
+    """Map in order over a process pool; in-process when one worker suffices (no fork cost)."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        yield from pool.map(fn, items, chunksize=max(1, min(16, len(items) // (4 * workers))))
+
+
+def _write_tar_shard(out: str, split: str, index: int, members: list[tuple[dict, bytes]]) -> list[dict]:
+    """Write ``tarred/<split>/audio_<index>.tar`` and its manifest; returns the manifest entries."""
+    members.sort(key=lambda m: m[0]["entry"]["path"])
+    entries = []
+    with tempfile.TemporaryDirectory(prefix="habla-tar-") as tmp:
+        local = Path(tmp, f"audio_{index}.tar")
+        with tarfile.open(local, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for record, wav in members:
+                name = record["entry"]["audio_filepath"]
+                tar.addfile(_deterministic_tarinfo(name, len(wav)), fileobj=_BytesReader(wav))
+                record["entry"]["shard_id"] = index
+                entries.append(record)
+        storage.upload_file(local, _tar_uri(out, split, index))
+    storage.write_text(_tar_manifest_uri(out, split, index), _manifest_text(r["entry"] for r in entries))
+    return entries
+
+
+class _BytesReader:
+    """Minimal file object over bytes for tarfile.addfile (avoids copying into a BytesIO)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view, self._pos = memoryview(data), 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else self._pos + size
+        chunk = self._view[self._pos : end].tobytes()
+        self._pos += len(chunk)
+        return chunk
+
+
+def _manifest_text(entries: Iterable[dict]) -> str:
+    return "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+
+
+# --------------------------------------------------------------------------------------------- assemble
+
+
+def assemble(out: str) -> dict:
+    """Step 3: gather the shards into manifests, ``rejected.jsonl`` and the report. Returns report.json.
+
+    Raises HablaError if a shard has not been converted; raises AssertionError if the accounting of
+    rows does not balance (a bug, never expected).
+    """
+    from habla import report
+
+    summary = read_plan(out)
+    missing = [k for k in range(summary["num_shards"]) if not storage.exists(_result_uri(out, k))]
+    if missing:
+        raise HablaError(f"{len(missing)} shard(s) not converted yet (first: {missing[0]}); run the convert step")
+    entries: dict[str, list[dict]] = {s: [] for s in summary["options"]["splits"]}
+    rejected = _read_jsonl(storage.join(_plan_dir(out), "rejected.jsonl"))
+    stats = []
+    for k in range(summary["num_shards"]):
+        result = json.loads(storage.read_text(_result_uri(out, k)))
+        for record in result["entries"]:
+            entries[record["split"]].append(record["entry"])
+        rejected.extend(result["rejected"])
+        stats.append(result["stats"])
+
+    rows_in = sum(summary["rows_read"].values())
+    rows_out = sum(map(len, entries.values())) + len(rejected)
+    if rows_in != rows_out:
+        raise AssertionError(f"accounting does not balance: {rows_in} rows read, {rows_out} accounted for")
+
+    for split, split_entries in entries.items():
+        split_entries.sort(key=lambda e: e["path"])
+        storage.write_text(storage.join(out, "manifests", f"{split}.json"), _manifest_text(split_entries))
+    rejected.sort(key=lambda r: (r["split"], r["line"], r["path"], r["reason"]))
+    storage.write_text(storage.join(out, "rejected.jsonl"), _manifest_text(rejected))
+
+    tarred = {
+        split: {
+            "num_shards": count,
+            "manifest_filepath": storage.absolute(storage.join(out, "tarred", split, f"manifest__OP_0..{count - 1}_CL_.json")),
+            "tarred_audio_filepaths": storage.absolute(storage.join(out, "tarred", split, f"audio__OP_0..{count - 1}_CL_.tar")),
+        }
+        for split, count in summary["tar_shards"].items()
+        if count > 0
+    }
+    return report.write_report(out, summary, entries, rejected, stats, tarred)
+
+
+def manifest_uris(out: str) -> dict[str, str]:
+    """``{split: manifest URI}`` of a prepared dataset."""
+    return {s: storage.absolute(storage.join(out, "manifests", f"{s}.json")) for s in read_plan(out)["options"]["splits"]}
+
+
+def prepare(release: str, out: str, options: PrepareOptions, workers: int | None = None) -> dict:
+    """All three steps in this process: plan, convert every shard, assemble. Returns report.json."""
+    summary = plan(release, out, options)
+    for k in range(summary["num_shards"]):
+        convert_shard(out, k, workers)
+    return assemble(out)
+
+
+def fingerprint(release: str, options: PrepareOptions) -> str:
+    """A short stable id of (release, options), e.g. for cache keys and output folder names."""
+    blob = json.dumps([release, _options_key(options)], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+DEFAULT_RELEASE = str(Path(__file__).resolve().parent.parent / "data" / "mini-es-v25" / "es")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = PrepareOptions()
+    parser.add_argument("--release", default=DEFAULT_RELEASE, metavar="SRC",
+                        help="extracted Common Voice locale folder, cv-corpus-*.tar.gz archive, or s3:// prefix "
+                             "(default: the bundled mini release)")
+    parser.add_argument("--out", required=True, metavar="DST", help="output folder or s3://bucket/prefix")
+    parser.add_argument("--shards", type=int, default=defaults.shards, help="number of shards (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes per shard (default: CPUs)")
+    parser.add_argument("--splits", default=",".join(defaults.splits), help="comma-separated (default %(default)s)")
+    parser.add_argument("--train-source", choices=("train", "validated"), default=defaults.train_source,
+                        help="train.tsv, or validated.tsv minus dev/test speakers, sentences and clips")
+    parser.add_argument("--format", choices=("wav", "tar"), default=defaults.format,
+                        help="wav files, or the train split as NeMo tarred shards (default %(default)s)")
+    parser.add_argument("--locale", default=defaults.locale, help="locale folder inside a corpus folder or archive")
+    parser.add_argument("--min-duration", type=float, default=defaults.min_duration, metavar="S")
+    parser.add_argument("--max-duration", type=float, default=defaults.max_duration, metavar="S")
+    parser.add_argument("--min-chars-per-second", type=float, default=defaults.min_chars_per_second)
+    parser.add_argument("--max-chars-per-second", type=float, default=defaults.max_chars_per_second)
+    parser.add_argument("--step", choices=("all", "plan", "convert", "assemble"), default="all",
+                        help="run one step only (what the pipeline's tasks do); default: all")
+    parser.add_argument("--shard", type=int, help="with --step convert: the shard to convert (default: all)")
+
+
+def options_from_args(args: argparse.Namespace) -> PrepareOptions:
+    return PrepareOptions(
+        splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+        train_source=args.train_source,
+        format=args.format,
+        shards=args.shards,
+        locale=args.locale,
+        min_duration=args.min_duration,
+        max_duration=args.max_duration,
+        min_chars_per_second=args.min_chars_per_second,
+        max_chars_per_second=args.max_chars_per_second,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from habla import report
+
+    options = options_from_args(args)
+    options.validate()
+    if args.workers is not None and args.workers < 1:
+        raise HablaError("--workers must be >= 1")
+    out = args.out
+    if args.step in ("all", "plan"):
+        summary = plan(args.release, out, options)
+    if args.step in ("all", "convert"):
+        summary = read_plan(out)
+        shards = [args.shard] if args.shard is not None else range(summary["num_shards"])
+        for k in shards:
+            convert_shard(out, k, args.workers)
+    if args.step in ("all", "assemble"):
+        print(report.summary_table(assemble(out)))
+    return 0

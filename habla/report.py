@@ -1,0 +1,186 @@
+"""The dataset report of a prepared release: ``report.json``, ``report.md`` and ``report.png``.
+
+Per split: clips, hours, speakers, the distribution by gender and age (the statistics the original recipe's
+README lists) and the main accents; rejections counted by reason; the accounting of input rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+from habla import storage
+
+UNKNOWN = "unknown"
+
+
+def _distribution(entries: list[dict], key: str, top: int | None = None) -> dict[str, int]:
+    counts = Counter(e.get(key) or UNKNOWN for e in entries)
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    if top is not None and len(items) > top:
+        items = items[:top] + [("(other)", sum(v for _, v in items[top:]))]
+    return dict(items)
+
+
+def build_report(summary: dict, entries: dict[str, list[dict]], rejected: list[dict], stats: list[dict],
+                 tarred: dict, out: str) -> dict:
+    by_split_reasons: dict[str, Counter] = {s: Counter() for s in entries}
+    for r in rejected:
+        by_split_reasons.setdefault(r["split"], Counter())[r["reason"]] += 1
+    splits = {}
+    for split, items in entries.items():
+        seconds = [e["duration"] for e in items]
+        splits[split] = {
+            "clips": len(items),
+            "hours": round(sum(seconds) / 3600, 4),
+            "speakers": len({e["client_id"] for e in items}),
+            "mean_seconds": round(sum(seconds) / len(seconds), 3) if seconds else 0.0,
+            "min_seconds": min(seconds, default=0.0),
+            "max_seconds": max(seconds, default=0.0),
+            "gender": _distribution(items, "gender"),
+            "age": _distribution(items, "age"),
+            "accents": _distribution(items, "accents", top=8),
+            "rejected": dict(sorted(by_split_reasons[split].items())),
+        }
+    rows_read = sum(summary["rows_read"].values())
+    return {
+        "release": summary["release_label"],
+        "release_uri": summary["release"],
+        "options": summary["options"],
+        "rows_read": summary["rows_read"],
+        "accounting": {
+            "rows_read": rows_read,
+            "in_manifests": sum(s["clips"] for s in splits.values()),
+            "rejected": len(rejected),
+        },
+        "splits": splits,
+        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "manifests": {s: storage.absolute(storage.join(out, "manifests", f"{s}.json")) for s in entries},
+        "tarred": tarred,
+        "conversion": {
+            "shards": len(stats),
+            "audio_hours": round(sum(s["audio_seconds"] for s in stats) / 3600, 4),
+        },
+    }
+
+
+def _percent_table(report: dict, key: str) -> str:
+    import pandas as pd
+
+    splits = report["splits"]
+    frame = pd.DataFrame({s: v[key] for s, v in splits.items()}).fillna(0).astype(int)
+    totals = frame.sum()
+    shares = (100 * frame / totals.where(totals > 0, 1)).round(1)
+    return shares.to_markdown(floatfmt=".1f") + "\n\n(% of the clips of each split)"
+
+
+def markdown(report: dict) -> str:
+    import pandas as pd
+
+    splits = report["splits"]
+    overview = pd.DataFrame(
+        {
+            s: {"clips": v["clips"], "hours": round(v["hours"], 2), "speakers": v["speakers"],
+                "mean s": v["mean_seconds"], "max s": round(v["max_seconds"], 2)}
+            for s, v in splits.items()
+        }
+    ).T
+    rejected = pd.DataFrame({s: v["rejected"] for s, v in splits.items()}).fillna(0).astype(int)
+    acc = report["accounting"]
+    lines = [
+        f"# Dataset report: {report['release']}",
+        "",
+        f"Source: `{report['release_uri']}`  ",
+        f"Options: {', '.join(f'{k}={v}' for k, v in report['options'].items())}",
+        "",
+        "## Splits",
+        "",
+        overview.to_markdown(),
+        "",
+        "## Gender",
+        "",
+        _percent_table(report, "gender"),
+        "",
+        "## Age",
+        "",
+        _percent_table(report, "age"),
+        "",
+        "## Accents (most frequent)",
+        "",
+        _percent_table(report, "accents"),
+        "",
+        "## Rejected rows by reason",
+        "",
+        rejected.to_markdown() if not rejected.empty else "None.",
+        "",
+        "Every row is listed with its reason in `rejected.jsonl`.",
+        "",
+        "## Accounting",
+        "",
+        f"{acc['rows_read']} rows read ({', '.join(f'{k}: {v}' for k, v in report['rows_read'].items())}) = "
+        f"{acc['in_manifests']} in manifests + {acc['rejected']} rejected.",
+        "",
+        "![dataset](report.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict, entries: dict[str, list[dict]]) -> bytes:
+    """A PNG: hours per split, gender and age shares, clip duration histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(report["splits"])
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0][0]
+    ax.bar(splits, [report["splits"][s]["hours"] for s in splits], color="#4C72B0")
+    ax.set_title("Hours per split")
+    ax.set_ylabel("hours")
+    for ax, key in ((axes[0][1], "gender"), (axes[1][0], "age")):
+        groups = sorted({g for s in splits for g in report["splits"][s][key]})
+        width = 0.8 / max(len(splits), 1)
+        for i, s in enumerate(splits):
+            counts = report["splits"][s][key]
+            total = max(sum(counts.values()), 1)
+            ax.bar([j + i * width for j in range(len(groups))], [100 * counts.get(g, 0) / total for g in groups],
+                   width=width, label=s)
+        ax.set_xticks([j + width * (len(splits) - 1) / 2 for j in range(len(groups))], groups, rotation=30,
+                      ha="right", fontsize=8)
+        ax.set_title(f"{key.capitalize()} (% of clips)")
+        ax.legend(fontsize=8)
+    ax = axes[1][1]
+    for s in splits:
+        ax.hist([e["duration"] for e in entries[s]], bins=30, alpha=0.6, label=s)
+    ax.set_title("Clip duration")
+    ax.set_xlabel("seconds")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{report['release']}: {report['accounting']['in_manifests']} clips")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(out: str, summary: dict, entries: dict[str, list[dict]], rejected: list[dict],
+                 stats: list[dict], tarred: dict) -> dict:
+    report = build_report(summary, entries, rejected, stats, tarred, out)
+    storage.write_bytes(storage.join(out, "report.png"), plot(report, entries))
+    storage.write_text(storage.join(out, "report.md"), markdown(report))
+    storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1, ensure_ascii=False))
+    return report
+
+
+def summary_table(report: dict) -> str:
+    """A short terminal summary: one line per split and the rejection counts."""
+    lines = [f"{report['release']}:"]
+    for split, v in report["splits"].items():
+        lines.append(f"  {split:<6} {v['clips']:>8} clips {v['hours']:>9.2f} h {v['speakers']:>7} speakers")
+    acc = report["accounting"]
+    lines.append(f"  rows read {acc['rows_read']} = {acc['in_manifests']} in manifests + {acc['rejected']} rejected"
+                 + (f" ({', '.join(f'{k}: {v}' for k, v in report['rejected'].items())})" if report["rejected"] else ""))
+    return "\n".join(lines)
