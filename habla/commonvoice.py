@@ -8,6 +8,7 @@ characters inside sentences are data, so the TSVs are read with quoting disabled
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import sys
@@ -24,7 +25,7 @@ METADATA_COLUMNS = ("client_id", "gender", "age", "accents", "locale")
 DURATION_FILES = ("clip_durations.tsv", "times.txt")
 
 _RELEASE_RE = re.compile(
-    r"cv-corpus-(?P<version>\d+(?:\.\d+)*)(?P<delta>-delta)?-(?P<date>\d{4}-\d{2}-\d{2})-(?P<locale>[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)*)"
+    r"cv-corpus-(?P<version>\d+(?:\.\d+)*)(?P<delta>-delta)?-(?P<date>\d{4}-\d{2}-\d{2})(?:-(?P<locale>[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)*))?"
     r"(?P<ext>\.tar\.gz|\.tgz)?$"
 )
 
@@ -57,7 +58,7 @@ def parse_release_name(text: str) -> ReleaseName | None:
     return ReleaseName(
         version=tuple(int(p) for p in match["version"].split(".")),
         date=match["date"],
-        locale=match["locale"],
+        locale=match["locale"] or "",  # an extracted corpus folder has no locale suffix: it is the subfolder
         delta=bool(match["delta"]),
         archive=bool(match["ext"]),
     )
@@ -66,8 +67,10 @@ def parse_release_name(text: str) -> ReleaseName | None:
 def release_label(uri: str) -> str:
     """A human label for a release location: its cv-corpus name if one appears in the path, else the path."""
     parts = [p for p in str(uri).rstrip("/").replace("\\", "/").split("/") if p]
-    for part in reversed(parts):
-        parsed = parse_release_name(part)
+    for i in range(len(parts) - 1, -1, -1):
+        parsed = parse_release_name(parts[i])
+        if parsed and not parsed.locale and i + 1 < len(parts):  # cv-corpus-8.0-2022-01-19/es
+            parsed = dataclasses.replace(parsed, locale=parts[i + 1])
         if parsed:
             return parsed.name
     return "/".join(parts[-2:]) if parts else str(uri)

@@ -1,0 +1,211 @@
+"""Shared fixtures: the bundled releases and a real S3 server (moto's standalone server) on loopback."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI = ROOT / "data" / "mini-es-v25" / "es"
+MINI_V8 = ROOT / "data" / "mini-es-v8" / "es"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's standalone S3 server in its own process, spoken to over HTTP like any S3 endpoint."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/moto-api/")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _use_endpoint(monkeypatch, endpoint: str) -> None:
+    from habla import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "habla-test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "habla-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "10")
+    storage._client_for_pid.cache_clear()
+
+
+def _new_bucket() -> str:
+    from habla import storage
+
+    bucket = f"habla-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture
+def s3_bucket(moto_server, monkeypatch) -> str:
+    """A fresh bucket on the loopback S3 server; AWS_* variables point this process and its children at it."""
+    _use_endpoint(monkeypatch, moto_server)
+    yield f"s3://{_new_bucket()}"
+    from habla import storage
+
+    storage._client_for_pid.cache_clear()
+
+
+def upload_tree(local: Path, uri: str) -> None:
+    from habla import storage
+
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.upload_file(path, storage.join(uri, path.relative_to(local).as_posix()))
+
+
+class FlakyProxy(ThreadingHTTPServer):
+    """An HTTP proxy in front of the S3 server that fails some requests the way real endpoints do.
+
+    Every ``fail_before``-th request gets a 503 SlowDown without reaching the server; every
+    ``fail_after``-th is forwarded and then answered with a 500, so the client retries a request that
+    already took effect (writes must be idempotent).
+    """
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, fail_before: int = 5, fail_after: int = 7) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream = upstream.removeprefix("http://")
+        self.fail_before, self.fail_after = fail_before, fail_after
+        self.requests = 0
+        self.failed = 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                chunk = self.rfile.read(size + 2)[:size]
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def _fail(self, status: int, code: str) -> None:
+        body = f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _handle(self) -> None:
+        server: FlakyProxy = self.server  # type: ignore[assignment]
+        body = self._body()
+        with server.lock:
+            server.requests += 1
+            n = server.requests
+        if n % server.fail_before == 0:
+            with server.lock:
+                server.failed += 1
+            return self._fail(503, "SlowDown")
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+        headers["Content-Length"] = str(len(body))
+        conn = http.client.HTTPConnection(server.upstream, timeout=60)
+        conn.request(self.command, self.path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        if n % server.fail_after == 0:
+            with server.lock:
+                server.failed += 1
+            return self._fail(500, "InternalError")
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+
+@pytest.fixture
+def flaky_s3(moto_server, monkeypatch):
+    """A fresh bucket reached through :class:`FlakyProxy`; yields (bucket URI, proxy)."""
+    _use_endpoint(monkeypatch, moto_server)
+    bucket = _new_bucket()
+    proxy = FlakyProxy(moto_server)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    _use_endpoint(monkeypatch, proxy.url)
+    try:
+        yield f"s3://{bucket}", proxy
+    finally:
+        proxy.shutdown()
+        from habla import storage
+
+        storage._client_for_pid.cache_clear()
+
+
+@pytest.fixture
+def mini_copy(tmp_path) -> Path:
+    """A private, writable copy of the bundled v25 release (for tests that damage it)."""
+    dst = tmp_path / "release" / "es"
+    shutil.copytree(MINI, dst)
+    return dst
+
+
+def run_habla(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the ``habla`` console script as a user would."""
+    exe = Path(sys.executable).with_name("habla")
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
