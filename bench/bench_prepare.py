@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Data-preparation benchmarks (not tests). Results and the command that made them: bench/RESULTS.md.
+
+    .venv/bin/python bench/bench_prepare.py [--clips 1054] [--rows 1700000] [--only conversion,workers,s3,scale]
+
+* conversion: habla's in-process converter vs one ffmpeg process per clip (the original recipe), one sox
+  process per clip (NeMo's script) and the MP3 decode alone (the floor), in audio-seconds per CPU-second,
+  side by side on the same real-speech clips (Debian's Asterisk Spanish prompts re-encoded to 48/44.1/32 kHz
+  MP3; needs apt-get, ffmpeg and sox with libsox-fmt-mp3);
+* workers: ``convert_shard`` with 1 vs 2 worker processes (wall-clock throughput);
+* s3: the same shard written as tar shards / per-file WAVs to a loopback S3 server (moto) vs a local folder;
+* scale: planning and assembly of a synthetic release with ``--rows`` TSV rows (Common Voice 25.0 es has
+  1.68 M clips), wall time and peak memory, each in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "data"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from habla import audio, storage  # noqa: E402
+from habla import prepare as prep  # noqa: E402
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def build_corpus(work: Path, clips: int) -> Path:
+    """A Common Voice-layout release of ``clips`` real-speech MP3s (prompts reused at other sample rates)."""
+    from build_mini_release import V25_COLUMNS, encode_mp3, fetch_packages, read_prompts, write_tsv
+
+    root = work / "corpus" / "es"
+    (root / "clips").mkdir(parents=True)
+    debs = Path(os.environ.get("HABLA_DEBS", "")) if os.environ.get("HABLA_DEBS") else None
+    prompts = read_prompts(fetch_packages(debs, work))
+    rng = random.Random(7)
+    rows, durations = [], []
+    for i in range(clips):
+        _, sentence, wav = prompts[i % len(prompts)]
+        rate = rng.choices([48_000, 44_100, 32_000], weights=[70, 15, 15])[0]
+        name = f"common_voice_es_{i:08d}.mp3"
+        data = encode_mp3(wav, rate, stereo=rng.random() < 0.1)
+        (root / "clips" / name).write_bytes(data)
+        info = sf.info(root / "clips" / name)
+        durations.append(f"{name}\t{round(1000 * info.frames / info.samplerate)}")
+        rows.append({"client_id": f"spk{i % 40}", "path": name, "sentence": "hola que tal", "locale": "es"})
+    write_tsv(root / "train.tsv", V25_COLUMNS, rows)
+    (root / "clip_durations.tsv").write_text("clip\tduration[ms]\n" + "\n".join(durations) + "\n")
+    return root
+
+
+def measure(label: str, fn, clips: list[Path]) -> dict:
+    seconds = sum(sf.info(c).frames / sf.info(c).samplerate for c in clips)
+    wall0, cpu0 = time.perf_counter(), cpu_seconds()
+    fn(clips)
+    wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+    result = {"method": label, "clips": len(clips), "audio_s": round(seconds, 1), "wall_s": round(wall, 2),
+              "cpu_s": round(cpu, 2), "audio_s_per_cpu_s": round(seconds / cpu, 1)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def bench_conversion(corpus: Path, work: Path) -> list[dict]:
+    clips = sorted((corpus / "clips").glob("*.mp3"))
+    out = work / "wav"
+    out.mkdir(exist_ok=True)
+
+    def habla_convert(items):
+        for c in items:
+            (out / (c.stem + ".wav")).write_bytes(audio.convert(c.read_bytes()).wav)
+
+    def decode_only(items):
+        for c in items:
+            audio.decode(c.read_bytes())
+
+    def ffmpeg(items):
+        for c in items:
+            subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(c), "-ar", "16000", "-ac", "1",
+                            str(out / (c.stem + ".f.wav"))], check=True)
+
+    def sox(items):
+        for c in items:
+            subprocess.run(["sox", str(c), "-r", "16000", "-c", "1", "-b", "16", str(out / (c.stem + ".s.wav"))], check=True)
+
+    results = [measure(name, fn, clips) for name, fn in
+               (("habla (in-process)", habla_convert), ("MP3 decode only (floor)", decode_only),
+                ("ffmpeg per clip", ffmpeg), ("sox per clip", sox))]
+    base = results[0]["audio_s_per_cpu_s"]
+    for r in results:
+        r["habla_vs_this"] = round(base / r["audio_s_per_cpu_s"], 2)
+    return results
+
+
+def bench_workers(corpus: Path, work: Path) -> list[dict]:
+    results = []
+    for workers in (1, 2, 1, 2):  # alternated, best of two each: the machine is shared
+        out = work / f"workers-{workers}-{len(results)}"
+        prep.plan(str(corpus), str(out), prep.PrepareOptions(shards=1, splits=("train",)))
+        start = time.perf_counter()
+        stats = prep.convert_shard(str(out), 0, workers)["stats"]
+        wall = time.perf_counter() - start
+        results.append({"workers": workers, "wall_s": round(wall, 2), "audio_s": stats["audio_seconds"],
+                        "x_real_time": round(stats["audio_seconds"] / wall, 1)})
+        print(json.dumps(results[-1]), flush=True)
+        shutil.rmtree(out)
+    best = {w: max(r["x_real_time"] for r in results if r["workers"] == w) for w in (1, 2)}
+    return results + [{"speedup_2_vs_1": round(best[2] / best[1], 2)}]
+
+
+def bench_s3(corpus: Path, work: Path) -> list[dict]:
+    from conftest import free_port
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    time.sleep(2)
+    storage.s3_client().create_bucket(Bucket="bench")
+    results = []
+    try:
+        for fmt in ("tar", "wav"):
+            for target in ("local", "s3", "local", "s3"):
+                out = str(work / f"s3b-{fmt}-{len(results)}") if target == "local" else f"s3://bench/{fmt}-{len(results)}"
+                prep.plan(str(corpus), out, prep.PrepareOptions(shards=1, splits=("train",), format=fmt))
+                start = time.perf_counter()
+                stats = prep.convert_shard(out, 0, 2)["stats"]
+                wall = time.perf_counter() - start
+                results.append({"format": fmt, "target": target, "wall_s": round(wall, 2),
+                                "x_real_time": round(stats["audio_seconds"] / wall, 1)})
+                print(json.dumps(results[-1]), flush=True)
+    finally:
+        server.terminate()
+    summary = {}
+    for fmt in ("tar", "wav"):
+        best = {t: max(r["x_real_time"] for r in results if r["format"] == fmt and r["target"] == t) for t in ("local", "s3")}
+        summary[f"{fmt}_s3_vs_local"] = round(best["s3"] / best["local"], 2)
+    return results + [summary]
+
+
+SCALE_CHILD = r"""
+import json, resource, sys, time
+from habla import prepare as prep
+step, release, out = sys.argv[1:4]
+start = time.perf_counter()
+if step == "plan":
+    prep.plan(release, out, prep.PrepareOptions(shards=int(sys.argv[4])))
+else:
+    prep.assemble(out)
+print(json.dumps({"step": step, "wall_s": round(time.perf_counter() - start, 1),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+"""
+
+
+def synthesize_release(root: Path, rows: int) -> None:
+    """TSVs of a release the size of Common Voice 25.0 es (no audio): realistic ids, sentences, metadata."""
+    rng = random.Random(1)
+    words = ("el la de que y en un una por con para como más pero sus le ya o este sí porque esta entre "
+             "cuando muy sin sobre también me hasta hay donde quien desde todo nos durante todos uno les ni "
+             "contra otros ese eso ante ellos e esto mí antes algunos qué unos yo otro otras otra él tanto "
+             "canción montaña río ciudad niño pingüino árbol corazón").split()
+    speakers = [f"{rng.getrandbits(512):0128x}" for _ in range(100_000)]
+    genders, ages = ["male_masculine", "female_feminine", ""], ["twenties", "thirties", "fourties", ""]
+    accents = ["México", "Andino-Pacífico", "España: Norte peninsular", "Caribe", ""]
+    root.mkdir(parents=True)
+    header = "client_id\tpath\tsentence_id\tsentence\tsentence_domain\tup_votes\tdown_votes\tage\tgender\taccents\tvariant\tlocale\tsegment\n"
+    durations = ["clip\tduration[ms]\n"]
+    counts = {"train": rows - 2 * 15_900, "dev": 15_900, "test": 15_900}
+    n = 0
+    for split, count in counts.items():
+        with open(root / f"{split}.tsv", "w") as f:
+            f.write(header)
+            for _ in range(count):
+                n += 1
+                sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize() + "."
+                name = f"common_voice_es_{n:09d}.mp3"
+                f.write(f"{rng.choice(speakers)}\t{name}\t{n:064x}\t{sentence}\t\t2\t0\t{rng.choice(ages)}\t"
+                        f"{rng.choice(genders)}\t{rng.choice(accents)}\t\tes\t\n")
+                durations.append(f"{name}\t{rng.randint(1500, 9500)}\n")
+    (root / "clip_durations.tsv").write_text("".join(durations))
+
+
+def fake_convert(out: Path) -> None:
+    """Shard results as convert_shard writes them, without audio (assembly only reads these)."""
+    plan = json.loads((out / "plan" / "plan.json").read_text())
+    for k in range(plan["num_shards"]):
+        entries = []
+        for line in (out / "plan" / f"shard-{k:05d}.jsonl").read_text().splitlines():
+            clip = json.loads(line)
+            entries.append(prep._entry(clip, str(out / "audio" / clip["split"] / (clip["path"][:-4] + ".wav")),
+                                       clip["duration"]))
+        (out / "shards").mkdir(exist_ok=True)
+        (out / "shards" / f"shard-{k:05d}.json").write_text(json.dumps(
+            {"shard": k, "entries": entries, "rejected": [], "stats": {"clips": len(entries), "rejected": 0,
+             "audio_seconds": sum(e["entry"]["duration"] for e in entries)}}))
+
+
+def bench_scale(work: Path, rows: int) -> list[dict]:
+    release, out = work / "synthetic" / "es", work / "synthetic-out"
+    start = time.perf_counter()
+    synthesize_release(release, rows)
+    print(f"synthesized {rows} rows in {time.perf_counter() - start:.0f}s", flush=True)
+    results = []
+    run = lambda *a: json.loads(subprocess.run([sys.executable, "-c", SCALE_CHILD, *map(str, a)],  # noqa: E731
+                                               capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    results.append(run("plan", release, out, 64))
+    print(json.dumps(results[-1]), flush=True)
+    fake_convert(out)
+    results.append(run("assemble", release, out))
+    print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=1054)
+    parser.add_argument("--rows", type=int, default=1_700_000)
+    parser.add_argument("--only", default="conversion,workers,s3,scale")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="habla-bench-") as tmp:
+        work = Path(tmp)
+        if only & {"conversion", "workers", "s3"}:
+            corpus = build_corpus(work, args.clips)
+        if "conversion" in only:
+            results["conversion"] = bench_conversion(corpus, work)
+        if "workers" in only:
+            results["workers"] = bench_workers(corpus, work)
+        if "s3" in only:
+            results["s3"] = bench_s3(corpus, work)
+        if "scale" in only:
+            results["scale"] = bench_scale(work, args.rows)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
