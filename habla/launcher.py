@@ -563,17 +563,22 @@ def run_on_cluster(
         f"{jk.kind} {namespace}/{name}: {launch.nodes} node(s) x {launch.procs_per_node} process(es){gpus} per "
         f"node, image {launch.image}"
     )
-    _create_or_adopt(cluster, body, log, poll_s)
+    ours = True  # whether the job under this name is this step's to clean up
     try:
         with _sigterm_as_interrupt():
+            try:
+                _create_or_adopt(cluster, body, log, poll_s)
+            except HablaError:
+                ours = False  # nothing was created, or the job of that name belongs to something else
+                raise
             return _follow(cluster, name, log, poll_s, timeout_s, log_tail_lines)
     except KeyboardInterrupt:
         log(f"{jk.kind} {name}: interrupted")
         raise
     finally:
-        if keep:
+        if ours and keep:
             log(f"{jk.kind} {name}: kept (kubectl delete {jk.plural}.{jk.group} -n {namespace} {name})")
-        else:
+        elif ours:
             _delete_quietly(cluster, name, log)
 
 
@@ -595,13 +600,15 @@ def _create_or_adopt(cluster: _Cluster, body: dict[str, Any], log: Log, poll_s: 
             raise HablaError(
                 f"cannot reach the Kubernetes API to create {jk.kind} {name}: {_brief(exc)}"
             ) from None
+        if time.monotonic() > deadline:
+            raise HablaError(
+                f"{jk.kind} {ns}/{name} exists but could not be adopted or replaced; try again later"
+            )
         existing = cluster.get(name)
         if existing is None:
             continue  # deleted in between: create it again
         meta = existing.get("metadata") or {}
-        if meta.get("deletionTimestamp"):
-            if time.monotonic() > deadline:
-                raise HablaError(f"{jk.kind} {ns}/{name} is still being deleted; try again later")
+        if meta.get("deletionTimestamp"):  # a replaced job on its way out
             time.sleep(poll_s)
             continue
         if (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != wanted_hash:

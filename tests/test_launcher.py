@@ -330,8 +330,10 @@ def test_missing_crd_and_missing_rbac_are_one_line_errors():
         pytest.raises(HablaError, match="Kubeflow Trainer v2 installed"),
     ):
         run(api, make_launch(), "trainjob", [])
-    with StandinK8s(forbidden={"pytorchjobs"}) as api, pytest.raises(HablaError, match=forbidden) as info:
-        run(api, make_launch(), "pytorchjob", [])
+    with StandinK8s(forbidden={"pytorchjobs"}) as api:
+        with pytest.raises(HablaError, match=forbidden) as info:
+            run(api, make_launch(), "pytorchjob", [])
+        assert not api.calls("DELETE")  # nothing was created: nothing to clean up
     assert "\n" not in str(info.value)
 
 
