@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from habla.errors import HablaError
@@ -134,6 +135,17 @@ def job_name(*parts: str, prefix: str = "habla-train") -> str:
     clean = re.sub(r"^[^a-z]+", "", clean) or "habla"
     digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:10]
     return f"{clean[: MAX_NAME - len(digest) - 1].rstrip('-')}-{digest}"
+
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def current_namespace(default: str = "kubeflow", path: str = SERVICE_ACCOUNT_NAMESPACE) -> str:
+    """The namespace this pod runs in (a pipeline step launches its job beside itself), else ``default``."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip() or default
+    except OSError:
+        return default
 
 
 # ------------------------------------------------------------------------------------------ validation

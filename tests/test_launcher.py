@@ -191,6 +191,12 @@ def test_job_name_is_deterministic_and_a_dns_label():
         assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= launcher.MAX_NAME, name
 
 
+def test_current_namespace(tmp_path):
+    assert launcher.current_namespace("dflt", path=str(tmp_path / "absent")) == "dflt"
+    (tmp_path / "namespace").write_text("kubeflow-user-example-com\n")
+    assert launcher.current_namespace(path=str(tmp_path / "namespace")) == "kubeflow-user-example-com"
+
+
 def test_job_state_reads_both_kinds():
     def cond(t, status="True", **kw):
         return {"type": t, "status": status, **kw}
