@@ -112,13 +112,12 @@ class TrainLaunch:
     cpu: str | None = None  # requests per node, Kubernetes quantities ("8", "500m")
     memory: str | None = None  # request and limit per node ("32Gi")
     s3_secret: str | None = DEFAULT_S3_SECRET  # Secret holding SECRET_KEYS; None: no S3 credentials
-    env: Mapping[str, str] = field(
-        default_factory=dict
-    )  # non-secret settings: AWS_ENDPOINT_URL, AWS_REGION ...
+    # Non-secret settings for the training pods: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION ...
+    env: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     runtime: str = DEFAULT_RUNTIME  # TrainJob: the ClusterTrainingRuntime to use
     service_account: str | None = None  # PyTorchJob pods only (a TrainJob's pods get theirs from the runtime)
-    image_pull_policy: str | None = None  # "Always", "IfNotPresent", "Never"; None: the cluster's default
+    image_pull_policy: str | None = None  # PyTorchJob: "Always", "IfNotPresent", "Never"; None: the default
 
     @property
     def procs_per_node(self) -> int:
