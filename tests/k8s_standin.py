@@ -1,0 +1,253 @@
+"""A stand-in Kubernetes API server for the launcher tests: a real HTTP server on 127.0.0.1.
+
+It serves only what habla.launcher calls -- create/get/delete of TrainJobs and PyTorchJobs, pod listing by
+label and pod logs -- and moves each job through a scripted list of conditions, one step per GET, so that
+tests see Created -> Running -> Succeeded (or -> Failed) the way a controller would report them. Every
+request is recorded (method, path, query, JSON body) for the tests to inspect.
+
+No cluster can run on the development machine or in CI, so this is what the launcher is tested against.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+JOB_PATH = re.compile(
+    r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?$"
+)
+PODS_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods$")
+LOG_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<pod>[^/]+)/log$")
+
+SERVED = {("trainer.kubeflow.org", "v1alpha1", "trainjobs"), ("kubeflow.org", "v1", "pytorchjobs")}
+POD_LABELS = {"trainjobs": "jobset.sigs.k8s.io/jobset-name", "pytorchjobs": "training.kubeflow.org/job-name"}
+# The pod phase a job's pods show while the job's last condition is ...
+POD_PHASE = {
+    "": "Pending",
+    "Created": "Pending",
+    "Running": "Running",
+    "Complete": "Succeeded",
+    "Succeeded": "Succeeded",
+    "Failed": "Failed",
+}
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: Any
+
+
+@dataclass
+class StandinK8s:
+    """Run with ``with StandinK8s(steps=[...]) as api:``; ``api.url`` is the server to point a client at.
+
+    ``steps``: the condition type each successive GET of a job reports ("" = no condition yet); the last one
+    repeats. ``missing``: plurals answered 404 (CRD not installed). ``forbidden``: plurals answered 403.
+    ``flaky_gets``: this many GETs of a job answer 503 before the real ones (API server restarting).
+    """
+
+    steps: list[str] = field(default_factory=lambda: ["Created", "Running", "Succeeded"])
+    nodes: int = 2
+    missing: set[str] = field(default_factory=set)
+    forbidden: set[str] = field(default_factory=set)
+    flaky_gets: int = 0
+    pod_log: str = "epoch 0 loss 1.0\nRuntimeError: CUDA out of memory\n"
+    objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+    _gets: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    _frozen: set[tuple[str, str, str]] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> StandinK8s:  # noqa: PYI034 - a dataclass, never subclassed
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def _serve(self, method: str) -> None:
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                body = json.loads(raw) if raw else None
+                with standin._lock:
+                    standin.requests.append(Recorded(method, parts.path, parse_qs(parts.query), body))
+                    code, payload = standin._route(method, parts.path, parse_qs(parts.query), body)
+                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header(
+                    "Content-Type", "text/plain" if isinstance(payload, str) else "application/json"
+                )
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._serve("GET")
+
+            def do_POST(self) -> None:
+                self._serve("POST")
+
+            def do_DELETE(self) -> None:
+                self._serve("DELETE")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def api_client(self) -> Any:
+        """A kubernetes ApiClient pointed at this server (no credentials, no TLS)."""
+        from kubernetes import client
+
+        configuration = client.Configuration(host=self.url)
+        return client.ApiClient(configuration)
+
+    # -------------------------------------------------------------------------------------- helpers
+
+    def put(
+        self,
+        plural: str,
+        namespace: str,
+        obj: dict[str, Any],
+        step: int = 0,
+        status: dict[str, Any] | None = None,
+    ) -> None:
+        """Make a job exist already (an earlier attempt): at ``step`` of the script, or with a fixed ``status``."""
+        key = (plural, namespace, obj["metadata"]["name"])
+        self.objects[key] = self._stored(obj, namespace)
+        self._gets[key] = step
+        if status is not None:
+            self.objects[key]["status"] = status
+            self._frozen.add(key)
+
+    def calls(self, method: str, plural: str | None = None) -> list[Recorded]:
+        return [r for r in self.requests if r.method == method and (plural is None or f"/{plural}" in r.path)]
+
+    @staticmethod
+    def _status(code: int, reason: str, message: str) -> tuple[int, dict[str, Any]]:
+        return code, {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "reason": reason,
+            "message": message,
+            "code": code,
+        }
+
+    @staticmethod
+    def _stored(body: dict[str, Any], namespace: str) -> dict[str, Any]:
+        obj = json.loads(json.dumps(body))
+        obj["metadata"].setdefault("namespace", namespace)
+        obj["metadata"]["uid"] = f"uid-{obj['metadata']['name']}"
+        obj["status"] = {}
+        return obj
+
+    def _current(self, key: tuple[str, str, str]) -> str:
+        return self.steps[min(self._gets.get(key, 0), len(self.steps)) - 1] if self._gets.get(key) else ""
+
+    def _advance(self, key: tuple[str, str, str]) -> dict[str, Any]:
+        """One GET: move the job one step along the script and write its conditions."""
+        self._gets[key] = self._gets.get(key, 0) + 1
+        step = self.steps[min(self._gets[key], len(self.steps)) - 1]
+        obj = self.objects[key]
+        seen = []
+        for s in self.steps[: min(self._gets[key], len(self.steps))]:
+            if s and s not in seen:
+                seen.append(s)
+        obj["status"] = {
+            "conditions": [
+                {
+                    "type": t,
+                    "status": "True" if t == step else "False",
+                    "reason": f"Job{t}",
+                    "message": f"job {key[2]} is {t.lower()}",
+                    "lastTransitionTime": "2025-01-01T00:00:00Z",
+                }
+                for t in seen
+            ]
+        }
+        return obj
+
+    # --------------------------------------------------------------------------------------- routes
+
+    def _route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        if m := JOB_PATH.match(path):
+            return self._jobs(method, m["group"], m["version"], m["ns"], m["plural"], m["name"], body)
+        if (m := PODS_PATH.match(path)) and method == "GET":
+            return 200, self._pods(m["ns"], (query.get("labelSelector") or [""])[0])
+        if (m := LOG_PATH.match(path)) and method == "GET":
+            return 200, self.pod_log
+        return self._status(404, "NotFound", f"the server could not find the requested resource {path}")
+
+    def _jobs(
+        self, method: str, group: str, version: str, ns: str, plural: str, name: str | None, body: Any
+    ) -> tuple[int, Any]:
+        if (group, version, plural) not in SERVED or plural in self.missing:
+            return self._status(404, "NotFound", "the server could not find the requested resource")
+        if plural in self.forbidden:
+            return self._status(
+                403,
+                "Forbidden",
+                f'{plural}.{group} is forbidden: User "system:serviceaccount:'
+                f'{ns}:default" cannot {method.lower()} resource "{plural}"',
+            )
+        if method == "POST" and name is None:
+            key = (plural, ns, body["metadata"]["name"])
+            if key in self.objects:
+                return self._status(409, "AlreadyExists", f'{plural} "{key[2]}" already exists')
+            self.objects[key] = self._stored(body, ns)
+            self._gets[key] = 0
+            return 201, self.objects[key]
+        key = (plural, ns, name or "")
+        if key not in self.objects:
+            return self._status(404, "NotFound", f'{plural} "{name}" not found')
+        if method == "GET":
+            if self.flaky_gets:
+                self.flaky_gets -= 1
+                return self._status(
+                    503, "ServiceUnavailable", "the server is currently unable to handle the request"
+                )
+            return 200, self.objects[key] if key in self._frozen else self._advance(key)
+        if method == "DELETE":
+            del self.objects[key]
+            self._frozen.discard(key)
+            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+        return self._status(405, "MethodNotAllowed", method)
+
+    def _pods(self, ns: str, selector: str) -> dict[str, Any]:
+        label, _, job = selector.partition("=")
+        items = []
+        for plural, namespace, name in self.objects:
+            if namespace != ns or name != job or POD_LABELS[plural] != label:
+                continue
+            step = self._current((plural, namespace, name))
+            for i in range(self.nodes):
+                phase = POD_PHASE.get(step, "Running")
+                if step == "Failed" and i > 0:
+                    phase = "Running"  # one node fails; the others are still up until cleanup
+                items.append(
+                    {
+                        "metadata": {"name": f"{name}-node-{i}", "namespace": ns, "labels": {label: name}},
+                        "status": {"phase": phase},
+                    }
+                )
+        return {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
