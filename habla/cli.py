@@ -18,6 +18,7 @@ from habla.errors import HablaError
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("habla.prepare", "Common Voice release -> 16 kHz WAV (or tar shards) + NeMo manifests + report"),
+    "pipeline": ("habla.pipeline_cli", "The Kubeflow pipeline: compile it, run it here (kfp.local), or submit it"),
     "launch": ("habla.launch", "Run habla train as a TrainJob/PyTorchJob on a cluster, or torchrun here"),
 }
 

@@ -1,0 +1,81 @@
+"""Data preparation steps: plan → convert one shard (fanned out) → assemble manifests and the report."""
+
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import HTML, Markdown, Metrics, Output
+
+from habla.components import PREP_IMAGE
+
+
+@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+def plan_dataset(
+    release_uri: str,
+    output_uri: str,
+    locale: str,
+    num_shards: int,
+    train_source: str,
+    audio_format: str,
+    min_duration: float,
+    max_duration: float,
+) -> str:
+    """Read the release's TSVs and plan the shards. Returns the dataset folder.
+
+    The folder is ``<output_uri>/datasets/<release>-<fingerprint of release and options>``: runs that
+    prepare the same release the same way share it, and an existing complete plan is reused.
+    """
+    from habla import prepare, runs
+
+    options = prepare.PrepareOptions(
+        shards=num_shards, train_source=train_source, format=audio_format, locale=locale,
+        min_duration=min_duration, max_duration=max_duration,
+    )
+    dataset_uri = runs.dataset_dir(output_uri, release_uri, prepare.fingerprint(release_uri, options))
+    prepare.plan(release_uri, dataset_uri, options)
+    return dataset_uri
+
+
+@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+def list_shards(dataset_uri: str) -> List[int]:
+    """The shard numbers of a planned dataset (what the ParallelFor iterates over)."""
+    from habla import prepare
+
+    return list(range(prepare.read_plan(dataset_uri)["num_shards"]))
+
+
+@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+def convert_shard(dataset_uri: str, shard: int, workers: int) -> float:
+    """Convert one shard's clips to 16 kHz WAV (or a tar shard) in object storage. Returns its audio hours.
+
+    Resumes where an earlier attempt stopped; a shard already converted is not touched.
+    """
+    from habla import prepare
+
+    return prepare.convert_shard(dataset_uri, shard, workers if workers > 0 else None)["stats"]["audio_seconds"] / 3600
+
+
+@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+def assemble_dataset(
+    dataset_uri: str,
+    shard_hours: List[float],
+    report: Output[Markdown],
+    plots: Output[HTML],
+    hours: Output[Metrics],
+) -> str:
+    """Gather the shards into NeMo manifests, rejected.jsonl and the dataset report. Returns the dataset folder."""
+    import base64
+
+    from habla import prepare, storage
+
+    summary = prepare.assemble(dataset_uri)
+    with open(report.path, "w", encoding="utf-8") as f:
+        f.write(storage.read_text(storage.join(dataset_uri, "report.md")))
+    png = base64.b64encode(storage.read_bytes(storage.join(dataset_uri, "report.png"))).decode()
+    with open(plots.path, "w", encoding="utf-8") as f:
+        f.write(f'<html><body><img alt="dataset report" src="data:image/png;base64,{png}"></body></html>')
+    for split, stats in summary["splits"].items():
+        hours.log_metric(f"{split}_hours", stats["hours"])
+        hours.log_metric(f"{split}_clips", stats["clips"])
+    hours.log_metric("rejected_rows", summary["accounting"]["rejected"])
+    print(f"converted {sum(shard_hours):.2f} h of audio in {len(shard_hours)} shards")
+    return dataset_uri

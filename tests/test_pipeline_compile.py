@@ -1,0 +1,89 @@
+"""The compiled pipeline (IR YAML) holds what a cluster run relies on."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import run_habla
+
+SECRET_VALUE = "wJalrXUtnFEMI-not-a-real-key-7Q"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ir") / "habla.yaml"
+    env = {"AWS_SECRET_ACCESS_KEY": SECRET_VALUE, "AWS_ACCESS_KEY_ID": "AKIAHABLATEST"}
+    result = run_habla("pipeline", "compile", "--out", str(out), "--prep-image", "registry.example/habla-prep:1",
+                       "--train-image", "registry.example/habla-train:1", "--conversion-parallelism", "12", env=env)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    ir, platform = yaml.safe_load_all(text)
+    return text, ir, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def executor(ir, name):
+    return ir["deploymentSpec"]["executors"][f"exec-{name}"]["container"]
+
+
+def test_parameters_have_defaults_and_descriptions(compiled):
+    _, ir, _ = compiled
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert {"release_uri", "output_uri"} <= set(params) and not params["release_uri"].get("isOptional")
+    expected = {"locale": "es", "num_shards": 32, "train_source": "train", "min_duration": 0.5, "max_duration": 20.0,
+                "config": "fastconformer_ctc_bpe", "nodes": 1, "gpus_per_node": 1, "max_steps": 0,
+                "promotion_margin": 0.0, "launcher": "trainjob", "audio_format": "tar"}
+    for name, default in expected.items():
+        assert params[name]["defaultValue"] == default, name
+    assert all(p.get("description") for p in params.values()), "every parameter is described in the UI"
+
+
+def test_conversion_fans_out_with_bounded_parallelism_and_retries(compiled):
+    _, ir, _ = compiled
+    loop = ir["root"]["dag"]["tasks"]["for-loop-1"]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 12
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("list-shards-Output")
+    convert = ir["components"]["comp-for-loop-1"]["dag"]["tasks"]["convert-shard"]
+    assert convert["retryPolicy"]["maxRetryCount"] == 3 and convert["cachingOptions"]["enableCache"] is True
+    resources = executor(ir, "convert-shard")["resources"]
+    assert resources["resourceCpuRequest"] == "2" and resources["resourceMemoryLimit"] == "8Gi"
+    # the fan-in waits for every shard
+    assemble = ir["root"]["dag"]["tasks"]["assemble-dataset"]
+    assert "for-loop-1" in assemble["dependentTasks"]
+
+
+def test_training_requests_gpus_only_where_training_runs(compiled):
+    _, ir, _ = compiled
+    here = executor(ir, "train-here")["resources"]["accelerator"]
+    assert here["resourceType"] == "nvidia.com/gpu" and "gpus_per_node" in here["resourceCount"]
+    assert "accelerator" not in executor(ir, "train-on-cluster").get("resources", {})  # the job's pods get them
+    assert executor(ir, "evaluate-models")["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert executor(ir, "train-here")["image"] == "registry.example/habla-train:1"
+    assert executor(ir, "convert-shard")["image"] == "registry.example/habla-prep:1"
+
+
+def test_caching_keyed_on_data_steps_only(compiled):
+    _, ir, _ = compiled
+    tasks = ir["root"]["dag"]["tasks"]
+    assert tasks["plan-dataset"]["cachingOptions"]["enableCache"] is True
+    assert tasks["assemble-dataset"]["cachingOptions"]["enableCache"] is True
+    assert not tasks["start-run"]["cachingOptions"].get("enableCache")
+    assert not tasks["evaluate-models"]["cachingOptions"].get("enableCache")
+
+
+def test_promotion_is_conditional(compiled):
+    _, ir, _ = compiled
+    condition = next(t for t in ir["root"]["dag"]["tasks"].values() if t.get("triggerPolicy", {}).get("condition"))
+    assert "evaluate-models" in condition["dependentTasks"]
+    assert "promote-model" in str(ir["components"][condition["componentRef"]["name"]])
+
+
+def test_no_runtime_pip_install_and_no_secret_values(compiled):
+    text, ir, platform = compiled
+    for name, spec in ir["deploymentSpec"]["executors"].items():
+        assert "pip install" not in " ".join(spec["container"]["command"]), name
+    assert SECRET_VALUE not in text and "AKIAHABLATEST" not in text
+    refs = platform["exec-convert-shard"]["secretAsEnv"][0]
+    assert refs["secretName"] == "habla-s3-credentials"
+    assert {k["envVar"] for k in refs["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all("secretAsEnv" in spec for spec in platform.values()), "every step reads S3 credentials from the Secret"
