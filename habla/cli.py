@@ -18,6 +18,9 @@ from habla.errors import HablaError
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("habla.prepare", "Common Voice release -> 16 kHz WAV (or tar shards) + NeMo manifests + report"),
+    "watch": ("habla.watch", "submit the training pipeline once for each new Common Voice release in an inbox"),
+    "schedule": ("habla.schedule", "create or update the KFP recurring run of the release watcher"),
+    "compare": ("habla.compare", "compare runs (parameters, WER/CER, per group) from run folders or a KFP experiment"),
 }
 
 
