@@ -166,6 +166,21 @@ def _name_filter(name: str) -> str:
     return json.dumps({"predicates": [{"operation": 1, "key": "display_name", "stringValue": name}]})
 
 
+def _created_or_found(create, find):
+    """``create()``, or ``find()`` when the API answers 409 (a concurrent caller created it first)."""
+    import kfp_server_api
+
+    try:
+        return create()
+    except kfp_server_api.ApiException as exc:
+        if exc.status != 409:
+            raise
+    found = find()
+    if found is None:
+        raise HablaError("Kubeflow Pipelines said 'already exists' but the object cannot be found")
+    return found
+
+
 def _pages(list_call, items: str, **kwargs) -> Iterator[Any]:
     """Every item of a paginated v2beta1 list call."""
     token = ""
@@ -262,9 +277,12 @@ def ensure_experiment(client: kfp.Client, name: str) -> str:
     experiment_id = find_experiment(client, name)
     if experiment_id:
         return experiment_id
+    body = kfp_server_api.V2beta1Experiment(display_name=name, namespace=client.get_user_namespace() or None)
     with _api_errors(f"creating experiment {name!r}"):
-        body = kfp_server_api.V2beta1Experiment(display_name=name, namespace=client.get_user_namespace() or None)
-        return client.experiments.experiment_service_create_experiment(experiment=body).experiment_id
+        return _created_or_found(
+            lambda: client.experiments.experiment_service_create_experiment(experiment=body).experiment_id,
+            lambda: find_experiment(client, name),
+        )
 
 
 def ensure_pipeline_version(client: kfp.Client, package_path: str, name: str | None = None) -> VersionRef:
@@ -281,18 +299,28 @@ def ensure_pipeline_version(client: kfp.Client, package_path: str, name: str | N
             pipeline_id = client.get_pipeline_id(name)
         except ValueError as exc:  # several pipelines with that name
             raise HablaError(str(exc)) from None
+
+        def find_version() -> str | None:
+            found = client.list_pipeline_versions(pipeline_id, page_size=1, filter=_name_filter(version_name))
+            return found.pipeline_versions[0].pipeline_version_id if found.pipeline_versions else None
+
         if pipeline_id is None:
             body = kfp_server_api.V2beta1Pipeline(display_name=name, namespace=client.get_user_namespace() or None)
-            pipeline_id = client.pipelines.pipeline_service_create_pipeline(pipeline=body).pipeline_id
-        else:
-            found = client.list_pipeline_versions(pipeline_id, page_size=1, filter=_name_filter(version_name))
-            if found.pipeline_versions:
-                return VersionRef(pipeline_id, found.pipeline_versions[0].pipeline_version_id, version_name, False)
-        version = client.pipeline_uploads.upload_pipeline_version(
-            package_path, name=version_name, pipelineid=pipeline_id
+            pipeline_id = _created_or_found(
+                lambda: client.pipelines.pipeline_service_create_pipeline(pipeline=body).pipeline_id,
+                lambda: client.get_pipeline_id(name),
+            )
+        version_id = find_version()
+        if version_id:
+            return VersionRef(pipeline_id, version_id, version_name, False)
+        version_id = _created_or_found(
+            lambda: client.pipeline_uploads.upload_pipeline_version(
+                package_path, name=version_name, pipelineid=pipeline_id
+            ).pipeline_version_id,
+            find_version,
         )
     log.info("uploaded pipeline %s version %s", name, version_name)
-    return VersionRef(pipeline_id, version.pipeline_version_id, version_name, True)
+    return VersionRef(pipeline_id, version_id, version_name, True)
 
 
 # ------------------------------------------------------------------------------------------------- runs

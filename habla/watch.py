@@ -214,7 +214,7 @@ class _Submitter:
     namespace: str | None
     experiment: str
     client: Any = None
-    package: str | None = None
+    package: str | None = None  # a compiled training pipeline; None: compile habla's own on first use
     experiment_id: str | None = None
     _tmp: Any = None
 
@@ -258,12 +258,14 @@ def watch(
     dry_run: bool = False,
     lease_seconds: float = LEASE_SECONDS,
     mdc: bool = False,
+    package: str | None = None,
     client: Any = None,
 ) -> list[Decision]:
     """Look at the inbox once and submit the training pipeline for every new release (see module doc).
 
     Each training run gets ``release_uri`` (the archive or folder), ``output_uri`` =
-    ``<output_root>/<release name>``, ``locale`` and ``params``. Returns one decision per release seen.
+    ``<output_root>/<release name>``, ``locale`` and ``params``. ``package`` is a compiled training pipeline
+    to submit instead of compiling habla's own. Returns one decision per release seen.
     """
     params = dict(params or {})
     reserved = sorted({"release_uri", "output_uri", "locale"} & set(params))
@@ -280,7 +282,7 @@ def watch(
     if mdc:
         decisions.append(_fetch_from_mdc(inbox, state, locale, newest_done, owner, dry_run))
 
-    submitter = _Submitter(host, namespace, experiment, client=client)
+    submitter = _Submitter(host, namespace, experiment, client=client, package=package)
     for release in find_releases(inbox, locale):
         name = release.name.name
         if name in results:
@@ -406,6 +408,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="extra training pipeline parameter (repeatable), e.g. --param nodes=2")
     parser.add_argument("--dry-run", action="store_true", help="report what would happen; write and submit nothing")
+    parser.add_argument("--package", metavar="FILE.yaml",
+                        help="compiled training pipeline to submit (default: compile habla's own)")
     parser.add_argument("--lease", type=float, default=LEASE_SECONDS, help="claim lease in seconds")
     parser.add_argument("--mdc", action="store_true",
                         help="first ask the Mozilla Data Collective for the newest release and download it into "
@@ -417,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     decisions = watch(
         args.inbox, args.state, output_root=args.output_root, host=args.host, namespace=args.namespace,
         experiment=args.experiment, locale=args.locale, params=parse_params(args.param), dry_run=args.dry_run,
-        lease_seconds=args.lease, mdc=args.mdc,
+        lease_seconds=args.lease, mdc=args.mdc, package=args.package,
     )
     if args.json:
         print(json.dumps([asdict(d) for d in decisions], indent=2))

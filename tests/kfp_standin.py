@@ -8,9 +8,8 @@ a ``PipelineSpec``, and run/recurring-run parameters are checked against the pip
 
 Endpoints: healthz; experiments create/list/get; pipelines create/list, upload, upload_version;
 pipeline versions list/get; runs create/list/get; recurringruns create/list/get/delete.
+(No ``from __future__ import annotations`` here: the KFP components below need real annotation types.)
 """
-
-from __future__ import annotations
 
 import datetime as dt
 import email.parser
@@ -233,7 +232,7 @@ class KfpStandin:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def stop(self) -> None:
@@ -241,7 +240,7 @@ class KfpStandin:
             self._server.shutdown()
             self._server.server_close()
 
-    def __enter__(self) -> KfpStandin:
+    def __enter__(self) -> "KfpStandin":
         self.url = self.start()
         return self
 
@@ -469,3 +468,25 @@ class KfpStandin:
         if self.recurring_runs.pop(recurring_run_id, None) is None:
             raise ApiError(404, f"recurring run {recurring_run_id} not found")
         return 200, {}
+
+
+# -------------------------------------------------------------------------------- helpers for the tests
+
+
+def compile_fake_training_pipeline(out_dir: str) -> str:
+    """A stand-in for the training pipeline with its agreed interface (release_uri, output_uri, locale, …)."""
+    from kfp import compiler, dsl
+
+    @dsl.component(base_image="python:3.11-slim", install_kfp_package=False)
+    def train(release_uri: str, output_uri: str, locale: str, config: str, nodes: int, max_steps: int) -> str:
+        return output_uri
+
+    @dsl.pipeline(name="habla-training")
+    def training(release_uri: str, output_uri: str, locale: str = "es", config: str = "small", nodes: int = 1,
+                 max_steps: int = 1000):
+        train(release_uri=release_uri, output_uri=output_uri, locale=locale, config=config, nodes=nodes,
+              max_steps=max_steps)
+
+    path = f"{out_dir}/training_pipeline.yaml"
+    compiler.Compiler().compile(training, package_path=path)
+    return path
