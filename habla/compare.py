@@ -42,7 +42,7 @@ def _read_json(uri: str) -> dict | None:
         return None
     except ValueError as exc:
         raise HablaError(f"{uri}: not valid JSON ({exc})") from None
-    except Exception as exc:  # S3 permission, endpoint down
+    except Exception as exc:  # noqa: BLE001 - S3 permission, endpoint down: any of botocore's errors
         raise HablaError(f"cannot read {uri}: {storage.describe_error(exc)}") from None
     return value if isinstance(value, dict) else None
 

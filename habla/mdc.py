@@ -178,7 +178,7 @@ def download(release: MdcRelease, inbox: str, session: requests.Session | None =
                         f.write(chunk)
     except HablaError:
         raise
-    except Exception as exc:  # a dropped connection, a failed upload: leave nothing half-written behind
+    except Exception as exc:  # noqa: BLE001 - a dropped connection, a failed upload: leave no half-written file
         storage.delete(staging)
         raise HablaError(f"download of {release.name.name} failed: {storage.describe_error(exc)}") from None
     if size and body.count != int(size):

@@ -33,7 +33,6 @@ import logging
 import os
 import socket
 import tempfile
-import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -103,7 +102,7 @@ def _children(folder: str) -> list[tuple[str, bool]]:
         for page in pages:
             out += [(f"s3://{bucket}/{p['Prefix'].rstrip('/')}", True) for p in page.get("CommonPrefixes", [])]
             out += [(f"s3://{bucket}/{o['Key']}", False) for o in page.get("Contents", []) if o["Key"] != prefix]
-    except Exception as exc:  # botocore ClientError / EndpointConnectionError
+    except Exception as exc:  # noqa: BLE001 - botocore ClientError, EndpointConnectionError …
         raise HablaError(f"cannot list {folder}: {storage.describe_error(exc)}") from None
     return sorted(out)
 

@@ -240,7 +240,7 @@ class KfpStandin:
             self._server.shutdown()
             self._server.server_close()
 
-    def __enter__(self) -> "KfpStandin":
+    def __enter__(self):
         self.url = self.start()
         return self
 

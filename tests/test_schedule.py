@@ -1,21 +1,22 @@
 """habla schedule: the watcher pipeline, and an idempotent KFP recurring run (against the stand-in server)."""
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from kfp_standin import KfpStandin, compile_fake_training_pipeline
 
-import habla.pipelines
-from habla import cli, kfp_api, schedule
+from habla import cli, kfp_api, pipelines, schedule
 from habla.errors import HablaError
 
 ROOT = Path(__file__).resolve().parents[1]
-if Path(habla.pipelines.__file__).resolve().parent != ROOT / "pipelines":
+if Path(pipelines.__file__).resolve().parent != ROOT / "pipelines":
     # An editable install of another checkout (a shared dev venv): use this checkout's pipelines/.
-    habla.pipelines.__path__.insert(0, str(ROOT / "pipelines"))
-from habla.pipelines import watcher_pipeline  # noqa: E402
+    pipelines.__path__.insert(0, str(ROOT / "pipelines"))
+from habla.pipelines import watcher_pipeline
 
 ARGS = ["--cron", "0 0 6 * * *", "--inbox", "s3://cv/inbox", "--state", "s3://cv/state", "--output-root",
         "s3://cv/runs", "--param", "nodes=2"]
@@ -86,8 +87,8 @@ def test_a_changed_pipeline_gets_a_new_version_and_the_schedule_moves_to_it(tmp_
     changed.write_text(Path(first).read_text().replace("python:3.11-slim", "python:3.12-slim"))
     with KfpStandin() as kfp:
         client = kfp_api.connect(kfp.url)
-        common = dict(name="nightly", experiment="e", cron="0 0 1 * * *",
-                      params={"release_uri": "s3://a", "output_uri": "s3://b"})
+        common = {"name": "nightly", "experiment": "e", "cron": "0 0 1 * * *",
+                  "params": {"release_uri": "s3://a", "output_uri": "s3://b"}}
         one = kfp_api.ensure_recurring_run(client, package_path=first, **common)
         same = kfp_api.ensure_recurring_run(client, package_path=first, **common)
         two = kfp_api.ensure_recurring_run(client, package_path=str(changed), **common)
@@ -120,3 +121,23 @@ def test_schedule_reports_bad_input_in_one_line(capsys):
     assert "--inbox, --state, --output-root required" in capsys.readouterr().err
     assert cli.main(["schedule", "--host", "localhost:8888", *ARGS]) == 2
     assert "must start with http" in capsys.readouterr().err
+
+
+def test_cronjob_alternative_runs_habla_watch_with_credentials_from_the_secret():
+    folder = ROOT / "manifests" / "cronjob"
+    docs = [d for f in sorted(folder.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    assert not any(d.get("kind") == "Secret" for d in docs)  # no credentials in the repository
+    [cron] = [d for d in docs if d.get("kind") == "CronJob"]
+    spec = cron["spec"]
+    assert len(spec["schedule"].split()) == 5 and spec["concurrencyPolicy"] == "Forbid"
+    [container] = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == watcher_pipeline.IMAGE
+    assert container["command"] == ["habla"] and container["args"][0] == "watch"
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert refs["AWS_ACCESS_KEY_ID"]["name"] == refs["AWS_SECRET_ACCESS_KEY"]["name"] == "habla-s3-credentials"
+    args = cli.build_parser().parse_args([a.replace("$(", "").replace(")", "") for a in container["args"]])
+    assert args.command == "watch"  # every flag the CronJob passes exists
+    kubectl = shutil.which("kubectl")
+    if kubectl:  # kustomize renders it (no cluster needed)
+        rendered = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, check=True)
+        assert "kind: CronJob" in rendered.stdout and "HABLA_INBOX" in rendered.stdout

@@ -10,6 +10,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from kfp_standin import KfpStandin, compile_fake_training_pipeline
@@ -94,7 +95,7 @@ def test_watch_submits_each_new_release_once_in_version_order(kfp, tmp_path):
     _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
     time.sleep(0.01)
     _archive(inbox, "cv-corpus-17.0-2024-03-15-es")
-    options = dict(output_root=out, host=kfp.url, experiment="cv-es", params={"nodes": 2})
+    options = {"output_root": out, "host": kfp.url, "experiment": "cv-es", "params": {"nodes": 2}}
 
     first = watch.watch(inbox, state, **options)
     assert [(d.release, d.action) for d in first] == [
@@ -237,7 +238,7 @@ def test_concurrent_watcher_threads_submit_each_release_exactly_once(s3_endpoint
 
         errors: list = []
 
-        def one_watcher():
+        def one_watcher(start=start, decisions=decisions, errors=errors):
             start.wait()
             try:
                 decisions.extend(watch.watch(inbox, state, output_root=out, host=kfp.url))
@@ -297,7 +298,7 @@ class _MdcStandin(BaseHTTPRequestHandler):
     """The three requests of an MDC download: catalog, download session, archive."""
 
     archive = b"\x1f\x8b fake archive bytes"
-    seen: list = []
+    seen: ClassVar[list] = []
 
     def log_message(self, *args):
         pass
