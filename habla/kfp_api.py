@@ -285,39 +285,46 @@ def ensure_experiment(client: kfp.Client, name: str) -> str:
         )
 
 
+def _find_pipeline(client: kfp.Client, name: str) -> str | None:
+    found = client.list_pipelines(
+        filter=_name_filter(name), namespace=client.get_user_namespace() or None, page_size=2
+    ).pipelines
+    if found and len(found) > 1:
+        raise HablaError(f"several pipelines are named {name!r}; delete the extra ones")
+    return found[0].pipeline_id if found else None
+
+
+def _find_version(client: kfp.Client, pipeline_id: str, version_name: str) -> str | None:
+    found = client.list_pipeline_versions(pipeline_id, page_size=1, filter=_name_filter(version_name))
+    return found.pipeline_versions[0].pipeline_version_id if found.pipeline_versions else None
+
+
 def ensure_pipeline_version(client: kfp.Client, package_path: str, name: str | None = None) -> VersionRef:
     """The pipeline version holding exactly this package, uploaded if no version has its content hash.
 
     The pipeline ``name`` defaults to the package's own; versions are named ``<name>-<12 hex of sha256>``.
+    Safe against a concurrent caller doing the same (an "already exists" answer means: look it up).
     """
     import kfp_server_api
 
     name = name or pipeline_name(package_path)
     version_name = f"{name}-{package_digest(package_path)[:12]}"
     with _api_errors(f"uploading pipeline {name!r}"):
-        try:
-            pipeline_id = client.get_pipeline_id(name)
-        except ValueError as exc:  # several pipelines with that name
-            raise HablaError(str(exc)) from None
-
-        def find_version() -> str | None:
-            found = client.list_pipeline_versions(pipeline_id, page_size=1, filter=_name_filter(version_name))
-            return found.pipeline_versions[0].pipeline_version_id if found.pipeline_versions else None
-
+        pipeline_id = _find_pipeline(client, name)
         if pipeline_id is None:
             body = kfp_server_api.V2beta1Pipeline(display_name=name, namespace=client.get_user_namespace() or None)
             pipeline_id = _created_or_found(
                 lambda: client.pipelines.pipeline_service_create_pipeline(pipeline=body).pipeline_id,
-                lambda: client.get_pipeline_id(name),
+                lambda: _find_pipeline(client, name),
             )
-        version_id = find_version()
+        version_id = _find_version(client, pipeline_id, version_name)
         if version_id:
             return VersionRef(pipeline_id, version_id, version_name, False)
         version_id = _created_or_found(
             lambda: client.pipeline_uploads.upload_pipeline_version(
                 package_path, name=version_name, pipelineid=pipeline_id
             ).pipeline_version_id,
-            find_version,
+            lambda: _find_version(client, pipeline_id, version_name),
         )
     log.info("uploaded pipeline %s version %s", name, version_name)
     return VersionRef(pipeline_id, version_id, version_name, True)
