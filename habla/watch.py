@@ -202,6 +202,14 @@ def _write_summary(state: str, locale: str) -> None:
     storage.write_bytes(storage.join(state, "summary.json"), _json(summary))
 
 
+def _check_state(state: str, dry_run: bool) -> None:
+    """Fail in one line on a missing bucket or an unwritable folder (a fresh local state may not exist yet)."""
+    if storage.is_s3(state):
+        storage.check_readable_root(state)
+    elif not dry_run:
+        storage.check_writable_root(state)
+
+
 # ----------------------------------------------------------------------------------------- watching
 
 
@@ -273,13 +281,17 @@ def watch(
     if not dry_run and not output_root:
         raise HablaError("--output-root is required (where each release's run writes its outputs)")
     storage.check_readable_root(inbox)
+    _check_state(state, dry_run)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     decisions: list[Decision] = []
     results = read_results(state)
     newest_done = last_processed(results, locale)
 
     if mdc:
-        decisions.append(_fetch_from_mdc(inbox, state, locale, newest_done, owner, dry_run))
+        try:
+            decisions.append(_fetch_from_mdc(inbox, state, locale, newest_done, owner, dry_run))
+        except HablaError as exc:  # the Data Collective being down must not hold up what is in the inbox
+            decisions.append(Decision(f"mdc:{locale}", "failed", str(exc)))
 
     submitter = _Submitter(host, namespace, experiment, client=client, package=package)
     for release in find_releases(inbox, locale):
@@ -313,8 +325,8 @@ def _fetch_from_mdc(inbox: str, state: str, locale: str, newest_done: ReleaseNam
     if offer is None:
         return Decision(f"mdc:{locale}", "known", "the Data Collective lists no release for this locale")
     name = offer.name.name
-    here = find_releases(inbox, locale)
-    newest_here = max([r.name for r in here] + ([newest_done] if newest_done else []), default=None)
+    here = [r.name for r in find_releases(inbox, locale) if not r.name.delta]
+    newest_here = max(here + ([newest_done] if newest_done else []), default=None)
     if newest_here is not None and offer.name.version <= newest_here.version:
         return Decision(name, "known", f"newest on the Data Collective; {newest_here.name} is here already")
     if dry_run:
@@ -326,7 +338,7 @@ def _fetch_from_mdc(inbox: str, state: str, locale: str, newest_done: ReleaseNam
         uri = mdc.download(offer, inbox)
     except HablaError as exc:
         _release_claim(claim_uri, str(exc))
-        return Decision(name, "failed", str(exc))
+        raise
     _update_claim(claim_uri, status="downloaded", uri=uri)
     return Decision(name, "downloaded", uri)
 

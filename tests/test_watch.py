@@ -377,3 +377,15 @@ def test_two_watcher_processes_racing_on_s3_submit_each_release_once(s3_endpoint
     actions = [d["action"] for out, _ in outputs for d in json.loads(out)]
     assert actions.count("submitted") == 2 and "failed" not in actions
     assert _runs_by_release(kfp) == {f"habla-cv-corpus-{v}-es": 1 for v in versions}
+
+
+def test_an_unreachable_data_collective_does_not_hold_up_the_inbox(kfp, tmp_path, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv(mdc.API_URL_ENV, f"http://127.0.0.1:{s.getsockname()[1]}/api")
+    inbox = str(tmp_path / "inbox")
+    _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
+    decisions = watch.watch(inbox, str(tmp_path / "state"), output_root=str(tmp_path / "o"), host=kfp.url, mdc=True)
+    assert [(d.release, d.action) for d in decisions] == [("mdc:es", "failed"),
+                                                          ("cv-corpus-25.0-2026-03-09-es", "submitted")]
+    assert "Mozilla Data Collective unreachable" in decisions[0].detail
