@@ -141,3 +141,26 @@ def test_cronjob_alternative_runs_habla_watch_with_credentials_from_the_secret()
     if kubectl:  # kustomize renders it (no cluster needed)
         rendered = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, check=True)
         assert "kind: CronJob" in rendered.stdout and "HABLA_INBOX" in rendered.stdout
+
+
+def test_the_standin_rejects_what_kfp_server_api_models_reject():
+    import urllib.error
+    import urllib.request
+
+    def post(url: str, body: dict) -> tuple[int, str]:
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    with KfpStandin() as kfp:
+        api = f"{kfp.url}/apis/v2beta1"
+        assert post(f"{api}/experiments", {"display_name": "e"})[0] == 200
+        status, body = post(f"{api}/experiments", {"display_name": "f", "colour": "red"})
+        assert status == 400 and "unknown field 'colour'" in body
+        status, body = post(f"{api}/recurringruns", {"display_name": "r", "mode": "SOMETIMES"})
+        assert status == 400 and "RecurringRunMode" in body
+        status, body = post(f"{api}/runs", {"display_name": "r", "runtime_config": {"parameters": []}})
+        assert status == 400 and "expected an object" in body
