@@ -159,12 +159,12 @@ def last_processed(results: dict[str, dict], locale: str) -> ReleaseName | None:
     return max(done, default=None)
 
 
-def _claim(folder: str, owner: str, lease: float, now: dt.datetime | None = None) -> tuple[str | None, str]:
+def _claim(folder: str, owner: str, lease: float) -> tuple[str | None, str]:
     """Take the next attempt in ``folder`` (claim-0001.json, claim-0002.json …) with a conditional create.
 
     Returns ``(claim_uri, "")``, or ``(None, why)`` when another watcher holds a live claim or won the race.
     """
-    now = now or _now()
+    now = _now()
     claims = sorted(i.uri for i in storage.list_files(folder) if storage.name(i.uri).startswith("claim-"))
     attempt = 1
     if claims:
@@ -220,10 +220,10 @@ class _Submitter:
     host: str | None
     namespace: str | None
     experiment: str
+    workdir: str  # where the training pipeline is compiled
     client: Any = None
     package: str | None = None  # a compiled training pipeline; None: compile habla's own on first use
     experiment_id: str | None = None
-    _tmp: Any = None
 
     def ready(self) -> None:
         from habla import kfp_api
@@ -231,8 +231,7 @@ class _Submitter:
         if self.client is None:
             self.client = kfp_api.connect(self.host, namespace=self.namespace)
         if self.package is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="habla-watch-")
-            self.package = kfp_api.compile_training_pipeline(self._tmp.name)
+            self.package = kfp_api.compile_training_pipeline(self.workdir)
         if self.experiment_id is None:
             self.experiment_id = kfp_api.ensure_experiment(self.client, self.experiment)
 
@@ -293,24 +292,22 @@ def watch(
         except HablaError as exc:  # the Data Collective being down must not hold up what is in the inbox
             decisions.append(Decision(f"mdc:{locale}", "failed", str(exc)))
 
-    submitter = _Submitter(host, namespace, experiment, client=client, package=package)
-    for release in find_releases(inbox, locale):
-        name = release.name.name
-        if name in results:
-            decisions.append(Decision(name, "known", results[name].get("status", "")))
-            continue
-        if newest_done is not None and release.name.version <= newest_done.version:
-            decisions.append(Decision(name, "older", f"not newer than {newest_done.name}, processed already"))
-            continue
-        if release.name.delta:
-            decisions.append(_refuse_delta(release, state, dry_run))
-            continue
-        if dry_run:
-            decisions.append(Decision(name, "would-submit", release.uri))
-            continue
-        submitter.ready()  # before claiming: an unreachable KFP or a broken pipeline must leave no claims
-        decisions.append(_claim_and_submit(release, state, submitter, owner, lease_seconds, output_root,
-                                           locale, params))
+    with tempfile.TemporaryDirectory(prefix="habla-watch-") as workdir:
+        submitter = _Submitter(host, namespace, experiment, workdir, client=client, package=package)
+        for release in find_releases(inbox, locale):
+            name = release.name.name
+            if name in results:
+                decisions.append(Decision(name, "known", results[name].get("status", "")))
+            elif newest_done is not None and release.name.version <= newest_done.version:
+                decisions.append(Decision(name, "older", f"not newer than {newest_done.name}, processed already"))
+            elif release.name.delta:
+                decisions.append(_refuse_delta(release, state, dry_run))
+            elif dry_run:
+                decisions.append(Decision(name, "would-submit", release.uri))
+            else:
+                submitter.ready()  # before claiming: an unreachable KFP or a broken pipeline leaves no claims
+                decisions.append(_claim_and_submit(release, state, submitter, owner, lease_seconds, output_root,
+                                                   locale, params))
     if not dry_run:
         _write_summary(state, locale)
     return decisions
