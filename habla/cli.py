@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("habla.prepare", "Common Voice release -> 16 kHz WAV (or tar shards) + NeMo manifests + report"),
     "pipeline": ("habla.pipeline_cli", "The Kubeflow pipeline: compile it, run it here (kfp.local), or submit it"),
     "launch": ("habla.launch", "Run habla train as a TrainJob/PyTorchJob on a cluster, or torchrun here"),
+    "watch": ("habla.watch", "submit the training pipeline once for each new Common Voice release in an inbox"),
+    "schedule": ("habla.schedule", "create or update the KFP recurring run of the release watcher"),
+    "compare": ("habla.compare", "compare runs (parameters, WER/CER, per group) from run folders or a KFP experiment"),
 }
 
 

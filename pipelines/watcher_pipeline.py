@@ -1,0 +1,87 @@
+"""The release watcher as a tiny KFP pipeline: one lightweight component that runs ``habla.watch.watch``.
+
+``habla schedule`` uploads it and makes it a recurring run. The component runs in the habla image, which
+already holds habla and kfp: nothing is pip-installed at run time (offline clusters, kubeflow/pipelines
+#6738). Caching is off, or every poll after the first would be answered from the cache without looking.
+S3 credentials come from the Secret ``habla-s3-credentials`` (keys ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``); the Data Collective key from the optional Secret ``habla-mdc`` (``MDC_API_KEY``).
+"""
+
+import os  # no "from __future__ import annotations": KFP reads the real annotation types
+
+from kfp import compiler, dsl, kubernetes
+
+DEFAULT_IMAGE = "ghcr.io/habla-asr/habla:0.1.0"
+IMAGE = os.environ.get("HABLA_IMAGE", DEFAULT_IMAGE)  # fixed when the pipeline is compiled
+S3_SECRET = "habla-s3-credentials"
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+MDC_SECRET = "habla-mdc"
+IN_CLUSTER_KFP = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def watch_releases(
+    inbox: str,
+    state: str,
+    output_root: str,
+    experiment: str,
+    locale: str,
+    kfp_host: str,
+    training_params: str,
+    s3_endpoint_url: str,
+    mdc: bool,
+    dry_run: bool,
+) -> str:
+    """Look at the inbox once; submit the training pipeline for each new release. Returns the decisions (JSON)."""
+    import json
+    import os
+    from dataclasses import asdict
+
+    if s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    from habla import watch
+
+    decisions = watch.watch(
+        inbox, state, output_root=output_root, host=kfp_host, experiment=experiment, locale=locale,
+        params=json.loads(training_params or "{}"), dry_run=dry_run, mdc=mdc,
+    )
+    report = json.dumps([asdict(d) for d in decisions], indent=2)
+    print(report)
+    failed = [d.release for d in decisions if d.action == "failed"]
+    if failed:  # the run shows as failed; the next scheduled run retries these
+        raise RuntimeError(f"submission failed for {', '.join(failed)}")
+    return report
+
+
+@dsl.pipeline(
+    name="habla-release-watcher",
+    description="Look for new Common Voice releases in an inbox and submit the habla training pipeline once for each.",
+)
+def watcher_pipeline(
+    inbox: str,
+    state: str,
+    output_root: str,
+    experiment: str = "habla",
+    locale: str = "es",
+    kfp_host: str = IN_CLUSTER_KFP,
+    training_params: str = "{}",
+    s3_endpoint_url: str = "",
+    mdc: bool = False,
+    dry_run: bool = False,
+) -> None:
+    task = watch_releases(
+        inbox=inbox, state=state, output_root=output_root, experiment=experiment, locale=locale,
+        kfp_host=kfp_host, training_params=training_params, s3_endpoint_url=s3_endpoint_url, mdc=mdc,
+        dry_run=dry_run,
+    )
+    task.set_caching_options(False)
+    task.set_display_name("watch releases")
+    task.set_cpu_request("100m").set_memory_request("256M").set_memory_limit("1G")
+    kubernetes.use_secret_as_env(task, S3_SECRET, S3_SECRET_KEYS)
+    kubernetes.use_secret_as_env(task, MDC_SECRET, {"MDC_API_KEY": "MDC_API_KEY"}, optional=True)
+
+
+def compile_pipeline(out_path: str) -> str:
+    """Compile the watcher pipeline to ``out_path`` (YAML); returns the path."""
+    compiler.Compiler().compile(watcher_pipeline, package_path=out_path)
+    return out_path
