@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from habla import storage
-from habla.commonvoice import parse_release_name, release_label
+from habla.commonvoice import release_label
 from habla.errors import HablaError
 
 log = logging.getLogger(__name__)
@@ -47,24 +47,6 @@ def _read_json(uri: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def release_name(uri: str) -> str:
-    """The release a location holds, as ``cv-corpus-…-<locale>`` where the path says so.
-
-    Besides archive and folder names with a locale, this understands an extracted release,
-    ``…/cv-corpus-<ver>-<date>/<locale>``, whose top folder carries no locale.
-    """
-    parts = [p for p in str(uri).replace("\\", "/").rstrip("/").split("/") if p]
-    for i in reversed(range(len(parts))):
-        parsed = parse_release_name(parts[i])
-        if parsed is None and i + 1 < len(parts):
-            parsed = parse_release_name(f"{parts[i]}-{parts[i + 1]}")
-        if parsed is not None:
-            return parsed.name
-        if parts[i].startswith("cv-corpus-"):
-            return parts[i]
-    return release_label(uri)
-
-
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None and v != ""), None)
 
@@ -83,7 +65,7 @@ def make_row(dst: str, *, name: str | None = None, state: str | None = None, par
     row: dict[str, Any] = {
         "run": _first(name, run.get("run_name"), storage.name(dst) if dst else None),
         "state": _first(state, "evaluated" if metrics else ("trained" if summary else "started")),
-        "release": release_name(release) if release else None,
+        "release": release_label(release) if release else None,
         "config": _first(run.get("config"), params.get("config"), summary.get("config")),
         "train_source": _first(run.get("train_source"), params.get("train_source")),
         "nodes": _first(run.get("nodes"), params.get("nodes"), summary.get("nodes")),

@@ -26,6 +26,8 @@ Exactly once, crash-safe (the state store is a local folder or ``s3://…``)
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import datetime as dt
 import json
@@ -121,7 +123,9 @@ def find_releases(inbox: str, locale: str) -> list[Release]:
     for uri, is_folder in _children(inbox):
         base = storage.name(uri)
         # An archive extracts to cv-corpus-<ver>-<date>/<locale>/: the folder name carries no locale.
-        parsed = parse_release_name(base) or (parse_release_name(f"{base}-{locale}") if is_folder else None)
+        parsed = parse_release_name(base)
+        if parsed is not None and is_folder and not parsed.locale:
+            parsed = dataclasses.replace(parsed, locale=locale)
         if parsed is None or parsed.locale != locale or parsed.archive == is_folder:
             continue
         if is_folder and not _has_tsvs(uri, locale):
