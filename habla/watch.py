@@ -273,12 +273,13 @@ def watch(
 ) -> list[Decision]:
     """Look at the inbox once and submit the training pipeline for every new release (see module doc).
 
-    Each training run gets ``release_uri`` (the archive or folder), ``output_uri`` =
-    ``<output_root>/<release name>``, ``locale`` and ``params``. ``package`` is a compiled training pipeline
+    Each training run gets ``release_uri`` (the archive or folder), ``output_uri`` = ``output_root`` (the
+    pipeline keeps datasets/, runs/<run>/ and the model registry models/ under it, so a new release's model
+    competes with the best one so far), ``run_name`` = ``habla-<release>``, ``locale`` and ``params``. ``package`` is a compiled training pipeline
     to submit instead of compiling habla's own. Returns one decision per release seen.
     """
     params = dict(params or {})
-    reserved = sorted({"release_uri", "output_uri", "locale"} & set(params))
+    reserved = sorted({"release_uri", "output_uri", "locale", "run_name"} & set(params))
     if reserved:
         raise HablaError(f"--param {', '.join(reserved)}: set by the watcher for each release")
     if not dry_run and not output_root:
@@ -372,8 +373,8 @@ def _claim_and_submit(release: Release, state: str, submitter: _Submitter, owner
         return Decision(name, "known", "processed by another watcher meanwhile")
     claim = json.loads(storage.read_text(claim_uri))
     expires = dt.datetime.fromisoformat(claim["expires_at"])
-    arguments = {"release_uri": release.uri, "output_uri": storage.join(output_root, name), "locale": locale,
-                 **params}
+    arguments = {"release_uri": release.uri, "output_uri": output_root, "run_name": run_name_for(release.name),
+                 "locale": locale, **params}
     try:
         if _now() > expires:
             raise HablaError("the claim's lease expired before the submission started")

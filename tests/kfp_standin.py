@@ -483,7 +483,7 @@ def compile_fake_training_pipeline(out_dir: str) -> str:
 
     @dsl.pipeline(name="habla-training")
     def training(release_uri: str, output_uri: str, locale: str = "es", config: str = "small", nodes: int = 1,
-                 max_steps: int = 1000):
+                 max_steps: int = 1000, run_name: str = ""):
         train(release_uri=release_uri, output_uri=output_uri, locale=locale, config=config, nodes=nodes,
               max_steps=max_steps)
 

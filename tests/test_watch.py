@@ -104,7 +104,7 @@ def test_watch_submits_each_new_release_once_in_version_order(kfp, tmp_path):
     assert [r["display_name"] for r in runs] == ["habla-cv-corpus-17.0-2024-03-15-es", "habla-cv-corpus-25.0-2026-03-09-es"]
     params = runs[1]["runtime_config"]["parameters"]
     assert params == {"release_uri": storage.join(inbox, "cv-corpus-25.0-2026-03-09-es.tar.gz"),
-                      "output_uri": storage.join(out, "cv-corpus-25.0-2026-03-09-es"), "locale": "es",
+                      "output_uri": out, "run_name": "habla-cv-corpus-25.0-2026-03-09-es", "locale": "es",
                       "nodes": 2, "config": "small", "max_steps": 1000}  # defaults passed explicitly too
 
     # Nothing new: nothing submitted. A late, older release and a delta release show up.
