@@ -115,7 +115,7 @@ def bench_workers(corpus: Path, work: Path) -> list[dict]:
         out = work / f"workers-{workers}-{len(results)}"
         prep.plan(str(corpus), str(out), prep.PrepareOptions(shards=1, splits=("train",)))
         start = time.perf_counter()
-        stats = prep.convert_shard(str(out), 0, workers)["stats"]
+        stats = prep.convert_shard(str(out), 0, workers)
         wall = time.perf_counter() - start
         results.append({"workers": workers, "wall_s": round(wall, 2), "audio_s": stats["audio_seconds"],
                         "x_real_time": round(stats["audio_seconds"] / wall, 1)})
@@ -142,7 +142,7 @@ def bench_s3(corpus: Path, work: Path) -> list[dict]:
                 out = str(work / f"s3b-{fmt}-{len(results)}") if target == "local" else f"s3://bench/{fmt}-{len(results)}"
                 prep.plan(str(corpus), out, prep.PrepareOptions(shards=1, splits=("train",), format=fmt))
                 start = time.perf_counter()
-                stats = prep.convert_shard(out, 0, 2)["stats"]
+                stats = prep.convert_shard(out, 0, 2)
                 wall = time.perf_counter() - start
                 results.append({"format": fmt, "target": target, "wall_s": round(wall, 2),
                                 "x_real_time": round(stats["audio_seconds"] / wall, 1)})
@@ -199,18 +199,19 @@ def synthesize_release(root: Path, rows: int) -> None:
 
 
 def fake_convert(out: Path) -> None:
-    """Shard results as convert_shard writes them, without audio (assembly only reads these)."""
+    """Shard files as convert_shard writes them, without audio (assembly reads only these)."""
     plan = json.loads((out / "plan" / "plan.json").read_text())
     for k in range(plan["num_shards"]):
-        entries = []
+        entries: dict[str, list[dict]] = {}
         for line in (out / "plan" / f"shard-{k:05d}.jsonl").read_text().splitlines():
             clip = json.loads(line)
-            entries.append(prep._entry(clip, str(out / "audio" / clip["split"] / (clip["path"][:-4] + ".wav")),
-                                       clip["duration"]))
-        (out / "shards").mkdir(exist_ok=True)
-        (out / "shards" / f"shard-{k:05d}.json").write_text(json.dumps(
-            {"shard": k, "entries": entries, "rejected": [], "stats": {"clips": len(entries), "rejected": 0,
-             "audio_seconds": sum(e["entry"]["duration"] for e in entries)}}))
+            record = prep._entry(clip, str(out / "audio" / clip["split"] / (clip["path"][:-4] + ".wav")), clip["duration"])
+            entries.setdefault(record["split"], []).append(record["entry"])
+        for split, items in entries.items():
+            items.sort(key=lambda e: e["path"])
+            storage.write_text(prep._shard_file(str(out), k, f"{split}.jsonl"), prep._manifest_text(items))
+        storage.write_text(prep._shard_file(str(out), k, "rejected.jsonl"), "")
+        storage.write_text(prep._result_uri(str(out), k), json.dumps({"shard": k, "splits": {s: len(v) for s, v in entries.items()}}))
 
 
 def bench_scale(work: Path, rows: int) -> list[dict]:

@@ -51,7 +51,7 @@ def convert_shard(dataset_uri: str, shard: int, workers: int) -> float:
     """
     from habla import prepare
 
-    return prepare.convert_shard(dataset_uri, shard, workers if workers > 0 else None)["stats"]["audio_seconds"] / 3600
+    return prepare.convert_shard(dataset_uri, shard, workers if workers > 0 else None)["audio_seconds"] / 3600
 
 
 @dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)

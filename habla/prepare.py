@@ -18,6 +18,7 @@ nothing and a killed run, started again, ends exactly as an uninterrupted one. S
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import heapq
@@ -133,6 +134,10 @@ def _result_uri(out: str, shard: int) -> str:
     return storage.join(out, "shards", f"shard-{shard:05d}.json")
 
 
+def _shard_file(out: str, shard: int, name: str) -> str:
+    return storage.join(out, "shards", f"shard-{shard:05d}", name)
+
+
 def _wav_uri(out: str, split: str, clip_path: str) -> str:
     return storage.join(out, "audio", split, PurePosixPath(clip_path).stem + ".wav")
 
@@ -147,14 +152,7 @@ def _tar_manifest_uri(out: str, split: str, index: int) -> str:
 
 def is_safe_clip_name(path: str) -> bool:
     """A plain file name (no folder part, no ``..``): data files are untrusted and must not escape clips/."""
-    return (
-        bool(path)
-        and path == PurePosixPath(path).name
-        and path not in (".", "..")
-        and not path.startswith(".")
-        and "\\" not in path
-        and "\x00" not in path
-    )
+    return bool(path) and path[0] != "." and "/" not in path and "\\" not in path and "\x00" not in path
 
 
 # ------------------------------------------------------------------------------------------------- plan
@@ -301,7 +299,13 @@ def _balance(clips_by_split: dict[str, list[Clip]], shards: int) -> list[list[Cl
 
 
 def _jsonl(records: Iterable) -> str:
-    return "".join(json.dumps(dataclasses.asdict(r), ensure_ascii=False) + "\n" for r in records)
+    """JSON lines of flat dataclass records (dataclasses.asdict deep-copies: too slow for millions)."""
+    records = list(records)
+    if not records:
+        return ""
+    names = [f.name for f in dataclasses.fields(records[0])]
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
+    return "".join(dumps({n: getattr(r, n) for n in names}) + "\n" for r in records)
 
 
 def plan(release: str, out: str, options: PrepareOptions) -> dict:
@@ -332,7 +336,8 @@ def plan(release: str, out: str, options: PrepareOptions) -> dict:
     result = build_plan(release, root, options)
     for k, shard in enumerate(result.shards):
         storage.write_text(_plan_shard_uri(out, k), _jsonl(shard))
-    storage.write_text(storage.join(_plan_dir(out), "rejected.jsonl"), _jsonl(result.rejected))
+    rejected = sorted(result.rejected, key=lambda r: (r.split, r.line, r.path, r.reason))  # = _rejection_order
+    storage.write_text(storage.join(_plan_dir(out), "rejected.jsonl"), _jsonl(rejected))
     summary = {
         "version": PLAN_VERSION,
         "release": release,
@@ -472,7 +477,7 @@ def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
 
     started = time.monotonic()
     cpu_started = time.process_time()
-    entries: list[dict] = []
+    entries: dict[str, list[dict]] = {}
     rejected: list[dict] = []
     tar_members: dict[str, list[tuple[dict, bytes]]] = {s: [] for s in tarred}
     with Progress(len(tasks), f"shard {shard}") as progress:
@@ -484,28 +489,35 @@ def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
                 continue
             progress.update(1, record["entry"]["duration"])
             if wav is not None:
-                tar_members[record["split"]].append((record, wav))
+                tar_members[record["split"]].append((record["entry"], wav))
             else:
-                entries.append(record)
+                entries.setdefault(record["split"], []).append(record["entry"])
     for split, members in tar_members.items():
-        entries.extend(_write_tar_shard(out, split, shard, members))
+        entries[split] = _write_tar_shard(out, split, shard, members)
 
+    # The shard's manifest lines per split and its rejections, each sorted, so that assembly can merge
+    # the shards as streams; the summary is written last and marks the shard complete.
+    for split, split_entries in entries.items():
+        split_entries.sort(key=lambda e: e["path"])
+        storage.write_text(_shard_file(out, shard, f"{split}.jsonl"), _manifest_text(split_entries))
+    rejected.sort(key=_rejection_order)
+    storage.write_text(_shard_file(out, shard, "rejected.jsonl"), _manifest_text(rejected))
     result = {
         "shard": shard,
-        "entries": entries,
-        "rejected": rejected,
-        "stats": {
-            "clips": len(entries),
-            "rejected": len(rejected),
-            "audio_seconds": round(sum(e["entry"]["duration"] for e in entries), 3),
-            "wall_seconds": round(time.monotonic() - started, 3),
-            "parent_cpu_seconds": round(time.process_time() - cpu_started, 3),
-            "workers": workers,
-        },
+        "splits": {split: len(split_entries) for split, split_entries in sorted(entries.items())},
+        "rejected": len(rejected),
+        "audio_seconds": round(sum(e["duration"] for es in entries.values() for e in es), 3),
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "parent_cpu_seconds": round(time.process_time() - cpu_started, 3),
+        "workers": workers,
     }
-    storage.write_text(result_uri, json.dumps(result, ensure_ascii=False))
+    storage.write_text(result_uri, json.dumps(result))
     storage.delete(started_marker)
     return result
+
+
+def _rejection_order(r: dict) -> tuple:
+    return r["split"], r["line"], r["path"], r["reason"]
 
 
 def _map(fn, items: list, workers: int) -> Iterator:
@@ -519,18 +531,16 @@ def _map(fn, items: list, workers: int) -> Iterator:
 
 def _write_tar_shard(out: str, split: str, index: int, members: list[tuple[dict, bytes]]) -> list[dict]:
     """Write ``tarred/<split>/audio_<index>.tar`` and its manifest; returns the manifest entries."""
-    members.sort(key=lambda m: m[0]["entry"]["path"])
-    entries = []
+    members.sort(key=lambda m: m[0]["path"])
     with tempfile.TemporaryDirectory(prefix="habla-tar-") as tmp:
         local = Path(tmp, f"audio_{index}.tar")
         with tarfile.open(local, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for record, wav in members:
-                name = record["entry"]["audio_filepath"]
-                tar.addfile(_deterministic_tarinfo(name, len(wav)), fileobj=_BytesReader(wav))
-                record["entry"]["shard_id"] = index
-                entries.append(record)
+            for entry, wav in members:
+                tar.addfile(_deterministic_tarinfo(entry["audio_filepath"], len(wav)), fileobj=_BytesReader(wav))
+                entry["shard_id"] = index
         storage.upload_file(local, _tar_uri(out, split, index))
-    storage.write_text(_tar_manifest_uri(out, split, index), _manifest_text(r["entry"] for r in entries))
+    entries = [entry for entry, _ in members]
+    storage.write_text(_tar_manifest_uri(out, split, index), _manifest_text(entries))
     return entries
 
 
@@ -557,35 +567,45 @@ def _manifest_text(entries: Iterable[dict]) -> str:
 def assemble(out: str) -> dict:
     """Step 3: gather the shards into manifests, ``rejected.jsonl`` and the report. Returns report.json.
 
-    Raises HablaError if a shard has not been converted; raises AssertionError if the accounting of
-    rows does not balance (a bug, never expected).
+    The shards' sorted files are merged as streams (memory does not grow with the release). Everything is
+    written to a local staging folder first and published only once the accounting balances. Raises
+    HablaError if a shard has not been converted; AssertionError if the accounting of rows does not balance
+    (a bug, never expected).
     """
     from habla import report
 
     summary = read_plan(out)
-    missing = [k for k in range(summary["num_shards"]) if not storage.exists(_result_uri(out, k))]
+    shards = range(summary["num_shards"])
+    missing = [k for k in shards if not storage.exists(_result_uri(out, k))]
     if missing:
         raise HablaError(f"{len(missing)} shard(s) not converted yet (first: {missing[0]}); run the convert step")
-    entries: dict[str, list[dict]] = {s: [] for s in summary["options"]["splits"]}
-    rejected = _read_jsonl(storage.join(_plan_dir(out), "rejected.jsonl"))
-    stats = []
-    for k in range(summary["num_shards"]):
-        result = json.loads(storage.read_text(_result_uri(out, k)))
-        for record in result["entries"]:
-            entries[record["split"]].append(record["entry"])
-        rejected.extend(result["rejected"])
-        stats.append(result["stats"])
+    results = [json.loads(storage.read_text(_result_uri(out, k))) for k in shards]
+    splits = summary["options"]["splits"]
+    stats = {split: report.SplitStats() for split in splits}
+    rejected_stats = report.RejectionStats()
 
-    rows_in = sum(summary["rows_read"].values())
-    rows_out = sum(map(len, entries.values())) + len(rejected)
-    if rows_in != rows_out:
-        raise AssertionError(f"accounting does not balance: {rows_in} rows read, {rows_out} accounted for")
+    with tempfile.TemporaryDirectory(prefix="habla-assemble-") as tmp:
+        work = Path(tmp)
+        local = {}  # the shards' files, local (downloaded once from object storage)
+        for k, result in zip(shards, results):
+            for name in [f"{split}.jsonl" for split in result["splits"]] + ["rejected.jsonl"]:
+                local[k, name] = work / "shards" / f"{k:05d}-{name}"
+                storage.download_file(_shard_file(out, k, name), local[k, name])
+        storage.download_file(storage.join(_plan_dir(out), "rejected.jsonl"), work / "plan-rejected.jsonl")
 
-    for split, split_entries in entries.items():
-        split_entries.sort(key=lambda e: e["path"])
-        storage.write_text(storage.join(out, "manifests", f"{split}.json"), _manifest_text(split_entries))
-    rejected.sort(key=lambda r: (r["split"], r["line"], r["path"], r["reason"]))
-    storage.write_text(storage.join(out, "rejected.jsonl"), _manifest_text(rejected))
+        for split in splits:
+            sources = [local[k, f"{split}.jsonl"] for k, r in zip(shards, results) if split in r["splits"]]
+            _merge_lines(sources, work / f"{split}.json", key=lambda e: e["path"], observe=stats[split].add)
+        rejection_sources = [work / "plan-rejected.jsonl"] + [local[k, "rejected.jsonl"] for k in shards]
+        _merge_lines(rejection_sources, work / "rejected.jsonl", key=_rejection_order, observe=rejected_stats.add)
+
+        rows_in = sum(summary["rows_read"].values())
+        rows_out = sum(s.clips for s in stats.values()) + rejected_stats.total
+        if rows_in != rows_out:
+            raise AssertionError(f"accounting does not balance: {rows_in} rows read, {rows_out} accounted for")
+        for split in splits:
+            storage.upload_file(work / f"{split}.json", storage.join(out, "manifests", f"{split}.json"))
+        storage.upload_file(work / "rejected.jsonl", storage.join(out, "rejected.jsonl"))
 
     tarred = {
         split: {
@@ -596,7 +616,18 @@ def assemble(out: str) -> dict:
         for split, count in summary["tar_shards"].items()
         if count > 0
     }
-    return report.write_report(out, summary, entries, rejected, stats, tarred)
+    return report.write_report(out, summary, stats, rejected_stats, tarred)
+
+
+def _merge_lines(sources: list[Path], target: Path, key, observe) -> None:
+    """Merge sorted JSON-lines files into ``target`` in ``key`` order, showing each record to ``observe``."""
+
+    with contextlib.ExitStack() as stack, open(target, "w", encoding="utf-8") as sink:
+        files = [stack.enter_context(open(path, encoding="utf-8")) for path in sources]
+        streams = [((json.loads(line), line) for line in f) for f in files]
+        for record, line in heapq.merge(*streams, key=lambda item: key(item[0])):
+            observe(record)
+            sink.write(line)
 
 
 def manifest_uris(out: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from array import array
 from collections import Counter
 
 from habla import storage
@@ -15,53 +16,77 @@ from habla import storage
 UNKNOWN = "unknown"
 
 
-def _distribution(entries: list[dict], key: str, top: int | None = None) -> dict[str, int]:
-    counts = Counter(e.get(key) or UNKNOWN for e in entries)
+class SplitStats:
+    """Statistics of one split, accumulated one manifest entry at a time (millions of entries, little memory)."""
+
+    def __init__(self) -> None:
+        self.clips = 0
+        self.seconds = 0.0
+        self.durations = array("f")
+        self.speakers: set[str] = set()
+        self.groups = {key: Counter() for key in ("gender", "age", "accents")}
+
+    def add(self, entry: dict) -> None:
+        self.clips += 1
+        self.seconds += entry["duration"]
+        self.durations.append(entry["duration"])
+        self.speakers.add(entry["client_id"])
+        for key, counter in self.groups.items():
+            counter[entry.get(key) or UNKNOWN] += 1
+
+    def summary(self, rejected: Counter) -> dict:
+        return {
+            "clips": self.clips,
+            "hours": round(self.seconds / 3600, 4),
+            "speakers": len(self.speakers),
+            "mean_seconds": round(self.seconds / self.clips, 3) if self.clips else 0.0,
+            "min_seconds": round(min(self.durations, default=0.0), 3),
+            "max_seconds": round(max(self.durations, default=0.0), 3),
+            "gender": _ordered(self.groups["gender"]),
+            "age": _ordered(self.groups["age"]),
+            "accents": _ordered(self.groups["accents"], top=8),
+            "rejected": dict(sorted(rejected.items())),
+        }
+
+
+class RejectionStats:
+    """Rejections counted by split and reason."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_split: dict[str, Counter] = {}
+
+    def add(self, record: dict) -> None:
+        self.total += 1
+        self.by_split.setdefault(record["split"], Counter())[record["reason"]] += 1
+
+
+def _ordered(counts: Counter, top: int | None = None) -> dict[str, int]:
     items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     if top is not None and len(items) > top:
         items = items[:top] + [("(other)", sum(v for _, v in items[top:]))]
     return dict(items)
 
 
-def build_report(summary: dict, entries: dict[str, list[dict]], rejected: list[dict], stats: list[dict],
-                 tarred: dict, out: str) -> dict:
-    by_split_reasons: dict[str, Counter] = {s: Counter() for s in entries}
-    for r in rejected:
-        by_split_reasons.setdefault(r["split"], Counter())[r["reason"]] += 1
-    splits = {}
-    for split, items in entries.items():
-        seconds = [e["duration"] for e in items]
-        splits[split] = {
-            "clips": len(items),
-            "hours": round(sum(seconds) / 3600, 4),
-            "speakers": len({e["client_id"] for e in items}),
-            "mean_seconds": round(sum(seconds) / len(seconds), 3) if seconds else 0.0,
-            "min_seconds": min(seconds, default=0.0),
-            "max_seconds": max(seconds, default=0.0),
-            "gender": _distribution(items, "gender"),
-            "age": _distribution(items, "age"),
-            "accents": _distribution(items, "accents", top=8),
-            "rejected": dict(sorted(by_split_reasons[split].items())),
-        }
-    rows_read = sum(summary["rows_read"].values())
+def build_report(summary: dict, stats: dict[str, SplitStats], rejected: RejectionStats, tarred: dict, out: str) -> dict:
+    splits = {split: s.summary(rejected.by_split.get(split, Counter())) for split, s in stats.items()}
+    total_rejected = Counter()
+    for counter in rejected.by_split.values():
+        total_rejected.update(counter)
     return {
         "release": summary["release_label"],
         "release_uri": summary["release"],
         "options": summary["options"],
         "rows_read": summary["rows_read"],
         "accounting": {
-            "rows_read": rows_read,
+            "rows_read": sum(summary["rows_read"].values()),
             "in_manifests": sum(s["clips"] for s in splits.values()),
-            "rejected": len(rejected),
+            "rejected": rejected.total,
         },
         "splits": splits,
-        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-        "manifests": {s: storage.absolute(storage.join(out, "manifests", f"{s}.json")) for s in entries},
+        "rejected": dict(sorted(total_rejected.items())),
+        "manifests": {s: storage.absolute(storage.join(out, "manifests", f"{s}.json")) for s in stats},
         "tarred": tarred,
-        "conversion": {
-            "shards": len(stats),
-            "audio_hours": round(sum(s["audio_seconds"] for s in stats) / 3600, 4),
-        },
     }
 
 
@@ -127,7 +152,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, entries: dict[str, list[dict]]) -> bytes:
+def plot(report: dict, stats: dict[str, SplitStats]) -> bytes:
     """A PNG: hours per split, gender and age shares, clip duration histogram."""
     import matplotlib
 
@@ -154,7 +179,7 @@ def plot(report: dict, entries: dict[str, list[dict]]) -> bytes:
         ax.legend(fontsize=8)
     ax = axes[1][1]
     for s in splits:
-        ax.hist([e["duration"] for e in entries[s]], bins=30, alpha=0.6, label=s)
+        ax.hist(stats[s].durations, bins=30, alpha=0.6, label=s)
     ax.set_title("Clip duration")
     ax.set_xlabel("seconds")
     ax.legend(fontsize=8)
@@ -166,10 +191,9 @@ def plot(report: dict, entries: dict[str, list[dict]]) -> bytes:
     return buf.getvalue()
 
 
-def write_report(out: str, summary: dict, entries: dict[str, list[dict]], rejected: list[dict],
-                 stats: list[dict], tarred: dict) -> dict:
-    report = build_report(summary, entries, rejected, stats, tarred, out)
-    storage.write_bytes(storage.join(out, "report.png"), plot(report, entries))
+def write_report(out: str, summary: dict, stats: dict[str, SplitStats], rejected: RejectionStats, tarred: dict) -> dict:
+    report = build_report(summary, stats, rejected, tarred, out)
+    storage.write_bytes(storage.join(out, "report.png"), plot(report, stats))
     storage.write_text(storage.join(out, "report.md"), markdown(report))
     storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1, ensure_ascii=False))
     return report

@@ -44,25 +44,22 @@ def _fold(char: str) -> str:
 
 
 # Only characters outside the vocabulary go through _fold; cache those decisions.
-_FOLD_CACHE: dict[str, str] = {}
+_FOLD_CACHE: dict[int, str] = {}
 
 
 def normalize_text(sentence: str) -> str:
     """Normalize a Spanish sentence, or raise :class:`TextRejected` (``empty_text``, ``unsupported_chars``)."""
     text = unicodedata.normalize("NFC", sentence).lower()
-    out = []
-    for char in text:
-        if char in _ALLOWED:
-            out.append(char)
-            continue
-        folded = _FOLD_CACHE.get(char)
-        if folded is None:
-            folded = _FOLD_CACHE.setdefault(char, _fold(char))
-        out.append(folded)
-    text = " ".join("".join(out).split())
-    bad = sorted({c for c in text if c not in _ALLOWED})
+    odd = set(text) - _ALLOWED
+    if odd:  # str.translate does the per-character work in C
+        for char in odd:
+            if ord(char) not in _FOLD_CACHE:
+                _FOLD_CACHE[ord(char)] = _fold(char)
+        text = text.translate(_FOLD_CACHE)
+    text = " ".join(text.split())
+    bad = set(text) - _ALLOWED
     if bad:
-        raise TextRejected("unsupported_chars", "".join(bad))
+        raise TextRejected("unsupported_chars", "".join(sorted(bad)))
     if not text:
         raise TextRejected("empty_text")
     return text
