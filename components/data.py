@@ -2,10 +2,9 @@
 
 from typing import List
 
+from habla.components import PREP_IMAGE
 from kfp import dsl
 from kfp.dsl import HTML, Markdown, Metrics, Output
-
-from habla.components import PREP_IMAGE
 
 
 @dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)

@@ -1,9 +1,8 @@
 """Evaluation and promotion: score the new model and the current best on the same test set."""
 
+from habla.components import PREP_IMAGE, TRAIN_IMAGE
 from kfp import dsl
 from kfp.dsl import HTML, Markdown, Metrics, Output
-
-from habla.components import PREP_IMAGE, TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
@@ -24,8 +23,9 @@ def evaluate_models(
     """
     import base64
 
-    from habla import runs, storage
     from habla.evaluate import evaluate
+
+    from habla import runs, storage
 
     test_manifest = runs.dataset_report(dataset_uri)["manifests"]["test"]
     eval_dir = storage.join(run_dir, "eval")

@@ -1,9 +1,8 @@
 """Training steps: record the run, then train in this pod (local/single node) or as a cluster job."""
 
+from habla.components import PREP_IMAGE, TRAIN_IMAGE
 from kfp import dsl
 from kfp.dsl import Metrics, Output
-
-from habla.components import PREP_IMAGE, TRAIN_IMAGE
 
 
 @dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)

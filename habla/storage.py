@@ -71,7 +71,7 @@ class ObjectInfo:
 # --------------------------------------------------------------------------------------------- S3 client
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _client_for_pid(pid: int):  # noqa: ARG001 - the pid is the cache key: boto3 clients must not cross fork()
     import boto3
     from botocore.config import Config

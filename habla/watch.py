@@ -26,9 +26,8 @@ Exactly once, crash-safe (the state store is a local folder or ``s3://…``)
 
 from __future__ import annotations
 
-import dataclasses
-
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging

@@ -10,12 +10,11 @@ with ``habla pipeline run-local``, submit with ``habla pipeline submit``.
 
 import os
 
-from kfp import dsl, kubernetes
-
 from habla.components import TRAIN_IMAGE
 from habla.components.data import assemble_dataset, convert_shard, list_shards, plan_dataset
 from habla.components.evaluation import evaluate_models, promote_model
 from habla.components.training import start_run, train_here, train_on_cluster
+from kfp import dsl, kubernetes
 
 PIPELINE_NAME = "habla-train"
 # How many shards convert at once on a cluster. KFP fixes a ParallelFor's parallelism when compiling.

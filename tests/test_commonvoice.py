@@ -1,10 +1,9 @@
 import pytest
+from conftest import MINI, MINI_V8
 
 from habla import commonvoice
 from habla.commonvoice import MalformedRow, TsvRow, parse_release_name, read_durations, read_tsv
 from habla.errors import HablaError
-
-from conftest import MINI, MINI_V8
 
 
 def rows_of(path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import run_habla
 
 SECRET_VALUE = "wJalrXUtnFEMI-not-a-real-key-7Q"

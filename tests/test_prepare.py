@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+from conftest import MINI, MINI_V8, run_habla
 
 from habla import prepare as prep
 from habla.prepare import PrepareOptions
 from habla.text import ALPHABET
-
-from conftest import MINI, MINI_V8, run_habla
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import tarfile
 
-import pytest
-
-from habla import storage
-from habla import prepare as prep
-from habla.prepare import PrepareOptions
-
 from conftest import MINI_V8, run_habla, upload_tree
+
+from habla import prepare as prep
+from habla import storage
+from habla.prepare import PrepareOptions
 
 
 def read_manifest(uri: str) -> list[dict]:
