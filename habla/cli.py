@@ -18,6 +18,8 @@ from habla.errors import HablaError
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("habla.prepare", "Common Voice release -> 16 kHz WAV (or tar shards) + NeMo manifests + report"),
+    "train": ("habla.train", "train a NeMo CTC model from a YAML config (one CPU process to multi-node DDP)"),
+    "evaluate": ("habla.evaluate", "transcribe a manifest with a .nemo model: WER/CER overall and by group"),
 }
 
 
