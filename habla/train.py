@@ -151,6 +151,10 @@ def _prepare_data(cfg, paths: RunPaths, train_manifest: str, val_manifest: str, 
         ds.is_tarred = True
         ds.use_lhotse = True
         cfg.trainer.use_distributed_sampler = False
+        if ds.get("shuffle_buffer_size") is None:
+            # Lhotse fills its shuffle buffer before every epoch's first batch; its default (10,000 utterances)
+            # over a smaller set would read that set many times over first (measured: 20x slower on 120 clips).
+            ds.shuffle_buffer_size = min(10_000, len(train_entries))
         if not isinstance(cfg.trainer.get("limit_train_batches"), int):
             # Lhotse streams have no length: an epoch is one pass over the shards, split between ranks.
             cfg.trainer.limit_train_batches = max(1, math.ceil(len(train_entries) / (ds.batch_size * world_size)))
