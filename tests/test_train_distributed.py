@@ -71,3 +71,34 @@ def test_two_torchrun_nodes_train_with_ddp_resume_from_s3_and_only_rank_0_writes
     assert (summary["steps"], summary["resumed_from_step"], summary["world_size"]) == (30, 20, 2)
     assert all("resumed at step 20" in t for t in text)
     print(f"two-node torchrun runs (20 steps, then resumed to 30): {time.monotonic() - started:.0f}s")
+
+
+@pytest.mark.parametrize("launcher", ["pytorchjob", "trainjob"])
+def test_one_process_per_pod_without_torchrun(tmp_path, clips30, launcher):
+    """A PyTorchJob (MASTER_ADDR/RANK/WORLD_SIZE per pod) or a TrainJob whose command is habla train (PET_*)."""
+    port, out = free_port(), tmp_path / "model"
+    procs, logs = [], []
+    for rank in (0, 1):
+        if launcher == "pytorchjob":
+            pod = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank)}
+        else:
+            pod = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(rank),
+                   "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}  # fmt: skip
+        env = cli_env(HABLA_CACHE=str(tmp_path / f"pod{rank}"), **pod)
+        logs.append(tmp_path / f"pod{rank}.log")
+        command = [HABLA, "train", "--config", "tiny_ctc_char", "--train-manifest", str(clips30),
+                   "--val-manifest", str(clips30), "--out", str(out), "trainer.max_steps=6"]  # fmt: skip
+        procs.append(subprocess.Popen(command, stdout=logs[-1].open("w"), stderr=subprocess.STDOUT, env=env))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{launcher} pods hung")
+    text = [path.read_text() for path in logs]
+    assert codes == [0, 0], "\n\n".join(t[-3000:] for t in text)
+    assert f"rank 1/2 (node 1/2, 1 process per node, {launcher})" in text[1]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in text[1]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["world_size"], summary["nodes"], summary["devices"], summary["steps"]) == (2, 2, 1, 6)
+    assert "rank 0 wrote" in text[0] and "rank 0 wrote" not in text[1]
