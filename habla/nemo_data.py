@@ -202,5 +202,29 @@ def fetch_model(uri: str, what: str = "model") -> Path:
     return local
 
 
+def check_tar_sample(tar_uri: str, manifest_uri: str) -> None:
+    """The first member of a tar shard is audio listed by its manifest shard (reads only the shard's first bytes)."""
+    import io
+    import tarfile
+
+    import soundfile
+
+    try:
+        with storage.open_stream(tar_uri) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            member = next((m for m in tar if m.isfile()), None)
+            data = tar.extractfile(member).read() if member else b""
+    except (tarfile.TarError, OSError) as exc:
+        raise HablaError(f"{tar_uri}: not a readable tar shard ({exc})") from None
+    if member is None:
+        raise HablaError(f"{tar_uri}: empty tar shard")
+    listed = {str(e["audio_filepath"]) for e in read_manifest(manifest_uri)}
+    if member.name not in listed:
+        raise HablaError(f"{tar_uri}: member {member.name} is not in {manifest_uri} (audio_filepath must be the member name)")
+    try:
+        soundfile.info(io.BytesIO(data))
+    except Exception as exc:
+        raise HablaError(f"{tar_uri}: member {member.name} is not readable audio ({str(exc).splitlines()[0]})") from None
+
+
 def total_hours(entries: Iterable[dict]) -> float:
     return sum(float(e["duration"]) for e in entries) / 3600.0

@@ -144,7 +144,8 @@ def _prepare_data(cfg, paths: RunPaths, train_manifest: str, val_manifest: str, 
     manifests = paths.scratch / "manifests"
     ds = cfg.model.train_ds
     if train_tars:
-        nemo_data.check_tar_shards(train_tars, train_manifest)
+        tars = nemo_data.check_tar_shards(train_tars, train_manifest)
+        nemo_data.check_tar_sample(tars[0], nemo_data.expand_shards(train_manifest)[0])
         # Tarred shards stream through Lhotse (also from s3://): no copy, no shard-count/world-size constraint.
         ds.manifest_filepath = train_manifest
         ds.tarred_audio_filepaths = train_tars
@@ -181,52 +182,77 @@ def _pull_from_dst(paths: RunPaths, resume: bool) -> str | None:
     """The checkpoint to resume from (made local), or None. Refuses to mix a new run into an old DST."""
     remote_last = paths.out("checkpoints", LAST_CHECKPOINT)
     has_checkpoint = storage.exists(remote_last)
-    if not resume:
-        if has_checkpoint or storage.exists(paths.out(MODEL)):
-            raise HablaError(f"{paths.dst} already holds a training run: pass --resume to continue it, or choose another --out")
-        return None
-    if not has_checkpoint:
-        log.info("--resume: no checkpoint in %s yet, starting at step 0", paths.dst)
+    if not resume and (has_checkpoint or storage.exists(paths.out(MODEL))):
+        raise HablaError(f"{paths.dst} already holds a training run: pass --resume to continue it, or choose another --out")
+    if not (resume and has_checkpoint):
+        if resume:
+            log.info("--resume: no checkpoint in %s yet, starting at step 0", paths.dst)
+        if paths.remote:
+            # A working copy left on this disk by an earlier run of this DST would be taken for this run's
+            # (Lightning renames a new last.ckpt to last-v1.ckpt next to a stale one; old TensorBoard files).
+            shutil.rmtree(paths.work, ignore_errors=True)
         return None
     local_last = paths.work / "checkpoints" / LAST_CHECKPOINT
     if paths.remote:
         log.info("--resume: fetching %s", remote_last)
         storage.download_file(remote_last, local_last)
-        for info in storage.list_files(paths.out("tokenizer")):  # the tokenizer the checkpoint was trained with
-            storage.download_file(info.uri, paths.work / "tokenizer" / storage.name(info.uri))
     return str(local_last)
 
 
-def _build_tokenizer(cfg, texts: list[str], folder: Path) -> Path:
-    """A SentencePiece tokenizer of the train text in ``folder`` (kept if it already exists: resume)."""
+def _build_tokenizer(cfg, texts: list[str], scratch: Path) -> Path:
+    """A SentencePiece tokenizer of the train text, in a local folder named after its inputs.
+
+    Every rank builds it (no rank waits for another before the process group exists): the same text, settings
+    and seed give the same pieces. Ranks sharing a disk share the folder (built aside, renamed into place).
+    """
+    tok = cfg.model.tokenizer
+    settings = {"vocab_size": int(tok.get("vocab_size", 256)), "spe_type": str(tok.get("spe_type", "bpe")),
+                "character_coverage": float(tok.get("character_coverage", 1.0))}  # fmt: skip
+    digest = hashlib.sha1(json.dumps([settings, texts], ensure_ascii=False).encode()).hexdigest()[:16]
+    folder = scratch / "tokenizers" / digest
     if (folder / "tokenizer.model").is_file():
-        log.info("tokenizer: reusing %s", folder)
         return folder
     import sentencepiece
 
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
 
-    tok = cfg.model.tokenizer
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
     try:
         text_file = tmp / "text.txt"
         text_file.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
         sentencepiece.set_random_generator_seed(TOKENIZER_SEED)
         create_spt_model(
-            str(text_file), vocab_size=int(tok.get("vocab_size", 256)), sample_size=-1, do_lower_case=False,
-            tokenizer_type=tok.get("spe_type", "bpe"), output_dir=str(tmp / "out"),
-            character_coverage=float(tok.get("character_coverage", 1.0)),
+            str(text_file), vocab_size=settings["vocab_size"], sample_size=-1, do_lower_case=False,
+            tokenizer_type=settings["spe_type"], output_dir=str(tmp / "out"),
+            character_coverage=settings["character_coverage"],
         )  # fmt: skip
         try:
-            os.rename(tmp / "out", folder)  # atomic; another local rank may have won the race
+            os.rename(tmp / "out", folder)  # atomic; another rank on this disk may have won the race
         except OSError:
             if not (folder / "tokenizer.model").is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("tokenizer: built %s from %d sentences", folder, len(texts))
+    log.info("tokenizer: %d pieces from %d sentences", len(_tokenizer_pieces(folder / "tokenizer.model")), len(texts))
     return folder
+
+
+def _publish_tokenizer(folder: Path, paths: RunPaths, resuming: bool, rank_zero: bool) -> None:
+    """DST/tokenizer is the tokenizer of the run; a resumed run must have rebuilt exactly the same one."""
+    published = paths.out("tokenizer", "tokenizer.model")
+    if resuming and storage.exists(published):
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.download_file(published, Path(tmp) / "tokenizer.model")
+            if _tokenizer_pieces(Path(tmp) / "tokenizer.model") != _tokenizer_pieces(folder / "tokenizer.model"):
+                raise HablaError(
+                    f"the tokenizer built now differs from {published}, which the checkpoint was trained with: "
+                    "the train text or model.tokenizer settings changed; resume with the same ones or use a new --out"
+                )
+    elif rank_zero:
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                storage.upload_file(path, paths.out("tokenizer", path.name))
 
 
 # ------------------------------------------------------------------------------------------- NeMo
@@ -363,13 +389,13 @@ def train(
 
     tokenizer_dir = None
     if kind == train_config.BPE:
-        tokenizer_dir = Path(cfg.model.tokenizer.dir) if cfg.model.tokenizer.get("dir") else paths.work / "tokenizer"
-        _build_tokenizer(cfg, texts, tokenizer_dir)
-        _check_tokenizer(tokenizer_dir / "tokenizer.model", texts)
-        cfg.model.tokenizer.dir = str(tokenizer_dir)
-        if paths.remote and topology.is_rank_zero:  # a resumed run must find the same tokenizer in DST
-            for path in sorted(tokenizer_dir.iterdir()):
-                storage.upload_file(path, paths.out("tokenizer", path.name))
+        if cfg.model.tokenizer.get("dir"):
+            tokenizer_dir = Path(cfg.model.tokenizer.dir)
+        else:
+            tokenizer_dir = _build_tokenizer(cfg, texts, paths.scratch)
+            _check_tokenizer(tokenizer_dir / "tokenizer.model", texts)
+            cfg.model.tokenizer.dir = str(tokenizer_dir)
+        _publish_tokenizer(tokenizer_dir, paths, ckpt_path is not None, topology.is_rank_zero)
 
     progress = TrainingProgress(cfg.model.sample_rate, int(cfg.trainer.get("max_steps") or -1))
     trainer, log_sync = _build_trainer(cfg, topology, paths, progress)
@@ -396,7 +422,7 @@ def train(
         "epochs": trainer.current_epoch,
         "wall_seconds": round(time.time() - started, 1),
         "audio_hours_seen": round(progress.audio_seconds / 3600, 6),
-        "final_train_loss": progress.last_loss(trainer.world_size),
+        "final_train_loss": progress.last_loss,
         "val_wer": val_wer,
         "config": config,
         "init_from": init_from,
@@ -413,12 +439,8 @@ def train(
             local_model = Path(tmp) / MODEL
             model.save_to(str(local_model))
             storage.upload_file(local_model, paths.out(MODEL))
-        if paths.remote:
-            if log_sync:
-                log_sync()
-            if tokenizer_dir is not None:
-                for path in sorted(tokenizer_dir.iterdir()):
-                    storage.upload_file(path, paths.out("tokenizer", path.name))
+        if log_sync:
+            log_sync()
         storage.write_text(paths.out("config.yaml"), OmegaConf.to_yaml(cfg))
         public = {k: v for k, v in summary.items() if k != "written_by_this_rank"}
         storage.write_text(paths.out(SUMMARY), json.dumps(public, indent=2) + "\n")

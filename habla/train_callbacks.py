@@ -83,30 +83,38 @@ class TrainingProgress(Callback):
         self.last_val_wer: float | None = None
         self._sums: torch.Tensor | None = None  # [audio seconds this run, last loss summed over ranks]
         self._fit_started = 0.0
+        self._logged_step = -1
+        self._restored_loss: float | None = None
+        self._world_size = 1
         self.fit_seconds = 0.0
 
     # -- state kept in checkpoints (identical on every rank: the counter is summed over ranks each step)
     def state_dict(self) -> dict:
-        return {"audio_seconds": self.audio_seconds}
+        return {"audio_seconds": self.audio_seconds, "last_loss": self.last_loss}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict) -> None:  # after on_load_checkpoint
         self.audio_seconds_before = float(state_dict.get("audio_seconds", 0.0))
+        self._restored_loss = state_dict.get("last_loss")
+        log.info("resumed at step %d (%.2f h of audio seen before)", self.start_step, self.audio_seconds_before / 3600)
 
     @property
     def audio_seconds(self) -> float:
         return self.audio_seconds_before + (float(self._sums[0]) if self._sums is not None else 0.0)
 
-    def last_loss(self, world_size: int) -> float | None:
-        return None if self._sums is None else float(self._sums[1]) / world_size
+    @property
+    def last_loss(self) -> float | None:
+        """The last step's train loss, averaged over ranks."""
+        if self._sums is None:
+            return self._restored_loss
+        return float(self._sums[1]) / self._world_size
 
     # -- hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_started = time.monotonic()
+        self._world_size = trainer.world_size
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.start_step = trainer.global_step  # after a checkpoint was restored
-        if self.start_step:
-            log.info("resumed at step %d (%.2f h of audio seen before)", self.start_step, self.audio_seconds_before / 3600)
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self.start_step = int(checkpoint.get("global_step", 0))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         lengths = batch[1]
@@ -119,7 +127,8 @@ class TrainingProgress(Callback):
         self._sums[0] += step[0]
         self._sums[1] = step[1]
         every = max(1, trainer.log_every_n_steps)
-        if trainer.is_global_zero and trainer.global_step % every == 0:
+        if trainer.is_global_zero and trainer.global_step % every == 0 and trainer.global_step != self._logged_step:
+            self._logged_step = trainer.global_step  # several batches per step with accumulate_grad_batches
             self._log_progress(trainer)
 
     def _log_progress(self, trainer: Trainer) -> None:
@@ -129,7 +138,7 @@ class TrainingProgress(Callback):
         total = f"/{self.max_steps}" if self.max_steps and self.max_steps > 0 else ""
         log.info(
             "step %d%s epoch %d loss %.3f lr %.2e audio %.2f h (%.0f audio-s/s)",
-            trainer.global_step, total, trainer.current_epoch, self.last_loss(trainer.world_size) or 0.0, lr,
+            trainer.global_step, total, trainer.current_epoch, self.last_loss or 0.0, lr,
             self.audio_seconds / 3600, this_run / elapsed,
         )  # fmt: skip
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest_train import HABLA, cache, cli_env, clips30, one_thread, read_jsonl, train_clips, write_manifest  # noqa: F401
 
+from habla.errors import HablaError
 from habla.evaluate import evaluate
 from habla.text import ALPHABET
 from habla.train import train
@@ -128,7 +129,7 @@ def test_fastconformer_bpe_builds_its_tokenizer_and_trains(tmp_path, train_clips
     small = ["model.encoder.n_layers=1", "model.encoder.d_model=32", "model.encoder.n_heads=2",
              "model.encoder.subsampling_conv_channels=16", "model.tokenizer.vocab_size=40",
              "model.train_ds.batch_size=4", "model.train_ds.num_workers=0", "model.validation_ds.num_workers=0",
-             "model.optim.sched.warmup_steps=1", "trainer.max_steps=3", "trainer.max_epochs=1"]  # fmt: skip
+             "model.optim.sched.warmup_steps=1", "trainer.max_steps=3"]  # fmt: skip
     summary = train("fastconformer_ctc_bpe", str(manifest), str(manifest), str(tmp_path / "out"), small)
     assert summary["steps"] == 3 and summary["val_wer"] is not None
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.model").is_file()
@@ -136,6 +137,15 @@ def test_fastconformer_bpe_builds_its_tokenizer_and_trains(tmp_path, train_clips
     assert isinstance(model, EncDecCTCModelBPE) and model.tokenizer.vocab_size <= 40
     texts = " ".join(e["text"] for e in train_clips[:12])
     assert model.tokenizer.ids_to_text(model.tokenizer.text_to_ids(texts)) == texts  # no ⁇
+
+    # Resuming rebuilds the same tokenizer from the same text; other text would silently remap the decoder.
+    resumed = train("fastconformer_ctc_bpe", str(manifest), str(manifest), str(tmp_path / "out"),
+                    [*small, "trainer.max_steps=4"], resume=True)  # fmt: skip
+    assert (resumed["resumed_from_step"], resumed["steps"]) == (3, 4)
+    other = write_manifest(train_clips[12:24], tmp_path / "other.json")
+    with pytest.raises(HablaError, match="tokenizer built now differs"):
+        train("fastconformer_ctc_bpe", str(other), str(other), str(tmp_path / "out"), [*small, "trainer.max_steps=5"],
+              resume=True)  # fmt: skip
 
 
 def test_quartznet15x5_char_builds_at_the_published_size(tmp_path, clips30):

@@ -60,3 +60,9 @@ def test_missing_tar_shard_is_one_clear_error(s3, train_clips, cache):
     val = upload_wav_manifest(train_clips[:2], s3, "dev.json")
     with pytest.raises(HablaError, match="audio_1.tar: tar shard not found"):
         train("tiny_ctc_char", manifest_pattern, val, f"{s3}/out", train_tars=tar_pattern)
+    # a shard whose members are not what its manifest lists (a path prefix, say)
+    storage.write_text(f"{s3}/tarred/manifest_0.json", storage.read_text(f"{s3}/tarred/manifest_0.json").replace(
+        '"audio_filepath": "', '"audio_filepath": "clips/'))  # fmt: skip
+    storage.copy(f"{s3}/tarred/audio_0.tar", f"{s3}/tarred/audio_1.tar")
+    with pytest.raises(HablaError, match="audio_0.tar: member .* is not in"):
+        train("tiny_ctc_char", manifest_pattern, val, f"{s3}/out", train_tars=tar_pattern)
