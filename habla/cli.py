@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "watch": ("habla.watch", "submit the training pipeline once for each new Common Voice release in an inbox"),
     "schedule": ("habla.schedule", "create or update the KFP recurring run of the release watcher"),
     "compare": ("habla.compare", "compare runs (parameters, WER/CER, per group) from run folders or a KFP experiment"),
+    "train": ("habla.train", "train a NeMo CTC model from a YAML config (one CPU process to multi-node DDP)"),
+    "evaluate": ("habla.evaluate", "transcribe a manifest with a .nemo model: WER/CER overall and by group"),
 }
 
 

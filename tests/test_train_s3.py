@@ -1,0 +1,68 @@
+"""Training from NeMo tar shards streamed out of a loopback S3 server (moto), with every output in S3, a
+resume that pulls its checkpoint back from S3, and an evaluation of an S3 model on an S3 manifest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest_train import (  # noqa: F401
+    cache, moto_endpoint, one_thread, s3, train_clips, upload_tar_shards, upload_wav_manifest,
+)  # fmt: skip
+
+from habla import storage
+from habla.evaluate import evaluate
+from habla.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_from_tar_shards_in_s3_and_resume_from_s3(s3, train_clips, cache, one_thread):
+    clips = train_clips[:24]
+    manifest_pattern, tar_pattern = upload_tar_shards(clips, f"{s3}/data/tarred/train", shards=2)
+    val_manifest = upload_wav_manifest(clips[:8], f"{s3}/data", "dev.json")
+    dst = f"{s3}/run/model"
+    overrides = ["trainer.max_steps=12", "model.train_ds.batch_size=4", "checkpoint.every_n_train_steps=6"]
+
+    summary = train("tiny_ctc_char", manifest_pattern, val_manifest, dst, overrides, train_tars=tar_pattern)
+    assert summary["steps"] == 12 and summary["resumed_from_step"] == 0
+    # 12 steps × 4 clips streamed from the shards
+    assert summary["audio_hours_seen"] * 3600 == pytest.approx(12 * 4 * sum(c["duration"] for c in clips) / 24, rel=0.5)
+    names = {info.uri[len(dst) + 1 :] for info in storage.list_files(dst)}
+    assert {"model.nemo", "train_summary.json", "config.yaml", "checkpoints/last.ckpt"} <= names
+    assert any(n.startswith("logs/") and "tfevents" in n for n in names)
+    assert json.loads(storage.read_text(f"{dst}/train_summary.json"))["steps"] == 12
+    # the S3 audio of the validation manifest was downloaded once into the cache; the shards were streamed
+    assert list((cache / "audio").rglob("*.wav")) and not list(cache.rglob("*.tar"))
+
+    # The local working copy is gone (a new pod): --resume pulls last.ckpt back from S3 and goes on.
+    import shutil
+
+    shutil.rmtree(cache / "runs")
+    more = train("tiny_ctc_char", manifest_pattern, val_manifest, dst,
+                 [*overrides, "trainer.max_steps=18"], resume=True, train_tars=tar_pattern)  # fmt: skip
+    assert more["resumed_from_step"] == 12 and more["steps"] == 18
+    assert more["audio_hours_seen"] > summary["audio_hours_seen"]
+
+    metrics = evaluate(f"{dst}/model.nemo", val_manifest, f"{s3}/run/eval", batch_size=4)
+    assert metrics["utterances"] == 8
+    names = {info.uri.rsplit("/", 1)[-1] for info in storage.list_files(f"{s3}/run/eval")}
+    assert names == {"metrics.json", "errors.jsonl", "report.md", "wer_by_group.png"}
+    errors = storage.read_text(f"{s3}/run/eval/errors.jsonl").splitlines()
+    assert json.loads(errors[0])["audio_filepath"].startswith("s3://")  # reported by its source, not the cache
+
+
+def test_missing_tar_shard_is_one_clear_error(s3, train_clips, cache):
+    from habla.errors import HablaError
+
+    manifest_pattern, tar_pattern = upload_tar_shards(train_clips[:6], f"{s3}/tarred", shards=2)
+    storage.delete(f"{s3}/tarred/audio_1.tar")
+    val = upload_wav_manifest(train_clips[:2], s3, "dev.json")
+    with pytest.raises(HablaError, match="audio_1.tar: tar shard not found"):
+        train("tiny_ctc_char", manifest_pattern, val, f"{s3}/out", train_tars=tar_pattern)
+    # a shard whose members are not what its manifest lists (a path prefix, say)
+    storage.write_text(f"{s3}/tarred/manifest_0.json", storage.read_text(f"{s3}/tarred/manifest_0.json").replace(
+        '"audio_filepath": "', '"audio_filepath": "clips/'))  # fmt: skip
+    storage.copy(f"{s3}/tarred/audio_0.tar", f"{s3}/tarred/audio_1.tar")
+    with pytest.raises(HablaError, match="audio_0.tar: member .* is not in"):
+        train("tiny_ctc_char", manifest_pattern, val, f"{s3}/out", train_tars=tar_pattern)
