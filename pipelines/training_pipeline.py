@@ -1,6 +1,6 @@
 """The habla pipeline, top to bottom: a Common Voice release → audio in object storage → NeMo model → WER.
 
-    start_run → plan_dataset → list_shards → ParallelFor(convert_shard) → assemble_dataset
+    start_run → plan_dataset → convert_dataset [list_shards → ParallelFor(convert_shard) → assemble_dataset]
       → train_here (launcher "local") | train_on_cluster (TrainJob / PyTorchJob)
       → evaluate_models (new and current best, same test set) → If better: promote_model
 
@@ -35,6 +35,25 @@ def _with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
         config_map_key_to_env={"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION"},
     )
     return task
+
+
+@dsl.pipeline(name="convert-dataset")
+def convert_dataset(dataset_uri: str, workers_per_shard: int) -> str:
+    """Convert every shard of a planned dataset (fan-out), then assemble manifests and the report (fan-in).
+
+    A pipeline of its own so that the shards' tasks receive the dataset as a pipeline input.
+    """
+    shards = list_shards(dataset_uri=dataset_uri).set_caching_options(True)
+    _with_s3(shards)
+    with dsl.ParallelFor(shards.output, parallelism=CONVERSION_PARALLELISM, name="convert-shards") as shard:
+        converted = convert_shard(dataset_uri=dataset_uri, shard=shard, workers=workers_per_shard)
+        converted.set_caching_options(True).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+        _with_s3(converted).set_cpu_request("2").set_cpu_limit("2").set_memory_request("4Gi").set_memory_limit("8Gi")
+
+    dataset = assemble_dataset(dataset_uri=dataset_uri, shard_hours=dsl.Collected(converted.output))
+    dataset.set_caching_options(True).set_retry(num_retries=2, backoff_duration="60s")
+    _with_s3(dataset).set_cpu_request("1").set_memory_request("8Gi").set_memory_limit("16Gi")
+    return dataset.outputs["Output"]
 
 
 @dsl.pipeline(
@@ -101,20 +120,10 @@ def habla_pipeline(
         train_source=train_source, audio_format=audio_format, min_duration=min_duration, max_duration=max_duration,
     ).set_caching_options(True).set_retry(num_retries=2, backoff_duration="60s")
     _with_s3(plan).set_cpu_request("2").set_memory_request("8Gi").set_memory_limit("16Gi")
-    shards = list_shards(dataset_uri=plan.output).set_caching_options(True)
-    _with_s3(shards)
-
-    with dsl.ParallelFor(shards.output, parallelism=CONVERSION_PARALLELISM, name="convert-shards") as shard:
-        converted = convert_shard(dataset_uri=plan.output, shard=shard, workers=workers_per_shard)
-        converted.set_caching_options(True).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
-        _with_s3(converted).set_cpu_request("2").set_cpu_limit("2").set_memory_request("4Gi").set_memory_limit("8Gi")
-
-    dataset = assemble_dataset(dataset_uri=plan.output, shard_hours=dsl.Collected(converted.output))
-    dataset.set_caching_options(True).set_retry(num_retries=2, backoff_duration="60s")
-    _with_s3(dataset).set_cpu_request("1").set_memory_request("8Gi").set_memory_limit("16Gi")
+    dataset = convert_dataset(dataset_uri=plan.output, workers_per_shard=workers_per_shard)
 
     train_args = dict(
-        run_dir=run.output, dataset_uri=dataset.outputs["Output"], config=config, config_overrides=config_overrides,
+        run_dir=run.output, dataset_uri=dataset.output, config=config, config_overrides=config_overrides,
         max_steps=max_steps, max_epochs=max_epochs, init_from=init_from, nodes=nodes, gpus_per_node=gpus_per_node,
     )
     with dsl.If(launcher == "local", name="train-in-pipeline-pod"):
@@ -130,7 +139,7 @@ def habla_pipeline(
     model = dsl.OneOf(here.outputs["Output"], job.outputs["Output"])
 
     evaluation = evaluate_models(
-        run_dir=run.output, dataset_uri=dataset.outputs["Output"], model_uri=model, output_uri=output_uri,
+        run_dir=run.output, dataset_uri=dataset.output, model_uri=model, output_uri=output_uri,
         promotion_margin=promotion_margin,
     ).set_caching_options(False).set_retry(num_retries=1)
     _with_s3(evaluation).set_cpu_request("4").set_memory_request("16Gi")

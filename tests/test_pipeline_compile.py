@@ -39,7 +39,8 @@ def test_parameters_have_defaults_and_descriptions(compiled):
 
 def test_conversion_fans_out_with_bounded_parallelism_and_retries(compiled):
     _, ir, _ = compiled
-    loop = ir["root"]["dag"]["tasks"]["for-loop-1"]
+    convert = ir["components"]["comp-convert-dataset"]["dag"]["tasks"]
+    loop = convert["for-loop-1"]
     assert loop["iteratorPolicy"]["parallelismLimit"] == 12
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("list-shards-Output")
     convert = ir["components"]["comp-for-loop-1"]["dag"]["tasks"]["convert-shard"]
@@ -47,8 +48,7 @@ def test_conversion_fans_out_with_bounded_parallelism_and_retries(compiled):
     resources = executor(ir, "convert-shard")["resources"]
     assert resources["resourceCpuRequest"] == "2" and resources["resourceMemoryLimit"] == "8Gi"
     # the fan-in waits for every shard
-    assemble = ir["root"]["dag"]["tasks"]["assemble-dataset"]
-    assert "for-loop-1" in assemble["dependentTasks"]
+    assert "for-loop-1" in convert["assemble-dataset"]["dependentTasks"]
 
 
 def test_training_requests_gpus_only_where_training_runs(compiled):
@@ -65,7 +65,7 @@ def test_caching_keyed_on_data_steps_only(compiled):
     _, ir, _ = compiled
     tasks = ir["root"]["dag"]["tasks"]
     assert tasks["plan-dataset"]["cachingOptions"]["enableCache"] is True
-    assert tasks["assemble-dataset"]["cachingOptions"]["enableCache"] is True
+    assert ir["components"]["comp-convert-dataset"]["dag"]["tasks"]["assemble-dataset"]["cachingOptions"]["enableCache"]
     assert not tasks["start-run"]["cachingOptions"].get("enableCache")
     assert not tasks["evaluate-models"]["cachingOptions"].get("enableCache")
 
