@@ -166,12 +166,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def render_report(metrics: dict, rows: Sequence[dict], model: str, manifest: str, worst: int) -> str:
-    parts = [
-        "# Evaluation\n",
-        f"Model `{model}` on `{manifest}`.\n",
-        _table(["utterances", "hours", "WER", "CER"],
-               [[metrics["utterances"], metrics["hours"], metrics["wer"], metrics["cer"]]]),  # fmt: skip
-    ]
+    overall = [[metrics["utterances"], metrics["hours"], metrics["wer"], metrics["cer"]]]
+    parts = ["# Evaluation\n", f"Model `{model}` on `{manifest}`.\n", _table(["utterances", "hours", "WER", "CER"], overall)]
     for name, key in GROUPS:
         title = {"by_gender": "gender", "by_age": "age", "by_accent": "accent"}[name]
         groups = metrics[name]
@@ -185,9 +181,9 @@ def render_report(metrics: dict, rows: Sequence[dict], model: str, manifest: str
     if not ranked:
         parts.append("Every hypothesis equals its reference.\n")
         return "".join(parts)
-    parts.append(_table(["WER", "errors", "reference", "hypothesis", "clip"],
-                        [[r["wer"], r["word_errors"], r["ref"], r["hyp"], r.get("path") or storage.name(r["audio_filepath"])]
-                         for r in ranked]))  # fmt: skip
+    worst_rows = [[r["wer"], r["word_errors"], r["ref"], r["hyp"], r.get("path") or storage.name(r["audio_filepath"])]
+                  for r in ranked]  # fmt: skip
+    parts.append(_table(["WER", "errors", "reference", "hypothesis", "clip"], worst_rows))
     return "".join(parts)
 
 

@@ -213,7 +213,6 @@ def _build_tokenizer(cfg, texts: list[str], scratch: Path) -> Path:
     if (folder / "tokenizer.model").is_file():
         return folder
     import sentencepiece
-
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
 
     folder.parent.mkdir(parents=True, exist_ok=True)

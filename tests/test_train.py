@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_train import HABLA, cache, cli_env, clips30, one_thread, read_jsonl, train_clips, write_manifest  # noqa: F401
+from train_helpers import HABLA, cli_env, read_jsonl, write_manifest
 
 from habla.errors import HablaError
 from habla.evaluate import evaluate
 from habla.text import ALPHABET
 from habla.train import train
+
+pytest_plugins = ["conftest_train"]  # fixtures shared by the training tests (tests/conftest.py is the lead's)
 
 pytestmark = pytest.mark.slow
 
