@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from habla import nemo_data, storage
+from habla.errors import HablaError
 from habla.text import TextRejected, normalize_text
 
 log = logging.getLogger("habla.evaluate")
@@ -227,9 +228,7 @@ def transcribe(model_path: str, audio_paths: Sequence[str], batch_size: int) -> 
     try:
         model = ASRModel.restore_from(model_path, map_location=torch.device(device))
     except Exception as exc:
-        from habla.errors import HablaError
-
-        raise HablaError(f"--model {model_path}: cannot restore a NeMo model ({str(exc).splitlines()[0]})") from None
+        raise HablaError(f"--model {model_path}: cannot restore a NeMo model ({nemo_data.one_line(exc)})") from None
     model.eval()
     with torch.inference_mode():
         outputs = model.transcribe(list(audio_paths), batch_size=batch_size, verbose=False)
