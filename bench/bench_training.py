@@ -31,10 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from habla import storage  # noqa: E402
-from habla.audio import convert  # noqa: E402
-from habla.commonvoice import TsvRow, read_tsv  # noqa: E402
-from habla.text import TextRejected, normalize_text  # noqa: E402
+from habla import storage
+from habla.audio import convert
+from habla.commonvoice import TsvRow, read_tsv
+from habla.text import TextRejected, normalize_text
 
 RELEASE = REPO / "data" / "mini-es-v25" / "es"
 
@@ -157,7 +157,7 @@ def main() -> None:
     if args.gpu:
         gpu_fastconformer(manifest, work, args.steps)
         return
-    moto, endpoint = start_moto()
+    moto, _ = start_moto()
     try:
         storage.s3_client().create_bucket(Bucket="bench")
         manifest_pattern, tar_pattern = upload_shards(entries, "s3://bench/tarred", args.shards)

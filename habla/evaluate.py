@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from habla import nemo_data, storage
+from habla.errors import HablaError
 from habla.text import TextRejected, normalize_text
 
 log = logging.getLogger("habla.evaluate")
@@ -166,12 +167,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def render_report(metrics: dict, rows: Sequence[dict], model: str, manifest: str, worst: int) -> str:
-    parts = [
-        "# Evaluation\n",
-        f"Model `{model}` on `{manifest}`.\n",
-        _table(["utterances", "hours", "WER", "CER"],
-               [[metrics["utterances"], metrics["hours"], metrics["wer"], metrics["cer"]]]),  # fmt: skip
-    ]
+    overall = [[metrics["utterances"], metrics["hours"], metrics["wer"], metrics["cer"]]]
+    parts = ["# Evaluation\n", f"Model `{model}` on `{manifest}`.\n", _table(["utterances", "hours", "WER", "CER"], overall)]
     for name, key in GROUPS:
         title = {"by_gender": "gender", "by_age": "age", "by_accent": "accent"}[name]
         groups = metrics[name]
@@ -185,9 +182,9 @@ def render_report(metrics: dict, rows: Sequence[dict], model: str, manifest: str
     if not ranked:
         parts.append("Every hypothesis equals its reference.\n")
         return "".join(parts)
-    parts.append(_table(["WER", "errors", "reference", "hypothesis", "clip"],
-                        [[r["wer"], r["word_errors"], r["ref"], r["hyp"], r.get("path") or storage.name(r["audio_filepath"])]
-                         for r in ranked]))  # fmt: skip
+    worst_rows = [[r["wer"], r["word_errors"], r["ref"], r["hyp"], r.get("path") or storage.name(r["audio_filepath"])]
+                  for r in ranked]  # fmt: skip
+    parts.append(_table(["WER", "errors", "reference", "hypothesis", "clip"], worst_rows))
     return "".join(parts)
 
 
@@ -231,9 +228,7 @@ def transcribe(model_path: str, audio_paths: Sequence[str], batch_size: int) -> 
     try:
         model = ASRModel.restore_from(model_path, map_location=torch.device(device))
     except Exception as exc:
-        from habla.errors import HablaError
-
-        raise HablaError(f"--model {model_path}: cannot restore a NeMo model ({str(exc).splitlines()[0]})") from None
+        raise HablaError(f"--model {model_path}: cannot restore a NeMo model ({nemo_data.one_line(exc)})") from None
     model.eval()
     with torch.inference_mode():
         outputs = model.transcribe(list(audio_paths), batch_size=batch_size, verbose=False)

@@ -29,6 +29,12 @@ DOWNLOAD_THREADS = 16
 _SHARD_RANGE = re.compile(r"(?:_OP_|\{)(\d+)\.\.(\d+)(?:_CL_|\})")
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (NeMo/Hydra put the useful part on the second line)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def cache_root() -> Path:
     """Where downloaded audio and models are kept between runs."""
     return Path(os.environ.get("HABLA_CACHE") or Path.home() / ".cache" / "habla")
@@ -166,7 +172,7 @@ def check_audio_readable(entries: Sequence[dict], samples: int = 3) -> None:
         try:
             soundfile.info(path)
         except Exception as exc:
-            raise HablaError(f"{path}: not readable audio ({str(exc).splitlines()[0]})") from None
+            raise HablaError(f"{path}: not readable audio ({one_line(exc)})") from None
 
 
 def check_tar_shards(tar_pattern: str, manifest_pattern: str) -> list[str]:
@@ -223,7 +229,7 @@ def check_tar_sample(tar_uri: str, manifest_uri: str) -> None:
     try:
         soundfile.info(io.BytesIO(data))
     except Exception as exc:
-        raise HablaError(f"{tar_uri}: member {member.name} is not readable audio ({str(exc).splitlines()[0]})") from None
+        raise HablaError(f"{tar_uri}: member {member.name} is not readable audio ({one_line(exc)})") from None
 
 
 def total_hours(entries: Iterable[dict]) -> float:

@@ -213,7 +213,6 @@ def _build_tokenizer(cfg, texts: list[str], scratch: Path) -> Path:
     if (folder / "tokenizer.model").is_file():
         return folder
     import sentencepiece
-
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +304,7 @@ def _build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir:
     try:
         model = ASRModel.restore_from(str(init_from), trainer=trainer, map_location="cpu")
     except Exception as exc:
-        raise HablaError(f"--init-from {init_from}: cannot restore a NeMo model ({str(exc).splitlines()[0]})") from None
+        raise HablaError(f"--init-from {init_from}: cannot restore a NeMo model ({nemo_data.one_line(exc)})") from None
     if not isinstance(model, EncDecCTCModel):
         raise HablaError(f"--init-from {init_from}: a {type(model).__name__}, not a CTC model (EncDecCTCModel[BPE])")
     is_bpe = isinstance(model, EncDecCTCModelBPE)
@@ -404,7 +403,7 @@ def train(
     except HablaError:
         raise
     except Exception as exc:  # a config NeMo cannot build (bad encoder arguments, ...)
-        raise HablaError(f"cannot build the model from {config}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise HablaError(f"cannot build the model from {config}: {type(exc).__name__}: {nemo_data.one_line(exc)}") from None
     log.info("model: %s, %.2f M parameters", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
 
     # 3. Train, then one validation of the final weights unless the last one already was (all ranks).

@@ -123,7 +123,7 @@ def load(name_or_path: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 def check(cfg: DictConfig, where: str) -> None:
     """Structure checks that need no NeMo/Lightning import."""
-    unknown = [k for k in cfg.keys() if k not in SECTIONS]
+    unknown = [k for k in cfg if k not in SECTIONS]
     if unknown:
         raise HablaError(f"{where}: unknown section(s) {', '.join(map(str, unknown))}; a config has {', '.join(SECTIONS)}")
     for section in ("model", "trainer"):
@@ -161,7 +161,7 @@ def check_against_signatures(cfg: DictConfig) -> None:
 
     for section, target in (("trainer", Trainer), ("checkpoint", ModelCheckpoint)):
         accepted = set(inspect.signature(target.__init__).parameters) - {"self"}
-        for key in (cfg.get(section) or {}).keys():
+        for key in cfg.get(section) or {}:
             if key not in accepted:
                 close = difflib.get_close_matches(str(key), sorted(accepted), n=1)
                 hint = f" (did you mean {section}.{close[0]}?)" if close else ""

@@ -7,9 +7,11 @@ test_train_s3.py; the CLI's error path is here.
 from __future__ import annotations
 
 import pytest
-from conftest_train import run_habla, train_clips, write_manifest  # noqa: F401
+from train_helpers import run_habla, write_manifest
 
 from habla.evaluate import compute_metrics, render_plot, render_report, score, scoring_text
+
+pytest_plugins = ["conftest_train"]  # fixtures shared by the training tests (tests/conftest.py is the lead's)
 
 
 def entry(text: str, gender: str = "", age: str = "", accents: str = "", duration: float = 1.0) -> dict:

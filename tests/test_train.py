@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_train import HABLA, cache, cli_env, clips30, one_thread, read_jsonl, train_clips, write_manifest  # noqa: F401
+from train_helpers import HABLA, cli_env, read_jsonl, write_manifest
 
 from habla.errors import HablaError
 from habla.evaluate import evaluate
 from habla.text import ALPHABET
 from habla.train import train
+
+pytest_plugins = ["conftest_train"]  # fixtures shared by the training tests (tests/conftest.py is the lead's)
 
 pytestmark = pytest.mark.slow
 
@@ -159,3 +161,10 @@ def test_quartznet15x5_char_builds_at_the_published_size(tmp_path, clips30):
     model = EncDecCTCModel(cfg=cfg.model)
     parameters = sum(p.numel() for p in model.parameters())
     assert 18e6 < parameters < 20e6 and model.decoder.num_classes_with_blank == len(ALPHABET) + 1
+
+
+def test_a_config_nemo_cannot_build_is_one_line(tmp_path, clips30, cache):
+    """Checked by NeMo itself (after the import, before any training): one line that names the cause."""
+    with pytest.raises(HablaError, match=r"cannot build the model from tiny_ctc_char: .*ConvASREncoder.*nope"):
+        train("tiny_ctc_char", str(clips30), str(clips30), str(tmp_path / "out"), ["model.encoder.activation=nope"])
+    assert not (tmp_path / "out" / "model.nemo").exists()

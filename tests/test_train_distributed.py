@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_train import HABLA, TORCHRUN, cli_env, clips30, free_port, moto_endpoint, s3, train_clips  # noqa: F401
+from train_helpers import HABLA, TORCHRUN, cli_env, free_port
 
 from habla import storage
+
+pytest_plugins = ["conftest_train"]  # fixtures shared by the training tests (tests/conftest.py is the lead's)
 
 pytestmark = pytest.mark.slow
 

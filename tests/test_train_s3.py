@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest_train import (  # noqa: F401
-    cache, moto_endpoint, one_thread, s3, train_clips, upload_tar_shards, upload_wav_manifest,
-)  # fmt: skip
+from train_helpers import upload_tar_shards, upload_wav_manifest
 
 from habla import storage
 from habla.evaluate import evaluate
 from habla.train import train
+
+pytest_plugins = ["conftest_train"]  # fixtures shared by the training tests (tests/conftest.py is the lead's)
 
 pytestmark = pytest.mark.slow
 
