@@ -39,8 +39,8 @@ def test_parameters_have_defaults_and_descriptions(compiled):
 
 def test_conversion_fans_out_with_bounded_parallelism_and_retries(compiled):
     _, ir, _ = compiled
-    convert = ir["components"]["comp-convert-dataset"]["dag"]["tasks"]
-    loop = convert["for-loop-1"]
+    dataset = ir["components"]["comp-convert-dataset"]["dag"]["tasks"]
+    loop = dataset["for-loop-1"]
     assert loop["iteratorPolicy"]["parallelismLimit"] == 12
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("list-shards-Output")
     convert = ir["components"]["comp-for-loop-1"]["dag"]["tasks"]["convert-shard"]
@@ -48,7 +48,7 @@ def test_conversion_fans_out_with_bounded_parallelism_and_retries(compiled):
     resources = executor(ir, "convert-shard")["resources"]
     assert resources["resourceCpuRequest"] == "2" and resources["resourceMemoryLimit"] == "8Gi"
     # the fan-in waits for every shard
-    assert "for-loop-1" in convert["assemble-dataset"]["dependentTasks"]
+    assert "for-loop-1" in dataset["assemble-dataset"]["dependentTasks"]
 
 
 def test_training_requests_gpus_only_where_training_runs(compiled):
