@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     compile_ = sub.add_parser("compile", help="compile the pipeline to IR YAML (upload it in the KFP UI)")
     compile_.add_argument("--out", required=True, metavar="FILE.yaml")
-    _image_arguments(compile_)
+    image_arguments(compile_)
 
     local = sub.add_parser("run-local", help="run the whole pipeline on this machine through kfp.local")
     local.add_argument("--release", help="release to prepare (default: the bundled mini release)")
@@ -48,27 +48,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--out", required=True, metavar="DST", help="output prefix (s3://...)")
     submit.add_argument("--experiment", default="habla", help="KFP experiment (default %(default)s)")
     submit.add_argument("--run-name", help="KFP run name (default: habla-<release>-<time>)")
-    _image_arguments(submit)
+    image_arguments(submit)
     submit.add_argument("settings", nargs="*", metavar="key=value", help="pipeline parameters and config overrides")
 
 
-def _image_arguments(parser: argparse.ArgumentParser) -> None:
+def image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prep-image", help="image of the data and launcher steps (default: $HABLA_PREP_IMAGE)")
     parser.add_argument("--train-image", help="image of training and evaluation (default: $HABLA_TRAIN_IMAGE)")
     parser.add_argument("--conversion-parallelism", type=int, help="shards converted at once (default 16)")
 
 
-def _load_pipeline(args: argparse.Namespace | None = None):
-    """Import the pipeline module with the images and fan-out chosen on the command line.
+def apply_image_settings(args: argparse.Namespace | None) -> None:
+    """Put the images and fan-out chosen on the command line into the environment.
 
-    Component images are fixed when the components are defined, so the settings go into the environment
-    before the first import.
+    Component images are fixed when the components are defined, so this must run before the first import
+    of habla.components.
     """
     for option, variable in (("prep_image", "HABLA_PREP_IMAGE"), ("train_image", "HABLA_TRAIN_IMAGE"),
                              ("conversion_parallelism", "HABLA_CONVERSION_PARALLELISM")):
         value = getattr(args, option, None) if args else None
         if value is not None:
             os.environ[variable] = str(value)
+
+
+def _load_pipeline(args: argparse.Namespace | None = None):
+    """Import the pipeline module with the images and fan-out chosen on the command line."""
+    apply_image_settings(args)
     from habla.pipelines import training_pipeline
 
     return training_pipeline

@@ -479,8 +479,10 @@ def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
     cpu_started = time.process_time()
     entries: dict[str, list[dict]] = {}
     rejected: list[dict] = []
-    tar_members: dict[str, list[tuple[dict, bytes]]] = {s: [] for s in tarred}
-    with Progress(len(tasks), f"shard {shard}") as progress:
+    with contextlib.ExitStack() as stack, Progress(len(tasks), f"shard {shard}") as progress:
+        # Tar shards are written as the clips arrive (in plan order, which is sorted by path) and uploaded
+        # while the conversion goes on; they are published only if the whole shard succeeds.
+        tars = {split: _open_tar_shard(stack, out, split, shard) for split in tarred & {c["split"] for c in clips}}
         for record, wav in _map(_worker, [(t, options) for t in tasks], workers):
             if record.get("rejected"):
                 record.pop("rejected")
@@ -488,12 +490,14 @@ def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
                 progress.update(1)
                 continue
             progress.update(1, record["entry"]["duration"])
+            entry = record["entry"]
             if wav is not None:
-                tar_members[record["split"]].append((record["entry"], wav))
-            else:
-                entries.setdefault(record["split"], []).append(record["entry"])
-    for split, members in tar_members.items():
-        entries[split] = _write_tar_shard(out, split, shard, members)
+                entry["shard_id"] = shard
+                tars[record["split"]].addfile(_deterministic_tarinfo(entry["audio_filepath"], len(wav)),
+                                              fileobj=_BytesReader(wav))
+            entries.setdefault(record["split"], []).append(entry)
+    for split in tars:
+        storage.write_text(_tar_manifest_uri(out, split, shard), _manifest_text(entries.get(split, [])))
 
     # The shard's manifest lines per split and its rejections, each sorted, so that assembly can merge
     # the shards as streams; the summary is written last and marks the shard complete.
@@ -529,19 +533,10 @@ def _map(fn, items: list, workers: int) -> Iterator:
         yield from pool.map(fn, items, chunksize=max(1, min(16, len(items) // (4 * workers))))
 
 
-def _write_tar_shard(out: str, split: str, index: int, members: list[tuple[dict, bytes]]) -> list[dict]:
-    """Write ``tarred/<split>/audio_<index>.tar`` and its manifest; returns the manifest entries."""
-    members.sort(key=lambda m: m[0]["path"])
-    with tempfile.TemporaryDirectory(prefix="habla-tar-") as tmp:
-        local = Path(tmp, f"audio_{index}.tar")
-        with tarfile.open(local, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for entry, wav in members:
-                tar.addfile(_deterministic_tarinfo(entry["audio_filepath"], len(wav)), fileobj=_BytesReader(wav))
-                entry["shard_id"] = index
-        storage.upload_file(local, _tar_uri(out, split, index))
-    entries = [entry for entry, _ in members]
-    storage.write_text(_tar_manifest_uri(out, split, index), _manifest_text(entries))
-    return entries
+def _open_tar_shard(stack: contextlib.ExitStack, out: str, split: str, index: int) -> tarfile.TarFile:
+    """A tar stream into ``tarred/<split>/audio_<index>.tar``, published when ``stack`` exits cleanly."""
+    writer = stack.enter_context(storage.AtomicWriter(_tar_uri(out, split, index)))
+    return stack.enter_context(tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT))
 
 
 class _BytesReader:

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from habla.errors import HablaError
+from habla.pipeline_cli import apply_image_settings, image_arguments
 
 DEFAULT_NAME = "habla-release-watcher"
 # robfig/cron (KFP's scheduler) with a seconds field: second minute hour day-of-month month day-of-week.
@@ -66,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default="habla", help="KFP experiment of the training runs (default habla)")
     parser.add_argument("--inbox", help="folder or s3:// prefix where releases are dropped")
     parser.add_argument("--state", help="s3:// prefix for the watcher's claims and results")
-    parser.add_argument("--output-root", help="each release's run writes to OUTPUT_ROOT/<release name>")
+    parser.add_argument("--output-root", help="the training runs' output_uri (datasets/, runs/<run>/, models/)")
     parser.add_argument("--locale", default="es", help="Common Voice locale to watch (default es)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="training pipeline parameter passed on by the watcher (repeatable)")
@@ -76,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mdc", action="store_true", help="the watcher also asks the Mozilla Data Collective")
     parser.add_argument("--disable", action="store_true", help="create/keep the recurring run disabled")
     parser.add_argument("--delete", action="store_true", help="delete the recurring run instead")
+    image_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     cron = validate_cron(args.cron)
     params = watcher_params(args)
     client = kfp_api.connect(args.host, namespace=args.namespace)
+    apply_image_settings(args)
     from habla.pipelines import watcher_pipeline
 
     with tempfile.TemporaryDirectory(prefix="habla-schedule-") as tmp:

@@ -14,6 +14,7 @@ a response body that break half-way are retried here.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import shutil
 import tempfile
@@ -230,6 +231,98 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
+
+
+class AtomicWriter(io.RawIOBase):
+    """A write-only stream published at ``uri`` only when closed without error (``with`` block).
+
+    Local: a temporary file renamed into place. S3: a multipart upload whose parts (``part_size`` bytes) go
+    up in background threads while the caller keeps writing, completed on close and aborted on error, so
+    the object appears whole or not at all and a large file never has to sit in memory or on local disk.
+    """
+
+    def __init__(self, uri: str, part_size: int = 16 * 1024 * 1024, uploads: int = 4) -> None:
+        super().__init__()
+        self.uri = uri
+        self._buffer = bytearray()
+        self._part_size = part_size
+        if is_s3(uri):
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._bucket, self._key = split_s3(uri)
+            self._upload_id: str | None = None
+            self._parts: list = []
+            self._pool = ThreadPoolExecutor(max_workers=uploads)
+        else:
+            path = Path(uri)
+            fd, self._tmp = _local_tmp(path)
+            self._file = os.fdopen(fd, "wb")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if not is_s3(self.uri):
+            return self._file.write(data)
+        self._buffer += data
+        while len(self._buffer) >= self._part_size:
+            chunk = bytes(self._buffer[: self._part_size])
+            del self._buffer[: self._part_size]
+            self._submit(chunk)
+        return len(data)
+
+    def _submit(self, chunk: bytes) -> None:
+        if self._upload_id is None:
+            self._upload_id = s3_client().create_multipart_upload(Bucket=self._bucket, Key=self._key)["UploadId"]
+        number = len(self._parts) + 1
+        self._parts.append(self._pool.submit(
+            s3_client().upload_part, Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+            PartNumber=number, Body=chunk,
+        ))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def commit(self) -> None:
+        try:
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        io.RawIOBase.close(self)
+
+    def _publish(self) -> None:
+        if not is_s3(self.uri):
+            self._file.close()
+            os.replace(self._tmp, self.uri)
+        elif self._upload_id is None:  # smaller than one part: a plain PUT
+            s3_client().put_object(Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer))
+            self._pool.shutdown()
+        else:
+            if self._buffer:
+                self._submit(bytes(self._buffer))
+            parts = [{"PartNumber": i + 1, "ETag": f.result()["ETag"]} for i, f in enumerate(self._parts)]
+            self._pool.shutdown()
+            s3_client().complete_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+                                                  MultipartUpload={"Parts": parts})
+
+    def close(self) -> None:
+        """Closing without commit() publishes nothing."""
+        if not self.closed:
+            self.abort()
+
+    def abort(self) -> None:
+        if not is_s3(self.uri):
+            self._file.close()
+            Path(self._tmp).unlink(missing_ok=True)
+        else:
+            self._pool.shutdown(cancel_futures=True)
+            if self._upload_id is not None:
+                s3_client().abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
+        io.RawIOBase.close(self)
 
 
 def upload_file(local_path: str | Path, uri: str) -> None:

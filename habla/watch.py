@@ -412,7 +412,7 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inbox", required=True, help="folder or s3:// prefix where releases are dropped")
     parser.add_argument("--state", required=True, help="folder or s3:// prefix for the watcher's claims/results")
-    parser.add_argument("--output-root", help="each release's run writes to OUTPUT_ROOT/<release name>")
+    parser.add_argument("--output-root", help="the training runs' output_uri (datasets/, runs/<run>/, models/)")
     parser.add_argument("--host", help="Kubeflow Pipelines API URL (default: $KF_PIPELINES_ENDPOINT)")
     parser.add_argument("--namespace", help="KFP user namespace (multi-user deployments)")
     parser.add_argument("--experiment", default="habla", help="KFP experiment of the training runs")

@@ -1,25 +1,24 @@
 """The release watcher as a tiny KFP pipeline: one lightweight component that runs ``habla.watch.watch``.
 
-``habla schedule`` uploads it and makes it a recurring run. The component runs in the habla image, which
-already holds habla and kfp: nothing is pip-installed at run time (offline clusters, kubeflow/pipelines
+``habla schedule`` uploads it and makes it a recurring run. The component runs in the habla-prep image (the
+images are chosen at compile time, as for the training pipeline, and passed on to the training pipeline the
+watcher compiles in its pod), which already holds habla and kfp: nothing is pip-installed at run time (offline clusters, kubeflow/pipelines
 #6738). Caching is off, or every poll after the first would be answered from the cache without looking.
 S3 credentials come from the Secret ``habla-s3-credentials`` (keys ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``); the Data Collective key from the optional Secret ``habla-mdc`` (``MDC_API_KEY``).
 """
 
-import os  # no "from __future__ import annotations": KFP reads the real annotation types
-
+# no "from __future__ import annotations": KFP reads the real annotation types
 from kfp import compiler, dsl, kubernetes
 
-DEFAULT_IMAGE = "ghcr.io/habla-asr/habla:0.1.0"
-IMAGE = os.environ.get("HABLA_IMAGE", DEFAULT_IMAGE)  # fixed when the pipeline is compiled
+from habla.components import PREP_IMAGE, TRAIN_IMAGE
 S3_SECRET = "habla-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 MDC_SECRET = "habla-mdc"
 IN_CLUSTER_KFP = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
 def watch_releases(
     inbox: str,
     state: str,
@@ -77,6 +76,8 @@ def watcher_pipeline(
     task.set_caching_options(False)
     task.set_display_name("watch releases")
     task.set_cpu_request("100m").set_memory_request("256M").set_memory_limit("1G")
+    # The training pipeline compiled in the pod must use the images this one was compiled with.
+    task.set_env_variable("HABLA_PREP_IMAGE", PREP_IMAGE).set_env_variable("HABLA_TRAIN_IMAGE", TRAIN_IMAGE)
     kubernetes.use_secret_as_env(task, S3_SECRET, S3_SECRET_KEYS)
     kubernetes.use_secret_as_env(task, MDC_SECRET, {"MDC_API_KEY": "MDC_API_KEY"}, optional=True)
 

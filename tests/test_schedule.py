@@ -36,7 +36,7 @@ def test_watcher_pipeline_runs_in_the_habla_image_without_installing_anything(tm
     spec, platform = list(yaml.safe_load_all(Path(package).read_text()))
     [executor] = spec["deploymentSpec"]["executors"].values()
     container = executor["container"]
-    assert container["image"] == watcher_pipeline.IMAGE == "ghcr.io/habla-asr/habla:0.1.0"
+    assert container["image"] == watcher_pipeline.PREP_IMAGE == "ghcr.io/habla-asr/habla-prep:0.1.0"
     assert "pip install" not in " ".join(container["command"])  # install_kfp_package=False, no packages_to_install
     [task] = spec["root"]["dag"]["tasks"].values()
     assert task["cachingOptions"] == {}  # caching off: a cached poll would never look at the inbox
@@ -131,7 +131,7 @@ def test_cronjob_alternative_runs_habla_watch_with_credentials_from_the_secret()
     spec = cron["spec"]
     assert len(spec["schedule"].split()) == 5 and spec["concurrencyPolicy"] == "Forbid"
     [container] = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == watcher_pipeline.IMAGE
+    assert container["image"] == watcher_pipeline.PREP_IMAGE
     assert container["command"] == ["habla"] and container["args"][0] == "watch"
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     assert refs["AWS_ACCESS_KEY_ID"]["name"] == refs["AWS_SECRET_ACCESS_KEY"]["name"] == "habla-s3-credentials"
