@@ -72,8 +72,14 @@ def measure(label: str, fn, clips: list[Path]) -> dict:
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
     fn(clips)
     wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
-    result = {"method": label, "clips": len(clips), "audio_s": round(seconds, 1), "wall_s": round(wall, 2),
-              "cpu_s": round(cpu, 2), "audio_s_per_cpu_s": round(seconds / cpu, 1)}
+    result = {
+        "method": label,
+        "clips": len(clips),
+        "audio_s": round(seconds, 1),
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "audio_s_per_cpu_s": round(seconds / cpu, 1),
+    }
     print(json.dumps(result), flush=True)
     return result
 
@@ -93,16 +99,39 @@ def bench_conversion(corpus: Path, work: Path) -> list[dict]:
 
     def ffmpeg(items):
         for c in items:
-            subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(c), "-ar", "16000", "-ac", "1",
-                            str(out / (c.stem + ".f.wav"))], check=True)
+            subprocess.run(
+                [
+                    "ffmpeg",
+                    "-nostdin",
+                    "-loglevel",
+                    "error",
+                    "-y",
+                    "-i",
+                    str(c),
+                    "-ar",
+                    "16000",
+                    "-ac",
+                    "1",
+                    str(out / (c.stem + ".f.wav")),
+                ],
+                check=True,
+            )
 
     def sox(items):
         for c in items:
-            subprocess.run(["sox", str(c), "-r", "16000", "-c", "1", "-b", "16", str(out / (c.stem + ".s.wav"))], check=True)
+            subprocess.run(
+                ["sox", str(c), "-r", "16000", "-c", "1", "-b", "16", str(out / (c.stem + ".s.wav"))], check=True
+            )
 
-    results = [measure(name, fn, clips) for name, fn in
-               (("habla (in-process)", habla_convert), ("MP3 decode only (floor)", decode_only),
-                ("ffmpeg per clip", ffmpeg), ("sox per clip", sox))]
+    results = [
+        measure(name, fn, clips)
+        for name, fn in (
+            ("habla (in-process)", habla_convert),
+            ("MP3 decode only (floor)", decode_only),
+            ("ffmpeg per clip", ffmpeg),
+            ("sox per clip", sox),
+        )
+    ]
     base = results[0]["audio_s_per_cpu_s"]
     for r in results:
         r["habla_vs_this"] = round(base / r["audio_s_per_cpu_s"], 2)
@@ -117,8 +146,14 @@ def bench_workers(corpus: Path, work: Path) -> list[dict]:
         start = time.perf_counter()
         stats = prep.convert_shard(str(out), 0, workers)
         wall = time.perf_counter() - start
-        results.append({"workers": workers, "wall_s": round(wall, 2), "audio_s": stats["audio_seconds"],
-                        "x_real_time": round(stats["audio_seconds"] / wall, 1)})
+        results.append(
+            {
+                "workers": workers,
+                "wall_s": round(wall, 2),
+                "audio_s": stats["audio_seconds"],
+                "x_real_time": round(stats["audio_seconds"] / wall, 1),
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(out)
     best = {w: max(r["x_real_time"] for r in results if r["workers"] == w) for w in (1, 2)}
@@ -139,10 +174,17 @@ def bench_s3(corpus: Path, work: Path) -> list[dict]:
     from conftest import free_port
 
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     time.sleep(2)
     storage.s3_client().create_bucket(Bucket="bench")
     results = []
@@ -157,17 +199,28 @@ def bench_s3(corpus: Path, work: Path) -> list[dict]:
                     start = time.perf_counter()
                     stats = prep.convert_shard(out, 0, workers)
                     wall = time.perf_counter() - start
-                    results.append({"workers": workers, "format": fmt, "target": target, "wall_s": round(wall, 2),
-                                    "x_real_time": round(stats["audio_seconds"] / wall, 1),
-                                    "server_cpu_s": round(_process_cpu(server.pid) - server_cpu, 2)})
+                    results.append(
+                        {
+                            "workers": workers,
+                            "format": fmt,
+                            "target": target,
+                            "wall_s": round(wall, 2),
+                            "x_real_time": round(stats["audio_seconds"] / wall, 1),
+                            "server_cpu_s": round(_process_cpu(server.pid) - server_cpu, 2),
+                        }
+                    )
                     print(json.dumps(results[-1]), flush=True)
     finally:
         server.terminate()
     summary = {}
     for workers in (1, 2):
         for fmt in ("tar", "wav"):
-            best = {t: max(r["x_real_time"] for r in results
-                           if (r["workers"], r["format"], r["target"]) == (workers, fmt, t)) for t in ("local", "s3")}
+            best = {
+                t: max(
+                    r["x_real_time"] for r in results if (r["workers"], r["format"], r["target"]) == (workers, fmt, t)
+                )
+                for t in ("local", "s3")
+            }
             summary[f"{fmt}_s3_vs_local_{workers}_workers"] = round(best["s3"] / best["local"], 2)
     return results + [summary]
 
@@ -189,15 +242,21 @@ print(json.dumps({"step": step, "wall_s": round(time.perf_counter() - start, 1),
 def synthesize_release(root: Path, rows: int) -> None:
     """TSVs of a release the size of Common Voice 25.0 es (no audio): realistic ids, sentences, metadata."""
     rng = random.Random(1)
-    words = ("el la de que y en un una por con para como más pero sus le ya o este sí porque esta entre "
-             "cuando muy sin sobre también me hasta hay donde quien desde todo nos durante todos uno les ni "
-             "contra otros ese eso ante ellos e esto mí antes algunos qué unos yo otro otras otra él tanto "
-             "canción montaña río ciudad niño pingüino árbol corazón").split()
+    words = (
+        "el la de que y en un una por con para como más pero sus le ya o este sí porque esta entre "
+        "cuando muy sin sobre también me hasta hay donde quien desde todo nos durante todos uno les ni "
+        "contra otros ese eso ante ellos e esto mí antes algunos qué unos yo otro otras otra él tanto "
+        "canción montaña río ciudad niño pingüino árbol corazón"
+    ).split()
     speakers = [f"{rng.getrandbits(512):0128x}" for _ in range(100_000)]
     genders, ages = ["male_masculine", "female_feminine", ""], ["twenties", "thirties", "fourties", ""]
     accents = ["México", "Andino-Pacífico", "España: Norte peninsular", "Caribe", ""]
     root.mkdir(parents=True)
-    header = "client_id\tpath\tsentence_id\tsentence\tsentence_domain\tup_votes\tdown_votes\tage\tgender\taccents\tvariant\tlocale\tsegment\n"
+    columns = (
+        "client_id path sentence_id sentence sentence_domain up_votes down_votes age gender accents variant "
+        "locale segment"
+    )
+    header = "\t".join(columns.split()) + "\n"
     durations = ["clip\tduration[ms]\n"]
     counts = {"train": rows - 2 * 15_900, "dev": 15_900, "test": 15_900}
     n = 0
@@ -208,8 +267,10 @@ def synthesize_release(root: Path, rows: int) -> None:
                 n += 1
                 sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize() + "."
                 name = f"common_voice_es_{n:09d}.mp3"
-                f.write(f"{rng.choice(speakers)}\t{name}\t{n:064x}\t{sentence}\t\t2\t0\t{rng.choice(ages)}\t"
-                        f"{rng.choice(genders)}\t{rng.choice(accents)}\t\tes\t\n")
+                f.write(
+                    f"{rng.choice(speakers)}\t{name}\t{n:064x}\t{sentence}\t\t2\t0\t{rng.choice(ages)}\t"
+                    f"{rng.choice(genders)}\t{rng.choice(accents)}\t\tes\t\n"
+                )
                 durations.append(f"{name}\t{rng.randint(1500, 9500)}\n")
     (root / "clip_durations.tsv").write_text("".join(durations))
 
@@ -221,13 +282,17 @@ def fake_convert(out: Path) -> None:
         entries: dict[str, list[dict]] = {}
         for line in (out / "plan" / f"shard-{k:05d}.jsonl").read_text().splitlines():
             clip = json.loads(line)
-            record = prep._entry(clip, str(out / "audio" / clip["split"] / (clip["path"][:-4] + ".wav")), clip["duration"])
+            record = prep._entry(
+                clip, str(out / "audio" / clip["split"] / (clip["path"][:-4] + ".wav")), clip["duration"]
+            )
             entries.setdefault(record["split"], []).append(record["entry"])
         for split, items in entries.items():
             items.sort(key=lambda e: e["path"])
             storage.write_text(prep._shard_file(str(out), k, f"{split}.jsonl"), prep._manifest_text(items))
         storage.write_text(prep._shard_file(str(out), k, "rejected.jsonl"), "")
-        storage.write_text(prep._result_uri(str(out), k), json.dumps({"shard": k, "splits": {s: len(v) for s, v in entries.items()}}))
+        storage.write_text(
+            prep._result_uri(str(out), k), json.dumps({"shard": k, "splits": {s: len(v) for s, v in entries.items()}})
+        )
 
 
 def bench_scale(work: Path, rows: int) -> list[dict]:
@@ -236,8 +301,14 @@ def bench_scale(work: Path, rows: int) -> list[dict]:
     synthesize_release(release, rows)
     print(f"synthesized {rows} rows in {time.perf_counter() - start:.0f}s", flush=True)
     results = []
-    run = lambda *a: json.loads(subprocess.run([sys.executable, "-c", SCALE_CHILD, *map(str, a)],  # noqa: E731
-                                               capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    run = lambda *a: json.loads(
+        subprocess.run(
+            [sys.executable, "-c", SCALE_CHILD, *map(str, a)],  # noqa: E731
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()[-1]
+    )
     results.append(run("plan", release, out, 64))
     print(json.dumps(results[-1]), flush=True)
     fake_convert(out)

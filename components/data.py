@@ -26,8 +26,12 @@ def plan_dataset(
     from habla import prepare, runs
 
     options = prepare.PrepareOptions(
-        shards=num_shards, train_source=train_source, format=audio_format, locale=locale,
-        min_duration=min_duration, max_duration=max_duration,
+        shards=num_shards,
+        train_source=train_source,
+        format=audio_format,
+        locale=locale,
+        min_duration=min_duration,
+        max_duration=max_duration,
     )
     dataset_uri = runs.dataset_dir(output_uri, release_uri, prepare.fingerprint(release_uri, options))
     prepare.plan(release_uri, dataset_uri, options)

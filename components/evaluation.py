@@ -23,9 +23,8 @@ def evaluate_models(
     """
     import base64
 
-    from habla.evaluate import evaluate
-
     from habla import runs, storage
+    from habla.evaluate import evaluate
 
     test_manifest = runs.dataset_report(dataset_uri)["manifests"]["test"]
     eval_dir = storage.join(run_dir, "eval")
@@ -41,10 +40,12 @@ def evaluate_models(
     text = storage.read_text(storage.join(eval_dir, "report.md"))
     if best_scores:
         verdict = "promoted" if promote else "kept"
-        text += (f"\n\n## Against the current best model\n\n| model | WER | CER |\n|---|---|---|\n"
-                 f"| this run | {new['wer']:.4f} | {new['cer']:.4f} |\n"
-                 f"| best ({best['run']}) | {best_scores['wer']:.4f} | {best_scores['cer']:.4f} |\n\n"
-                 f"Margin {promotion_margin}: the best model is **{verdict}**.\n")
+        text += (
+            f"\n\n## Against the current best model\n\n| model | WER | CER |\n|---|---|---|\n"
+            f"| this run | {new['wer']:.4f} | {new['cer']:.4f} |\n"
+            f"| best ({best['run']}) | {best_scores['wer']:.4f} | {best_scores['cer']:.4f} |\n\n"
+            f"Margin {promotion_margin}: the best model is **{verdict}**.\n"
+        )
     else:
         text += "\n\nNo model has been promoted yet: this one becomes the best.\n"
     with open(report.path, "w", encoding="utf-8") as f:
@@ -65,8 +66,11 @@ def promote_model(output_uri: str, run_dir: str, model_uri: str) -> str:
     run = json.loads(storage.read_text(storage.join(run_dir, "run.json")))
     metrics = json.loads(storage.read_text(storage.join(run_dir, "eval", "metrics.json")))
     record = {
-        "release": run["release"], "release_uri": run["release_uri"], "config": run["config"],
-        "config_overrides": run["config_overrides"], "run_dir": run["run_dir"],
+        "release": run["release"],
+        "release_uri": run["release_uri"],
+        "config": run["config"],
+        "config_overrides": run["config_overrides"],
+        "run_dir": run["run_dir"],
         "metrics": {k: metrics[k] for k in ("wer", "cer", "utterances", "hours")},
     }
     best = runs.promote(output_uri, model_uri, run["run_name"], record)

@@ -29,13 +29,26 @@ def start_run(
 
     name = run_name or job_name
     run = runs.run_dir(output_uri, name)
-    runs.write_run_record(run, {
-        "run_name": name, "release": commonvoice.release_label(release_uri), "release_uri": release_uri,
-        "locale": locale, "config": config, "config_overrides": config_overrides, "nodes": nodes,
-        "gpus_per_node": gpus_per_node, "max_steps": max_steps, "max_epochs": max_epochs,
-        "train_source": train_source, "format": audio_format, "num_shards": num_shards, "launcher": launcher,
-        "promotion_margin": promotion_margin,
-    })
+    runs.write_run_record(
+        run,
+        {
+            "run_name": name,
+            "release": commonvoice.release_label(release_uri),
+            "release_uri": release_uri,
+            "locale": locale,
+            "config": config,
+            "config_overrides": config_overrides,
+            "nodes": nodes,
+            "gpus_per_node": gpus_per_node,
+            "max_steps": max_steps,
+            "max_epochs": max_epochs,
+            "train_source": train_source,
+            "format": audio_format,
+            "num_shards": num_shards,
+            "launcher": launcher,
+            "promotion_margin": promotion_margin,
+        },
+    )
     return run
 
 
@@ -98,8 +111,13 @@ def train_on_cluster(
     args = runs.train_arguments(dataset_uri, model_dir, config, config_overrides, max_steps, max_epochs, init_from)
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION") if os.environ.get(k)}
     launch = launcher.TrainLaunch(
-        image=image, name=launcher.job_name(job_id, task_name), train_args=tuple(args),
-        namespace=launcher.current_namespace(), nodes=nodes, gpus_per_node=gpus_per_node, env=env,
+        image=image,
+        name=launcher.job_name(job_id, task_name),
+        train_args=tuple(args),
+        namespace=launcher.current_namespace(),
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        env=env,
     )
     launcher.run_on_cluster(launch, kind)
     for key, value in runs.training_metrics(model_dir).items():

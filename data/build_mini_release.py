@@ -61,8 +61,19 @@ SPEAKERS = [
 ]
 TRAIN_SPEAKERS, DEV_SPEAKERS, TEST_SPEAKERS = range(0, 10), range(10, 13), range(13, 16)
 V25_COLUMNS = [
-    "client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes", "down_votes",
-    "age", "gender", "accents", "variant", "locale", "segment",
+    "client_id",
+    "path",
+    "sentence_id",
+    "sentence",
+    "sentence_domain",
+    "up_votes",
+    "down_votes",
+    "age",
+    "gender",
+    "accents",
+    "variant",
+    "locale",
+    "segment",
 ]
 V8_COLUMNS = ["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accent", "locale", "segment"]
 
@@ -142,10 +153,20 @@ def build(root: Path, out: Path) -> None:
         durations.append((name, round(1000 * len(samples) / got_rate)))
         gender, age, accent, _, _ = SPEAKERS[speaker]
         return {
-            "client_id": client_id(speaker), "path": name, "sentence": sentence,
-            "sentence_id": hashlib.sha256(sentence.encode()).hexdigest(), "sentence_domain": "",
-            "up_votes": "2", "down_votes": "0", "age": age, "gender": gender, "accents": accent,
-            "variant": "", "locale": "es", "segment": "", "_speaker": str(speaker),
+            "client_id": client_id(speaker),
+            "path": name,
+            "sentence": sentence,
+            "sentence_id": hashlib.sha256(sentence.encode()).hexdigest(),
+            "sentence_domain": "",
+            "up_votes": "2",
+            "down_votes": "0",
+            "age": age,
+            "gender": gender,
+            "accents": accent,
+            "variant": "",
+            "locale": "es",
+            "segment": "",
+            "_speaker": str(speaker),
         }
 
     for split, items in groups.items():

@@ -1,2 +1,3 @@
 """habla: Common Voice -> NeMo ASR on Kubeflow."""
+
 __version__ = "0.1.0"

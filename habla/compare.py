@@ -29,8 +29,21 @@ from habla.errors import HablaError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["run", "state", "release", "config", "train_source", "nodes", "gpus", "steps", "train_audio_h",
-           "wall_h", "wer", "cer", "utterances"]
+COLUMNS = [
+    "run",
+    "state",
+    "release",
+    "config",
+    "train_source",
+    "nodes",
+    "gpus",
+    "steps",
+    "train_audio_h",
+    "wall_h",
+    "wer",
+    "cer",
+    "utterances",
+]
 GROUPS = ("gender", "age", "accent")
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -51,8 +64,15 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None and v != ""), None)
 
 
-def make_row(dst: str, *, name: str | None = None, state: str | None = None, params: dict | None = None,
-             source: str | None = None, strict: bool = True) -> dict[str, Any]:
+def make_row(
+    dst: str,
+    *,
+    name: str | None = None,
+    state: str | None = None,
+    params: dict | None = None,
+    source: str | None = None,
+    strict: bool = True,
+) -> dict[str, Any]:
     """One table row from a run folder (and, for KFP runs, the run's name, state and parameters)."""
     run = _read_json(storage.join(dst, "run.json")) if dst else None
     summary = _read_json(storage.join(dst, "model", "train_summary.json")) if dst else None
@@ -156,8 +176,7 @@ def plot(rows: list[dict], groups: list[str], path: str) -> None:
     if not scored:
         raise HablaError("--plot: no run has a WER yet")
     panels = [g for g in groups if any(k.startswith(f"wer[{g}=") for r in scored for k in r)]
-    fig, axes = plt.subplots(1 + len(panels), 1, figsize=(9, 2 + 0.5 * len(scored) * (1 + len(panels))),
-                             squeeze=False)
+    fig, axes = plt.subplots(1 + len(panels), 1, figsize=(9, 2 + 0.5 * len(scored) * (1 + len(panels))), squeeze=False)
     names = [str(r["run"]) for r in scored]
     ax = axes[0][0]
     ax.barh(names, [r["wer"] for r in scored], color="tab:blue")
@@ -170,8 +189,12 @@ def plot(rows: list[dict], groups: list[str], path: str) -> None:
         height = 0.8 / max(len(keys), 1)
         for i, key in enumerate(keys):
             values = [r.get(key) or 0.0 for r in scored]
-            ax.barh([j + i * height for j in range(len(scored))], values, height=height,
-                    label=key[len(f"wer[{group}="):-1])
+            ax.barh(
+                [j + i * height for j in range(len(scored))],
+                values,
+                height=height,
+                label=key[len(f"wer[{group}=") : -1],
+            )
         ax.set_yticks([j + 0.4 - height / 2 for j in range(len(scored))], names)
         ax.invert_yaxis()
         ax.set_xlabel("WER")
@@ -196,9 +219,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", help="KFP experiment whose runs to compare (with --host)")
     parser.add_argument("--namespace", help="KFP user namespace (multi-user deployments)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
-    parser.add_argument("--groups", default="gender",
-                        help="per-group WER columns: comma-separated among gender,age,accent, or 'none' "
-                             "(default gender)")
+    parser.add_argument(
+        "--groups",
+        default="gender",
+        help="per-group WER columns: comma-separated among gender,age,accent, or 'none' (default gender)",
+    )
     parser.add_argument("--plot", metavar="FILE.png", help="also draw WER per run (and per group) to a PNG")
 
 
@@ -226,4 +251,3 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot(rows, groups, args.plot)
     return 0
-

@@ -168,8 +168,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def render_report(metrics: dict, rows: Sequence[dict], model: str, manifest: str, worst: int) -> str:
     overall = [[metrics["utterances"], metrics["hours"], metrics["wer"], metrics["cer"]]]
-    parts = ["# Evaluation\n", f"Model `{model}` on `{manifest}`.\n", _table(["utterances", "hours", "WER", "CER"], overall)]
-    for name, key in GROUPS:
+    parts = [
+        "# Evaluation\n",
+        f"Model `{model}` on `{manifest}`.\n",
+        _table(["utterances", "hours", "WER", "CER"], overall),
+    ]
+    for name, _key in GROUPS:
         title = {"by_gender": "gender", "by_age": "age", "by_accent": "accent"}[name]
         groups = metrics[name]
         parts.append(f"\n## WER by {title}\n")
@@ -255,7 +259,9 @@ def evaluate(model: str, manifest: str, out: str, batch_size: int = 16, worst: i
     metrics, rows = compute_metrics(local, hypotheses)
 
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    storage.write_text(storage.join(out, "errors.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    storage.write_text(
+        storage.join(out, "errors.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
     storage.write_text(storage.join(out, "report.md"), render_report(metrics, rows, model, manifest, worst))
     storage.write_bytes(storage.join(out, "wer_by_group.png"), render_plot(metrics))
     log.info("WER %.4f CER %.4f on %d utterances (%.1fs) -> %s", metrics["wer"], metrics["cer"],

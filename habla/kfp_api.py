@@ -321,9 +321,11 @@ def ensure_pipeline_version(client: kfp.Client, package_path: str, name: str | N
         if version_id:
             return VersionRef(pipeline_id, version_id, version_name, False)
         version_id = _created_or_found(
-            lambda: client.pipeline_uploads.upload_pipeline_version(
-                package_path, name=version_name, pipelineid=pipeline_id
-            ).pipeline_version_id,
+            lambda: (
+                client.pipeline_uploads.upload_pipeline_version(
+                    package_path, name=version_name, pipelineid=pipeline_id
+                ).pipeline_version_id
+            ),
             lambda: _find_version(client, pipeline_id, version_name),
         )
     log.info("uploaded pipeline %s version %s", name, version_name)
@@ -415,8 +417,9 @@ def _normalized(value: Any) -> Any:
     return value
 
 
-def _same_schedule(existing, version: VersionRef, cron: str, params: dict, max_concurrency: int,
-                   no_catchup: bool, enabled: bool) -> bool:
+def _same_schedule(
+    existing, version: VersionRef, cron: str, params: dict, max_concurrency: int, no_catchup: bool, enabled: bool
+) -> bool:
     ref = existing.pipeline_version_reference
     trigger = existing.trigger.cron_schedule if existing.trigger else None
     return (
@@ -463,7 +466,9 @@ def ensure_recurring_run(
     version = ensure_pipeline_version(client, package_path)
     arguments = explicit_params(package_path, params)
     existing = find_recurring_runs(client, experiment_id, name)
-    matching = [r for r in existing if _same_schedule(r, version, cron, arguments, max_concurrency, no_catchup, enabled)]
+    matching = [
+        r for r in existing if _same_schedule(r, version, cron, arguments, max_concurrency, no_catchup, enabled)
+    ]
     if matching and len(existing) == 1:
         return RecurringRef(matching[0].recurring_run_id, version.version_id, "unchanged")
     keep = matching[0] if matching else None

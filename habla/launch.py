@@ -33,9 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=["trainjob", "pytorchjob", "local"], default="trainjob")
     parser.add_argument("--image", help="the training image (infra/Dockerfile.train); required on a cluster")
     parser.add_argument("--namespace", default="kubeflow")
-    parser.add_argument(
-        "--name", help="job name (default: habla-train-<random>); reusing one adopts that job"
-    )
+    parser.add_argument("--name", help="job name (default: habla-train-<random>); reusing one adopts that job")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=0)
     parser.add_argument("--nproc-per-node", type=int, help="processes per node (default: one per GPU, or 1)")

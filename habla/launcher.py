@@ -93,9 +93,7 @@ _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 # Plain env values end up in the job spec and in compiled pipelines: credentials must come from the Secret.
-_SECRET_LOOKING = re.compile(
-    r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE
-)
+_SECRET_LOOKING = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -164,9 +162,7 @@ def validate(launch: TrainLaunch) -> None:
     for what, value, low in (("nodes", launch.nodes, 1), ("gpus_per_node", launch.gpus_per_node, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise HablaError(f"{what} must be an integer >= {low}, got {value!r}")
-    if launch.nproc_per_node is not None and (
-        not isinstance(launch.nproc_per_node, int) or launch.nproc_per_node < 1
-    ):
+    if launch.nproc_per_node is not None and (not isinstance(launch.nproc_per_node, int) or launch.nproc_per_node < 1):
         raise HablaError(f"nproc_per_node must be an integer >= 1, got {launch.nproc_per_node!r}")
     if launch.gpus_per_node and launch.procs_per_node > launch.gpus_per_node:
         raise HablaError(
@@ -187,9 +183,7 @@ def validate(launch: TrainLaunch) -> None:
     if launch.s3_secret is not None and not re.match(r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$", launch.s3_secret):
         raise HablaError(f"secret name {launch.s3_secret!r} is not a valid Kubernetes name")
     if launch.image_pull_policy not in (None, "Always", "IfNotPresent", "Never"):
-        raise HablaError(
-            f"image_pull_policy must be Always, IfNotPresent or Never, got {launch.image_pull_policy!r}"
-        )
+        raise HablaError(f"image_pull_policy must be Always, IfNotPresent or Never, got {launch.image_pull_policy!r}")
     if not all(isinstance(a, str) for a in launch.train_args):
         raise HablaError("train_args must be strings")
 
@@ -202,8 +196,7 @@ def _env(launch: TrainLaunch) -> list[dict[str, Any]]:
     env += [{"name": k, "value": str(v)} for k, v in sorted(launch.env.items())]
     if launch.s3_secret:
         env += [
-            {"name": key, "valueFrom": {"secretKeyRef": {"name": launch.s3_secret, "key": key}}}
-            for key in SECRET_KEYS
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": launch.s3_secret, "key": key}}} for key in SECRET_KEYS
         ]
     return env
 
@@ -385,15 +378,11 @@ def _replica_summary(status: Mapping[str, Any]) -> str:
     """'node: 2 active' (TrainJob jobsStatus) or 'Master: 1 active, Worker: 1 active' (PyTorchJob)."""
     parts = []
     for job in status.get("jobsStatus") or []:
-        counts = [
-            f"{job[k]} {k}" for k in ("active", "ready", "succeeded", "failed", "suspended") if job.get(k)
-        ]
+        counts = [f"{job[k]} {k}" for k in ("active", "ready", "succeeded", "failed", "suspended") if job.get(k)]
         if counts:
             parts.append(f"{job.get('name')}: {', '.join(counts)}")
     for rtype, rs in sorted((status.get("replicaStatuses") or {}).items()):
-        counts = [
-            f"{rs[k]} {k}" for k in ("active", "succeeded", "failed") if isinstance(rs, dict) and rs.get(k)
-        ]
+        counts = [f"{rs[k]} {k}" for k in ("active", "succeeded", "failed") if isinstance(rs, dict) and rs.get(k)]
         if counts:
             parts.append(f"{rtype}: {', '.join(counts)}")
     return "; ".join(parts)
@@ -485,16 +474,12 @@ class _Cluster:
         return {"group": k.group, "version": k.version, "namespace": self.namespace, "plural": k.plural}
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self.custom.create_namespaced_custom_object(
-            body=body, _request_timeout=self.TIMEOUT, **self._args()
-        )
+        return self.custom.create_namespaced_custom_object(body=body, _request_timeout=self.TIMEOUT, **self._args())
 
     def get(self, name: str) -> dict[str, Any] | None:
         """The job, or None if there is none of that name."""
         try:
-            return self.custom.get_namespaced_custom_object(
-                name=name, _request_timeout=self.TIMEOUT, **self._args()
-            )
+            return self.custom.get_namespaced_custom_object(name=name, _request_timeout=self.TIMEOUT, **self._args())
         except self.ApiException as exc:
             if exc.status == 404:
                 return None
@@ -515,9 +500,7 @@ class _Cluster:
             )
         except self.errors:  # pods are a courtesy in the log: never fail the step over them
             return []
-        return sorted(
-            (p.metadata.name, (p.status.phase if p.status else None) or "Unknown") for p in listing.items
-        )
+        return sorted((p.metadata.name, (p.status.phase if p.status else None) or "Unknown") for p in listing.items)
 
     def log_tail(self, pod: str, lines: int) -> str | None:
         try:
@@ -608,13 +591,9 @@ def _create_or_adopt(cluster: _Cluster, body: dict[str, Any], log: Log, poll_s: 
             if exc.status != 409:
                 raise _api_error(exc, jk, "create", ns) from None
         except cluster.errors as exc:
-            raise HablaError(
-                f"cannot reach the Kubernetes API to create {jk.kind} {name}: {_brief(exc)}"
-            ) from None
+            raise HablaError(f"cannot reach the Kubernetes API to create {jk.kind} {name}: {_brief(exc)}") from None
         if time.monotonic() > deadline:
-            raise HablaError(
-                f"{jk.kind} {ns}/{name} exists but could not be adopted or replaced; try again later"
-            )
+            raise HablaError(f"{jk.kind} {ns}/{name} exists but could not be adopted or replaced; try again later")
         existing = cluster.get(name)
         if existing is None:
             continue  # deleted in between: create it again
@@ -629,9 +608,7 @@ def _create_or_adopt(cluster: _Cluster, body: dict[str, Any], log: Log, poll_s: 
             )
         state = job_state(existing)
         if state.phase == "failed":
-            log(
-                f"{jk.kind} {name}: an earlier attempt failed ({state.summary}); deleting it and starting again"
-            )
+            log(f"{jk.kind} {name}: an earlier attempt failed ({state.summary}); deleting it and starting again")
             _delete_quietly(cluster, name, log)
             continue
         log(f"{jk.kind} {name}: exists from an earlier attempt of this step; following it ({state.summary})")
@@ -681,9 +658,7 @@ def _follow(
             _log_failed_pods(cluster, name, log, tail_lines)
             raise HablaError(f"{jk.kind} {cluster.namespace}/{name} failed: {state.summary}")
         if timeout_s is not None and time.monotonic() - started > timeout_s:
-            raise HablaError(
-                f"{jk.kind} {name} did not finish within {timeout_s:.0f} s (last: {state.summary})"
-            )
+            raise HablaError(f"{jk.kind} {name} did not finish within {timeout_s:.0f} s (last: {state.summary})")
         time.sleep(poll_s)
 
 
@@ -754,9 +729,7 @@ def torchrun_commands(
     """The torchrun command line(s) run_local starts: one, or one per simulated node on loopback."""
     base = [sys.executable, "-m", "torch.distributed.run"]
     if nnodes == 1:
-        return [
-            [*base, "--standalone", "--nnodes=1", f"--nproc-per-node={nproc_per_node}", *program, *train_args]
-        ]
+        return [[*base, "--standalone", "--nnodes=1", f"--nproc-per-node={nproc_per_node}", *program, *train_args]]
     port = port or _free_port()
     return [
         [

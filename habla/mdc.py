@@ -58,8 +58,14 @@ def catalog_request(locale: str) -> requests.PreparedRequest:
     """The public catalog query for Common Voice releases of ``locale``, newest first (no credentials)."""
     import requests
 
-    params = {"q": CATALOG_QUERY, "locale": locale, "task": "ASR", "sort": "newest", "sortDirection": "desc",
-              "limit": 100}
+    params = {
+        "q": CATALOG_QUERY,
+        "locale": locale,
+        "task": "ASR",
+        "sort": "newest",
+        "sortDirection": "desc",
+        "limit": 100,
+    }
     return requests.Request("GET", f"{api_url()}/datasets", params=params, headers=_headers()).prepare()
 
 

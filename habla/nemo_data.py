@@ -225,7 +225,9 @@ def check_tar_sample(tar_uri: str, manifest_uri: str) -> None:
         raise HablaError(f"{tar_uri}: empty tar shard")
     listed = {str(e["audio_filepath"]) for e in read_manifest(manifest_uri)}
     if member.name not in listed:
-        raise HablaError(f"{tar_uri}: member {member.name} is not in {manifest_uri} (audio_filepath must be the member name)")
+        raise HablaError(
+            f"{tar_uri}: member {member.name} is not in {manifest_uri} (audio_filepath must be the member name)"
+        )
     try:
         soundfile.info(io.BytesIO(data))
     except Exception as exc:

@@ -64,8 +64,11 @@ def apply_image_settings(args: argparse.Namespace | None) -> None:
     Component images are fixed when the components are defined, so this must run before the first import
     of habla.components.
     """
-    for option, variable in (("prep_image", "HABLA_PREP_IMAGE"), ("train_image", "HABLA_TRAIN_IMAGE"),
-                             ("conversion_parallelism", "HABLA_CONVERSION_PARALLELISM")):
+    for option, variable in (
+        ("prep_image", "HABLA_PREP_IMAGE"),
+        ("train_image", "HABLA_TRAIN_IMAGE"),
+        ("conversion_parallelism", "HABLA_CONVERSION_PARALLELISM"),
+    ):
         value = getattr(args, option, None) if args else None
         if value is not None:
             os.environ[variable] = str(value)
@@ -108,8 +111,10 @@ def parse_settings(settings: list[str], pipeline_func) -> tuple[dict, list[str]]
 
 def format_metrics(metrics: dict) -> str:
     """A terminal table: overall WER/CER, then WER per gender, age and accent group."""
-    lines = [f"WER {metrics['wer']:.4f}  CER {metrics['cer']:.4f}  on {metrics['utterances']} utterances "
-             f"({metrics['hours']:.3f} h)"]
+    lines = [
+        f"WER {metrics['wer']:.4f}  CER {metrics['cer']:.4f}  on {metrics['utterances']} utterances "
+        f"({metrics['hours']:.3f} h)"
+    ]
     for key in ("by_gender", "by_age", "by_accent"):
         groups = metrics.get(key) or {}
         if not groups:
@@ -150,7 +155,9 @@ def run_local(release: str | None, out: str, config: str, settings: list[str], r
     try:
         metrics = json.loads(storage.read_text(storage.join(run, "eval", "metrics.json")))
     except FileNotFoundError:
-        raise HablaError(f"the pipeline did not finish (see the step logs above; task outputs in {pipeline_root})") from None
+        raise HablaError(
+            f"the pipeline did not finish (see the step logs above; task outputs in {pipeline_root})"
+        ) from None
     del task
     return {"run_dir": storage.absolute(run), "metrics": metrics}
 

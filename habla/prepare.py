@@ -74,7 +74,9 @@ class PrepareOptions:
         if self.shards < 1:
             raise HablaError(f"--shards must be >= 1 (got {self.shards})")
         if not 0 <= self.min_duration < self.max_duration:
-            raise HablaError(f"need 0 <= --min-duration < --max-duration (got {self.min_duration}, {self.max_duration})")
+            raise HablaError(
+                f"need 0 <= --min-duration < --max-duration (got {self.min_duration}, {self.max_duration})"
+            )
         if not 0 <= self.min_chars_per_second < self.max_chars_per_second:
             raise HablaError("need 0 <= --min-chars-per-second < --max-chars-per-second")
 
@@ -164,7 +166,9 @@ def _options_key(options: PrepareOptions) -> dict:
 
 def build_plan(release: str, root: str, options: PrepareOptions) -> Plan:
     """Read the TSVs and decide, row by row, what becomes a clip and what is rejected (no audio is read)."""
-    tsv_of_split = {s: "validated" if s == "train" and options.train_source == "validated" else s for s in options.splits}
+    tsv_of_split = {
+        s: "validated" if s == "train" and options.train_source == "validated" else s for s in options.splits
+    }
     durations = commonvoice.read_durations(root)
     plan = Plan(release, root, options, {}, tsv_of_split, durations is not None)
 
@@ -260,8 +264,19 @@ def _check_row(
         if reason:
             return reject(*reason)
     return (
-        Clip(split, path, text, sentence, f["client_id"], f.get("gender", ""), f.get("age", ""),
-             f.get("accents", ""), f.get("locale", ""), row.line, duration),
+        Clip(
+            split,
+            path,
+            text,
+            sentence,
+            f["client_id"],
+            f.get("gender", ""),
+            f.get("age", ""),
+            f.get("accents", ""),
+            f.get("locale", ""),
+            row.line,
+            duration,
+        ),
         None,
     )
 
@@ -349,7 +364,8 @@ def plan(release: str, out: str, options: PrepareOptions) -> dict:
         "num_shards": len(result.shards),
         # With --format tar the train split is written as tar shards 0..m-1 (dev/test stay WAV files).
         "tar_shards": {"train": sum(any(c.split == "train" for c in sh) for sh in result.shards)}
-        if options.format == "tar" and "train" in options.splits else {},
+        if options.format == "tar" and "train" in options.splits
+        else {},
         "shards": [
             {"clips": len(shard), "planned_seconds": round(sum(c.duration or DEFAULT_CLIP_SECONDS for c in shard), 3)}
             for shard in result.shards
@@ -361,7 +377,10 @@ def plan(release: str, out: str, options: PrepareOptions) -> dict:
     storage.write_text(plan_json, json.dumps(summary, indent=1, ensure_ascii=False))
     log.info(
         "plan: %d rows read, %d clips in %d shards, %d rejected (%.1fs)",
-        sum(result.rows_read.values()), summary["planned_clips"], len(result.shards), len(result.rejected),
+        sum(result.rows_read.values()),
+        summary["planned_clips"],
+        len(result.shards),
+        len(result.rejected),
         time.monotonic() - started,
     )
     return summary
@@ -395,8 +414,14 @@ def _convert_one(task: _Task, options: PrepareOptions) -> tuple[dict, bytes | No
     clip = task.clip
 
     def rejected(reason: str, detail: str = "") -> tuple[dict, None]:
-        return {"rejected": True, "split": clip["split"], "path": clip["path"], "reason": reason,
-                "detail": detail, "line": clip["line"]}, None
+        return {
+            "rejected": True,
+            "split": clip["split"],
+            "path": clip["path"],
+            "reason": reason,
+            "detail": detail,
+            "line": clip["line"],
+        }, None
 
     if task.resume and task.target and storage.exists(task.target):
         # Written atomically by an earlier attempt, after passing every filter: only its duration is needed.
@@ -493,8 +518,9 @@ def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
             entry = record["entry"]
             if wav is not None:
                 entry["shard_id"] = shard
-                tars[record["split"]].addfile(_deterministic_tarinfo(entry["audio_filepath"], len(wav)),
-                                              fileobj=_BytesReader(wav))
+                tars[record["split"]].addfile(
+                    _deterministic_tarinfo(entry["audio_filepath"], len(wav)), fileobj=_BytesReader(wav)
+                )
             entries.setdefault(record["split"], []).append(entry)
     for split in tars:
         storage.write_text(_tar_manifest_uri(out, split, shard), _manifest_text(entries.get(split, [])))
@@ -605,8 +631,12 @@ def assemble(out: str) -> dict:
     tarred = {
         split: {
             "num_shards": count,
-            "manifest_filepath": storage.absolute(storage.join(out, "tarred", split, f"manifest__OP_0..{count - 1}_CL_.json")),
-            "tarred_audio_filepaths": storage.absolute(storage.join(out, "tarred", split, f"audio__OP_0..{count - 1}_CL_.tar")),
+            "manifest_filepath": storage.absolute(
+                storage.join(out, "tarred", split, f"manifest__OP_0..{count - 1}_CL_.json")
+            ),
+            "tarred_audio_filepaths": storage.absolute(
+                storage.join(out, "tarred", split, f"audio__OP_0..{count - 1}_CL_.tar")
+            ),
         }
         for split, count in summary["tar_shards"].items()
         if count > 0
@@ -627,7 +657,9 @@ def _merge_lines(sources: list[Path], target: Path, key, observe) -> None:
 
 def manifest_uris(out: str) -> dict[str, str]:
     """``{split: manifest URI}`` of a prepared dataset."""
-    return {s: storage.absolute(storage.join(out, "manifests", f"{s}.json")) for s in read_plan(out)["options"]["splits"]}
+    return {
+        s: storage.absolute(storage.join(out, "manifests", f"{s}.json")) for s in read_plan(out)["options"]["splits"]
+    }
 
 
 def prepare(release: str, out: str, options: PrepareOptions, workers: int | None = None) -> dict:
@@ -651,24 +683,42 @@ DEFAULT_RELEASE = str(Path(__file__).resolve().parent.parent / "data" / "mini-es
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PrepareOptions()
-    parser.add_argument("--release", default=DEFAULT_RELEASE, metavar="SRC",
-                        help="extracted Common Voice locale folder, cv-corpus-*.tar.gz archive, or s3:// prefix "
-                             "(default: the bundled mini release)")
+    parser.add_argument(
+        "--release",
+        default=DEFAULT_RELEASE,
+        metavar="SRC",
+        help="extracted Common Voice locale folder, cv-corpus-*.tar.gz archive, or s3:// prefix "
+        "(default: the bundled mini release)",
+    )
     parser.add_argument("--out", required=True, metavar="DST", help="output folder or s3://bucket/prefix")
     parser.add_argument("--shards", type=int, default=defaults.shards, help="number of shards (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes per shard (default: CPUs)")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="worker processes per shard (default: CPUs)"
+    )
     parser.add_argument("--splits", default=",".join(defaults.splits), help="comma-separated (default %(default)s)")
-    parser.add_argument("--train-source", choices=("train", "validated"), default=defaults.train_source,
-                        help="train.tsv, or validated.tsv minus dev/test speakers, sentences and clips")
-    parser.add_argument("--format", choices=("wav", "tar"), default=defaults.format,
-                        help="wav files, or the train split as NeMo tarred shards (default %(default)s)")
+    parser.add_argument(
+        "--train-source",
+        choices=("train", "validated"),
+        default=defaults.train_source,
+        help="train.tsv, or validated.tsv minus dev/test speakers, sentences and clips",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("wav", "tar"),
+        default=defaults.format,
+        help="wav files, or the train split as NeMo tarred shards (default %(default)s)",
+    )
     parser.add_argument("--locale", default=defaults.locale, help="locale folder inside a corpus folder or archive")
     parser.add_argument("--min-duration", type=float, default=defaults.min_duration, metavar="S")
     parser.add_argument("--max-duration", type=float, default=defaults.max_duration, metavar="S")
     parser.add_argument("--min-chars-per-second", type=float, default=defaults.min_chars_per_second)
     parser.add_argument("--max-chars-per-second", type=float, default=defaults.max_chars_per_second)
-    parser.add_argument("--step", choices=("all", "plan", "convert", "assemble"), default="all",
-                        help="run one step only (what the pipeline's tasks do); default: all")
+    parser.add_argument(
+        "--step",
+        choices=("all", "plan", "convert", "assemble"),
+        default="all",
+        help="run one step only (what the pipeline's tasks do); default: all",
+    )
     parser.add_argument("--shard", type=int, help="with --step convert: the shard to convert (default: all)")
 
 

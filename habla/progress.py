@@ -42,8 +42,15 @@ class Progress:
         elapsed = max(now - self.start, 1e-9)
         log.info(
             "%s: %d/%d %ss (%.1f%%), %.1f %s/s, %.2f h of audio, %.0fx real time",
-            self.desc, self.done, self.total, self.unit, 100 * self.done / max(self.total, 1),
-            self.done / elapsed, self.unit, self.audio_seconds / 3600, self._audio_rate(now),
+            self.desc,
+            self.done,
+            self.total,
+            self.unit,
+            100 * self.done / max(self.total, 1),
+            self.done / elapsed,
+            self.unit,
+            self.audio_seconds / 3600,
+            self._audio_rate(now),
         )
 
     def close(self) -> None:

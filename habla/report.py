@@ -106,8 +106,13 @@ def markdown(report: dict) -> str:
     splits = report["splits"]
     overview = pd.DataFrame(
         {
-            s: {"clips": v["clips"], "hours": round(v["hours"], 2), "speakers": v["speakers"],
-                "mean s": v["mean_seconds"], "max s": round(v["max_seconds"], 2)}
+            s: {
+                "clips": v["clips"],
+                "hours": round(v["hours"], 2),
+                "speakers": v["speakers"],
+                "mean s": v["mean_seconds"],
+                "max s": round(v["max_seconds"], 2),
+            }
             for s, v in splits.items()
         }
     ).T
@@ -171,10 +176,15 @@ def plot(report: dict, stats: dict[str, SplitStats]) -> bytes:
         for i, s in enumerate(splits):
             counts = report["splits"][s][key]
             total = max(sum(counts.values()), 1)
-            ax.bar([j + i * width for j in range(len(groups))], [100 * counts.get(g, 0) / total for g in groups],
-                   width=width, label=s)
-        ax.set_xticks([j + width * (len(splits) - 1) / 2 for j in range(len(groups))], groups, rotation=30,
-                      ha="right", fontsize=8)
+            ax.bar(
+                [j + i * width for j in range(len(groups))],
+                [100 * counts.get(g, 0) / total for g in groups],
+                width=width,
+                label=s,
+            )
+        ax.set_xticks(
+            [j + width * (len(splits) - 1) / 2 for j in range(len(groups))], groups, rotation=30, ha="right", fontsize=8
+        )
         ax.set_title(f"{key.capitalize()} (% of clips)")
         ax.legend(fontsize=8)
     ax = axes[1][1]
@@ -205,6 +215,8 @@ def summary_table(report: dict) -> str:
     for split, v in report["splits"].items():
         lines.append(f"  {split:<6} {v['clips']:>8} clips {v['hours']:>9.2f} h {v['speakers']:>7} speakers")
     acc = report["accounting"]
-    lines.append(f"  rows read {acc['rows_read']} = {acc['in_manifests']} in manifests + {acc['rejected']} rejected"
-                 + (f" ({', '.join(f'{k}: {v}' for k, v in report['rejected'].items())})" if report["rejected"] else ""))
+    lines.append(
+        f"  rows read {acc['rows_read']} = {acc['in_manifests']} in manifests + {acc['rejected']} rejected"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in report['rejected'].items())})" if report["rejected"] else "")
+    )
     return "\n".join(lines)

@@ -74,8 +74,13 @@ def promote(output_uri: str, model_uri: str, run_name: str, record: dict) -> dic
     history = (previous or {}).get("history", [])
     if previous:
         history = [{k: v for k, v in previous.items() if k != "history"}, *history][:20]
-    best = {**record, "run": run_name, "model": storage.absolute(target),
-            "promoted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "history": history}
+    best = {
+        **record,
+        "run": run_name,
+        "model": storage.absolute(target),
+        "promoted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "history": history,
+    }
     storage.write_text(best_record_uri(output_uri), json.dumps(best, indent=1, ensure_ascii=False))
     return best
 
@@ -132,4 +137,6 @@ def training_metrics(model_dir: str) -> dict[str, float]:
     """The numbers of ``train_summary.json`` worth showing and comparing in the KFP UI."""
     summary = json.loads(storage.read_text(storage.join(model_dir, "train_summary.json")))
     keys = ("steps", "epochs", "wall_seconds", "audio_hours_seen", "final_train_loss", "val_wer", "world_size")
-    return {k: summary[k] for k in keys if isinstance(summary.get(k), (int, float)) and not isinstance(summary[k], bool)}
+    return {
+        k: summary[k] for k in keys if isinstance(summary.get(k), (int, float)) and not isinstance(summary[k], bool)
+    }

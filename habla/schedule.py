@@ -62,17 +62,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", help="KFP user namespace (multi-user deployments)")
     parser.add_argument("--cron", help="6-field cron, seconds first, e.g. '0 0 6 * * *' (daily at 06:00)")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"recurring run name (default {DEFAULT_NAME})")
-    parser.add_argument("--watcher-experiment", default="habla-watcher",
-                        help="KFP experiment holding the watcher's own runs (default habla-watcher)")
+    parser.add_argument(
+        "--watcher-experiment",
+        default="habla-watcher",
+        help="KFP experiment holding the watcher's own runs (default habla-watcher)",
+    )
     parser.add_argument("--experiment", default="habla", help="KFP experiment of the training runs (default habla)")
     parser.add_argument("--inbox", help="folder or s3:// prefix where releases are dropped")
     parser.add_argument("--state", help="s3:// prefix for the watcher's claims and results")
     parser.add_argument("--output-root", help="the training runs' output_uri (datasets/, runs/<run>/, models/)")
     parser.add_argument("--locale", default="es", help="Common Voice locale to watch (default es)")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="training pipeline parameter passed on by the watcher (repeatable)")
-    parser.add_argument("--kfp-host-in-cluster", default="",
-                        help="KFP API address as seen from the watcher's pod (default: the in-cluster service)")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training pipeline parameter passed on by the watcher (repeatable)",
+    )
+    parser.add_argument(
+        "--kfp-host-in-cluster",
+        default="",
+        help="KFP API address as seen from the watcher's pod (default: the in-cluster service)",
+    )
     parser.add_argument("--s3-endpoint-url", default="", help="S3 endpoint as seen from the watcher's pod")
     parser.add_argument("--mdc", action="store_true", help="the watcher also asks the Mozilla Data Collective")
     parser.add_argument("--disable", action="store_true", help="create/keep the recurring run disabled")
@@ -100,9 +111,18 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="habla-schedule-") as tmp:
         package = watcher_pipeline.compile_pipeline(str(Path(tmp, "watcher_pipeline.yaml")))
         ref = kfp_api.ensure_recurring_run(
-            client, package_path=package, name=args.name, experiment=args.watcher_experiment, cron=cron,
-            params=params, max_concurrency=1, no_catchup=True, enabled=not args.disable,
+            client,
+            package_path=package,
+            name=args.name,
+            experiment=args.watcher_experiment,
+            cron=cron,
+            params=params,
+            max_concurrency=1,
+            no_catchup=True,
+            enabled=not args.disable,
         )
-    print(f"recurring run {args.name} {ref.action}: id {ref.recurring_run_id}, cron '{cron}', "
-          f"pipeline version {ref.version_id}")
+    print(
+        f"recurring run {args.name} {ref.action}: id {ref.recurring_run_id}, cron '{cron}', "
+        f"pipeline version {ref.version_id}"
+    )
     return 0

@@ -275,10 +275,16 @@ class AtomicWriter(io.RawIOBase):
         if self._upload_id is None:
             self._upload_id = s3_client().create_multipart_upload(Bucket=self._bucket, Key=self._key)["UploadId"]
         number = len(self._parts) + 1
-        self._parts.append(self._pool.submit(
-            s3_client().upload_part, Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
-            PartNumber=number, Body=chunk,
-        ))
+        self._parts.append(
+            self._pool.submit(
+                s3_client().upload_part,
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=chunk,
+            )
+        )
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -306,8 +312,9 @@ class AtomicWriter(io.RawIOBase):
                 self._submit(bytes(self._buffer))
             parts = [{"PartNumber": i + 1, "ETag": f.result()["ETag"]} for i, f in enumerate(self._parts)]
             self._pool.shutdown()
-            s3_client().complete_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
-                                                  MultipartUpload={"Parts": parts})
+            s3_client().complete_multipart_upload(
+                Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+            )
 
     def close(self) -> None:
         """Closing without commit() publishes nothing."""
@@ -426,4 +433,3 @@ def check_writable_root(uri: str) -> None:
 def describe_error(exc: Exception) -> str:
     """Public one-line description of a storage exception."""
     return _describe(exc)
-

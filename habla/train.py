@@ -51,14 +51,25 @@ TOKENIZER_SEED = 1234  # every rank builds the same tokenizer from the same text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help=f"config name ({', '.join(train_config.available())}) or YAML path")
-    parser.add_argument("--train-manifest", required=True, help="NeMo manifest (local or s3://); with --train-tars the _OP_0..N_CL_ manifest pattern")
+    parser.add_argument(
+        "--config", required=True, help=f"config name ({', '.join(train_config.available())}) or YAML path"
+    )
+    parser.add_argument(
+        "--train-manifest",
+        required=True,
+        help="NeMo manifest (local or s3://); with --train-tars the _OP_0..N_CL_ manifest pattern",
+    )
     parser.add_argument("--val-manifest", required=True, help="NeMo manifest for validation (local or s3://)")
     parser.add_argument("--out", required=True, help="output folder DST (local or s3://)")
-    parser.add_argument("--train-tars", help="tarred audio shards, e.g. 's3://b/data/tarred/train/audio__OP_0..7_CL_.tar' (streamed with Lhotse)")
-    parser.add_argument("--init-from", help="fine-tune from this .nemo (local or s3://); the vocabulary is changed if it differs")
+    parser.add_argument(
+        "--train-tars",
+        help="tarred audio shards, e.g. 's3://b/data/tarred/train/audio__OP_0..7_CL_.tar' (streamed with Lhotse)",
+    )
+    parser.add_argument(
+        "--init-from", help="fine-tune from this .nemo (local or s3://); the vocabulary is changed if it differs"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from DST/checkpoints/last.ckpt if there is one")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=300 model.optim.lr=0.003")  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=300 model.optim.lr=0.003")  # fmt: skip  # noqa: E501
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,7 +148,9 @@ def _tokenizer_pieces(model_file: Path) -> list[str]:
     return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
 
-def _prepare_data(cfg, paths: RunPaths, train_manifest: str, val_manifest: str, train_tars: str | None, world_size: int):
+def _prepare_data(
+    cfg, paths: RunPaths, train_manifest: str, val_manifest: str, train_tars: str | None, world_size: int
+):
     """Read, check and localise the manifests; point the config at them. Returns the train entries."""
     train_entries = nemo_data.read_manifest(train_manifest)
     val_entries = nemo_data.read_manifest(val_manifest)
@@ -183,7 +196,9 @@ def _pull_from_dst(paths: RunPaths, resume: bool) -> str | None:
     remote_last = paths.out("checkpoints", LAST_CHECKPOINT)
     has_checkpoint = storage.exists(remote_last)
     if not resume and (has_checkpoint or storage.exists(paths.out(MODEL))):
-        raise HablaError(f"{paths.dst} already holds a training run: pass --resume to continue it, or choose another --out")
+        raise HablaError(
+            f"{paths.dst} already holds a training run: pass --resume to continue it, or choose another --out"
+        )
     if not (resume and has_checkpoint):
         if resume:
             log.info("--resume: no checkpoint in %s yet, starting at step 0", paths.dst)
@@ -317,7 +332,9 @@ def _build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir:
     if kind == train_config.CHAR:
         labels = list(cfg.model.labels)
         if list(model.decoder.vocabulary) != labels:
-            log.info("init-from: vocabulary %d -> %d characters (new decoder)", len(model.decoder.vocabulary), len(labels))
+            log.info(
+                "init-from: vocabulary %d -> %d characters (new decoder)", len(model.decoder.vocabulary), len(labels)
+            )
             model.change_vocabulary(new_vocabulary=labels)
     else:
         new_pieces = _tokenizer_pieces(tokenizer_dir / "tokenizer.model")
@@ -403,7 +420,9 @@ def train(
     except HablaError:
         raise
     except Exception as exc:  # a config NeMo cannot build (bad encoder arguments, ...)
-        raise HablaError(f"cannot build the model from {config}: {type(exc).__name__}: {nemo_data.one_line(exc)}") from None
+        raise HablaError(
+            f"cannot build the model from {config}: {type(exc).__name__}: {nemo_data.one_line(exc)}"
+        ) from None
     log.info("model: %s, %.2f M parameters", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
 
     # 3. Train, then one validation of the final weights unless the last one already was (all ranks).

@@ -125,7 +125,9 @@ def check(cfg: DictConfig, where: str) -> None:
     """Structure checks that need no NeMo/Lightning import."""
     unknown = [k for k in cfg if k not in SECTIONS]
     if unknown:
-        raise HablaError(f"{where}: unknown section(s) {', '.join(map(str, unknown))}; a config has {', '.join(SECTIONS)}")
+        raise HablaError(
+            f"{where}: unknown section(s) {', '.join(map(str, unknown))}; a config has {', '.join(SECTIONS)}"
+        )
     for section in ("model", "trainer"):
         if not isinstance(cfg.get(section), DictConfig):
             raise HablaError(f"{where}: missing section {section}")

@@ -48,8 +48,17 @@ LEASE_SECONDS = 900  # how long a claim protects a submission in progress (compi
 DOWNLOAD_LEASE_SECONDS = 6 * 3600  # an MDC download of tens of GB
 TSV_MARKERS = ("validated.tsv", "train.tsv")
 # Decisions worth printing; "known" (processed before) and "older" are only logged.
-REPORTED = ("submitted", "adopted", "refused", "failed", "in-progress", "would-submit", "would-refuse",
-            "downloaded", "would-download")
+REPORTED = (
+    "submitted",
+    "adopted",
+    "refused",
+    "failed",
+    "in-progress",
+    "would-submit",
+    "would-refuse",
+    "downloaded",
+    "would-download",
+)
 
 
 @dataclass(frozen=True)
@@ -97,8 +106,8 @@ def _children(folder: str) -> list[tuple[str, bool]]:
     prefix = key.rstrip("/") + "/" if key else ""
     out = []
     try:
-        pages = storage.s3_client().get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix, Delimiter="/"
+        pages = (
+            storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
         )
         for page in pages:
             out += [(f"s3://{bucket}/{p['Prefix'].rstrip('/')}", True) for p in page.get("CommonPrefixes", [])]
@@ -177,8 +186,13 @@ def _claim(folder: str, owner: str, lease: float) -> tuple[str | None, str]:
             return None, f"in progress by {last.get('owner')} until {last['expires_at']}"
         attempt = int(storage.name(claims[-1])[len("claim-") : -len(".json")]) + 1
     uri = storage.join(folder, f"claim-{attempt:04d}.json")
-    claim = {"attempt": attempt, "owner": owner, "status": "submitting", "started_at": _iso(now),
-             "expires_at": _iso(now + dt.timedelta(seconds=lease))}
+    claim = {
+        "attempt": attempt,
+        "owner": owner,
+        "status": "submitting",
+        "started_at": _iso(now),
+        "expires_at": _iso(now + dt.timedelta(seconds=lease)),
+    }
     if not storage.create_exclusive(uri, _json(claim)):
         return None, "claimed by another watcher at the same moment"
     return uri, ""
@@ -200,8 +214,11 @@ def _write_summary(state: str, locale: str) -> None:
     results = read_results(state)
     newest = last_processed(results, locale)
     ordered = sorted(results.values(), key=lambda r: parse_release_name(r["release"]) or r["release"])
-    summary = {"updated_at": _iso(_now()), "last_processed": {locale: newest.name if newest else None},
-               "releases": ordered}
+    summary = {
+        "updated_at": _iso(_now()),
+        "last_processed": {locale: newest.name if newest else None},
+        "releases": ordered,
+    }
     storage.write_bytes(storage.join(state, "summary.json"), _json(summary))
 
 
@@ -274,8 +291,9 @@ def watch(
 
     Each training run gets ``release_uri`` (the archive or folder), ``output_uri`` = ``output_root`` (the
     pipeline keeps datasets/, runs/<run>/ and the model registry models/ under it, so a new release's model
-    competes with the best one so far), ``run_name`` = ``habla-<release>``, ``locale`` and ``params``. ``package`` is a compiled training pipeline
-    to submit instead of compiling habla's own. Returns one decision per release seen.
+    competes with the best one so far), ``run_name`` = ``habla-<release>``, ``locale`` and ``params``.
+    ``package`` is a compiled training pipeline to submit instead of compiling habla's own. Returns one
+    decision per release seen.
     """
     params = dict(params or {})
     reserved = sorted({"release_uri", "output_uri", "locale", "run_name"} & set(params))
@@ -310,15 +328,17 @@ def watch(
                 decisions.append(Decision(name, "would-submit", release.uri))
             else:
                 submitter.ready()  # before claiming: an unreachable KFP or a broken pipeline leaves no claims
-                decisions.append(_claim_and_submit(release, state, submitter, owner, lease_seconds, output_root,
-                                                   locale, params))
+                decisions.append(
+                    _claim_and_submit(release, state, submitter, owner, lease_seconds, output_root, locale, params)
+                )
     if not dry_run:
         _write_summary(state, locale)
     return decisions
 
 
-def _fetch_from_mdc(inbox: str, state: str, locale: str, newest_done: ReleaseName | None, owner: str,
-                    dry_run: bool) -> Decision:
+def _fetch_from_mdc(
+    inbox: str, state: str, locale: str, newest_done: ReleaseName | None, owner: str, dry_run: bool
+) -> Decision:
     """Ask the Data Collective for the newest release; download it into the inbox if it is new."""
     from habla import mdc
 
@@ -353,14 +373,21 @@ def _refuse_delta(release: Release, state: str, dry_run: bool) -> Decision:
     )
     if dry_run:
         return Decision(name, "would-refuse", message)
-    record = {"release": name, "status": "refused", "reason": message, "uri": release.uri,
-              "recorded_at": _iso(_now())}
+    record = {"release": name, "status": "refused", "reason": message, "uri": release.uri, "recorded_at": _iso(_now())}
     created = storage.create_exclusive(storage.join(_release_dir(state, name), "result.json"), _json(record))
     return Decision(name, "refused" if created else "known", message if created else "refused")
 
 
-def _claim_and_submit(release: Release, state: str, submitter: _Submitter, owner: str, lease: float,
-                      output_root: str, locale: str, params: dict) -> Decision:
+def _claim_and_submit(
+    release: Release,
+    state: str,
+    submitter: _Submitter,
+    owner: str,
+    lease: float,
+    output_root: str,
+    locale: str,
+    params: dict,
+) -> Decision:
     name = release.name.name
     folder = _release_dir(state, name)
     claim_uri, why = _claim(folder, owner, lease)
@@ -372,8 +399,13 @@ def _claim_and_submit(release: Release, state: str, submitter: _Submitter, owner
         return Decision(name, "known", "processed by another watcher meanwhile")
     claim = json.loads(storage.read_text(claim_uri))
     expires = dt.datetime.fromisoformat(claim["expires_at"])
-    arguments = {"release_uri": release.uri, "output_uri": output_root, "run_name": run_name_for(release.name),
-                 "locale": locale, **params}
+    arguments = {
+        "release_uri": release.uri,
+        "output_uri": output_root,
+        "run_name": run_name_for(release.name),
+        "locale": locale,
+        **params,
+    }
     try:
         if _now() > expires:
             raise HablaError("the claim's lease expired before the submission started")
@@ -384,9 +416,18 @@ def _claim_and_submit(release: Release, state: str, submitter: _Submitter, owner
         if not isinstance(exc, HablaError):
             raise
         return Decision(name, "failed", message)
-    record = {"release": name, "status": "submitted", "run_id": ref.run_id, "url": ref.url, "uri": release.uri,
-              "output_uri": arguments["output_uri"], "submitted_at": _iso(_now()), "attempt": claim["attempt"],
-              "adopted": action == "adopted", "experiment": submitter.experiment}
+    record = {
+        "release": name,
+        "status": "submitted",
+        "run_id": ref.run_id,
+        "url": ref.url,
+        "uri": release.uri,
+        "output_uri": arguments["output_uri"],
+        "submitted_at": _iso(_now()),
+        "attempt": claim["attempt"],
+        "adopted": action == "adopted",
+        "experiment": submitter.experiment,
+    }
     if not storage.create_exclusive(result_uri, _json(record)):
         log.warning("%s: a result was already recorded; keeping it", name)
     return Decision(name, action, release.uri, ref.run_id, ref.url)
@@ -417,23 +458,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", help="KFP user namespace (multi-user deployments)")
     parser.add_argument("--experiment", default="habla", help="KFP experiment of the training runs")
     parser.add_argument("--locale", default="es", help="Common Voice locale to watch (default es)")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra training pipeline parameter (repeatable), e.g. --param nodes=2")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra training pipeline parameter (repeatable), e.g. --param nodes=2",
+    )
     parser.add_argument("--dry-run", action="store_true", help="report what would happen; write and submit nothing")
-    parser.add_argument("--package", metavar="FILE.yaml",
-                        help="compiled training pipeline to submit (default: compile habla's own)")
+    parser.add_argument(
+        "--package", metavar="FILE.yaml", help="compiled training pipeline to submit (default: compile habla's own)"
+    )
     parser.add_argument("--lease", type=float, default=LEASE_SECONDS, help="claim lease in seconds")
-    parser.add_argument("--mdc", action="store_true",
-                        help="first ask the Mozilla Data Collective for the newest release and download it into "
-                             "the inbox if it is new (download needs MDC_API_KEY)")
+    parser.add_argument(
+        "--mdc",
+        action="store_true",
+        help="first ask the Mozilla Data Collective for the newest release and download it into "
+        "the inbox if it is new (download needs MDC_API_KEY)",
+    )
     parser.add_argument("--json", action="store_true", help="print the decisions as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     decisions = watch(
-        args.inbox, args.state, output_root=args.output_root, host=args.host, namespace=args.namespace,
-        experiment=args.experiment, locale=args.locale, params=parse_params(args.param), dry_run=args.dry_run,
-        lease_seconds=args.lease, mdc=args.mdc, package=args.package,
+        args.inbox,
+        args.state,
+        output_root=args.output_root,
+        host=args.host,
+        namespace=args.namespace,
+        experiment=args.experiment,
+        locale=args.locale,
+        params=parse_params(args.param),
+        dry_run=args.dry_run,
+        lease_seconds=args.lease,
+        mdc=args.mdc,
+        package=args.package,
     )
     if args.json:
         print(json.dumps([asdict(d) for d in decisions], indent=2))

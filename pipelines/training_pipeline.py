@@ -27,11 +27,13 @@ S3_CONFIG_MAP = "habla-s3-config"
 def _with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """S3 access for a step: credentials from the Secret, endpoint and region from the ConfigMap."""
     kubernetes.use_secret_as_env(
-        task, secret_name=S3_SECRET,
+        task,
+        secret_name=S3_SECRET,
         secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
     )
     kubernetes.use_config_map_as_env(
-        task, config_map_name=S3_CONFIG_MAP,
+        task,
+        config_map_name=S3_CONFIG_MAP,
         config_map_key_to_env={"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION"},
     )
     return task
@@ -108,40 +110,83 @@ def habla_pipeline(
         run_name: Name of the run's folder under output_uri/runs/; empty: the pipeline run's name.
     """
     run = start_run(
-        output_uri=output_uri, run_name=run_name, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        release_uri=release_uri, locale=locale, config=config, config_overrides=config_overrides, nodes=nodes,
-        gpus_per_node=gpus_per_node, max_steps=max_steps, max_epochs=max_epochs, train_source=train_source,
-        audio_format=audio_format, num_shards=num_shards, launcher=launcher, promotion_margin=promotion_margin,
+        output_uri=output_uri,
+        run_name=run_name,
+        job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        release_uri=release_uri,
+        locale=locale,
+        config=config,
+        config_overrides=config_overrides,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        train_source=train_source,
+        audio_format=audio_format,
+        num_shards=num_shards,
+        launcher=launcher,
+        promotion_margin=promotion_margin,
     ).set_caching_options(False)
     _with_s3(run)
 
-    plan = plan_dataset(
-        release_uri=release_uri, output_uri=output_uri, locale=locale, num_shards=num_shards,
-        train_source=train_source, audio_format=audio_format, min_duration=min_duration, max_duration=max_duration,
-    ).set_caching_options(True).set_retry(num_retries=2, backoff_duration="60s")
+    plan = (
+        plan_dataset(
+            release_uri=release_uri,
+            output_uri=output_uri,
+            locale=locale,
+            num_shards=num_shards,
+            train_source=train_source,
+            audio_format=audio_format,
+            min_duration=min_duration,
+            max_duration=max_duration,
+        )
+        .set_caching_options(True)
+        .set_retry(num_retries=2, backoff_duration="60s")
+    )
     _with_s3(plan).set_cpu_request("2").set_memory_request("8Gi").set_memory_limit("16Gi")
     dataset = convert_dataset(dataset_uri=plan.output, workers_per_shard=workers_per_shard)
 
     train_args = dict(
-        run_dir=run.output, dataset_uri=dataset.output, config=config, config_overrides=config_overrides,
-        max_steps=max_steps, max_epochs=max_epochs, init_from=init_from, nodes=nodes, gpus_per_node=gpus_per_node,
+        run_dir=run.output,
+        dataset_uri=dataset.output,
+        config=config,
+        config_overrides=config_overrides,
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        init_from=init_from,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
     )
     with dsl.If(launcher == "local", name="train-in-pipeline-pod"):
         here = train_here(**train_args).set_caching_options(False).set_retry(num_retries=1)
         _with_s3(here).set_cpu_request("8").set_memory_request("32Gi")
         here.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus_per_node)
     with dsl.Else(name="train-as-cluster-job"):
-        job = train_on_cluster(
-            **train_args, kind=launcher, image=train_image,
-            job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
-        ).set_caching_options(False).set_retry(num_retries=2, backoff_duration="120s")
+        job = (
+            train_on_cluster(
+                **train_args,
+                kind=launcher,
+                image=train_image,
+                job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+            )
+            .set_caching_options(False)
+            .set_retry(num_retries=2, backoff_duration="120s")
+        )
         _with_s3(job).set_cpu_request("500m").set_memory_request("1Gi")
     model = dsl.OneOf(here.outputs["Output"], job.outputs["Output"])
 
-    evaluation = evaluate_models(
-        run_dir=run.output, dataset_uri=dataset.output, model_uri=model, output_uri=output_uri,
-        promotion_margin=promotion_margin,
-    ).set_caching_options(False).set_retry(num_retries=1)
+    evaluation = (
+        evaluate_models(
+            run_dir=run.output,
+            dataset_uri=dataset.output,
+            model_uri=model,
+            output_uri=output_uri,
+            promotion_margin=promotion_margin,
+        )
+        .set_caching_options(False)
+        .set_retry(num_retries=1)
+    )
     _with_s3(evaluation).set_cpu_request("4").set_memory_request("16Gi")
     evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
 

@@ -2,16 +2,17 @@
 
 ``habla schedule`` uploads it and makes it a recurring run. The component runs in the habla-prep image (the
 images are chosen at compile time, as for the training pipeline, and passed on to the training pipeline the
-watcher compiles in its pod), which already holds habla and kfp: nothing is pip-installed at run time (offline clusters, kubeflow/pipelines
-#6738). Caching is off, or every poll after the first would be answered from the cache without looking.
+watcher compiles in its pod), which already holds habla and kfp: nothing is pip-installed at run time
+(offline clusters, kubeflow/pipelines #6738). Caching is off, or every poll after the first would be
+answered from the cache without looking.
 S3 credentials come from the Secret ``habla-s3-credentials`` (keys ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``); the Data Collective key from the optional Secret ``habla-mdc`` (``MDC_API_KEY``).
 """
 
 # no "from __future__ import annotations": KFP reads the real annotation types
+from habla.components import PREP_IMAGE, TRAIN_IMAGE
 from kfp import compiler, dsl, kubernetes
 
-from habla.components import PREP_IMAGE, TRAIN_IMAGE
 S3_SECRET = "habla-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 MDC_SECRET = "habla-mdc"
@@ -41,8 +42,15 @@ def watch_releases(
     from habla import watch
 
     decisions = watch.watch(
-        inbox, state, output_root=output_root, host=kfp_host, experiment=experiment, locale=locale,
-        params=json.loads(training_params or "{}"), dry_run=dry_run, mdc=mdc,
+        inbox,
+        state,
+        output_root=output_root,
+        host=kfp_host,
+        experiment=experiment,
+        locale=locale,
+        params=json.loads(training_params or "{}"),
+        dry_run=dry_run,
+        mdc=mdc,
     )
     report = json.dumps([asdict(d) for d in decisions], indent=2)
     print(report)
@@ -69,8 +77,15 @@ def watcher_pipeline(
     dry_run: bool = False,
 ) -> None:
     task = watch_releases(
-        inbox=inbox, state=state, output_root=output_root, experiment=experiment, locale=locale,
-        kfp_host=kfp_host, training_params=training_params, s3_endpoint_url=s3_endpoint_url, mdc=mdc,
+        inbox=inbox,
+        state=state,
+        output_root=output_root,
+        experiment=experiment,
+        locale=locale,
+        kfp_host=kfp_host,
+        training_params=training_params,
+        s3_endpoint_url=s3_endpoint_url,
+        mdc=mdc,
         dry_run=dry_run,
     )
     task.set_caching_options(False)

@@ -85,9 +85,7 @@ class StandinK8s:
                     code, payload = standin._route(method, parts.path, parse_qs(parts.query), body)
                 data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 self.send_response(code)
-                self.send_header(
-                    "Content-Type", "text/plain" if isinstance(payload, str) else "application/json"
-                )
+                self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -223,9 +221,7 @@ class StandinK8s:
         if method == "GET":
             if self.flaky_gets:
                 self.flaky_gets -= 1
-                return self._status(
-                    503, "ServiceUnavailable", "the server is currently unable to handle the request"
-                )
+                return self._status(503, "ServiceUnavailable", "the server is currently unable to handle the request")
             return 200, self.objects[key] if key in self._frozen else self._advance(key)
         if method == "DELETE":
             del self.objects[key]

@@ -31,8 +31,16 @@ API = "/apis/v2beta1"
 # int64 fields are strings in the generated models; protobuf JSON accepts numbers for them as well.
 INT64_FIELDS = {"max_concurrency", "interval_second", "long_value"}
 # Proto enum numbers of PredicateOperation, as kfp.Client sends them (operation 1 = EQUALS).
-OPERATIONS = {1: "EQUALS", 2: "NOT_EQUALS", 3: "GREATER_THAN", 5: "GREATER_THAN_EQUALS", 6: "LESS_THAN",
-              7: "LESS_THAN_EQUALS", 8: "IN", 9: "IS_SUBSTRING"}
+OPERATIONS = {
+    1: "EQUALS",
+    2: "NOT_EQUALS",
+    3: "GREATER_THAN",
+    5: "GREATER_THAN_EQUALS",
+    6: "LESS_THAN",
+    7: "LESS_THAN_EQUALS",
+    8: "IN",
+    9: "IS_SUBSTRING",
+}
 PARAMETER_TYPES = {
     "STRING": (str,),
     "NUMBER_INTEGER": (int,),
@@ -252,7 +260,7 @@ class KfpStandin:
     def dispatch(self, method: str, path: str, query: dict, body: bytes, headers) -> tuple[int, dict]:
         if not path.startswith(API):
             raise ApiError(404, f"no route {path}")
-        route = path[len(API):]
+        route = path[len(API) :]
         routes = [
             ("GET", r"/healthz", self.healthz, None),
             ("POST", r"/experiments", self.create_experiment, "V2beta1Experiment"),
@@ -366,15 +374,21 @@ class KfpStandin:
     def _add_version(self, pipeline_id: str, name: str, spec: dict) -> dict:
         if any(v["pipeline_id"] == pipeline_id and v["display_name"] == name for v in self.versions.values()):
             raise ApiError(409, f"pipeline version {name!r} already exists")
-        version = {"pipeline_id": pipeline_id, "pipeline_version_id": str(uuid.uuid4()), "display_name": name,
-                   "created_at": _now(), "pipeline_spec": spec}
+        version = {
+            "pipeline_id": pipeline_id,
+            "pipeline_version_id": str(uuid.uuid4()),
+            "display_name": name,
+            "created_at": _now(),
+            "pipeline_spec": spec,
+        }
         self.versions[version["pipeline_version_id"]] = version
         self.specs[version["pipeline_version_id"]] = spec
         return version
 
     def upload_pipeline(self, spec, query):
-        status, pipeline = self.create_pipeline({"display_name": query.get("display_name") or query.get("name")
-                                                 or spec["pipelineInfo"]["name"]}, query)
+        status, pipeline = self.create_pipeline(
+            {"display_name": query.get("display_name") or query.get("name") or spec["pipelineInfo"]["name"]}, query
+        )
         self._add_version(pipeline["pipeline_id"], pipeline["display_name"], spec)
         return status, pipeline
 
@@ -424,14 +438,22 @@ class KfpStandin:
                 time.sleep(self.run_delay)
             finally:
                 self.lock.acquire()
-        run = {**body, "run_id": str(uuid.uuid4()), "created_at": _now(), "state": "PENDING",
-               "storage_state": "AVAILABLE"}
+        run = {
+            **body,
+            "run_id": str(uuid.uuid4()),
+            "created_at": _now(),
+            "state": "PENDING",
+            "storage_state": "AVAILABLE",
+        }
         self.runs[run["run_id"]] = run
         return self._reply(run, "V2beta1Run")
 
     def list_runs(self, query):
-        items = [r for r in self.runs.values()
-                 if not query.get("experiment_id") or r["experiment_id"] == query["experiment_id"]]
+        items = [
+            r
+            for r in self.runs.values()
+            if not query.get("experiment_id") or r["experiment_id"] == query["experiment_id"]
+        ]
         return self._list(items, query, "runs", "V2beta1ListRunsResponse")
 
     def get_run(self, run_id, query):
@@ -448,14 +470,22 @@ class KfpStandin:
             raise ApiError(400, f"cron {cron!r}: KFP expects 6 fields, seconds first")
         if not 1 <= int(body.get("max_concurrency") or 1) <= 10:
             raise ApiError(400, "max_concurrency must be between 1 and 10")
-        rr = {**body, "recurring_run_id": str(uuid.uuid4()), "created_at": _now(), "updated_at": _now(),
-              "status": "ENABLED" if body.get("mode") == "ENABLE" else "DISABLED"}
+        rr = {
+            **body,
+            "recurring_run_id": str(uuid.uuid4()),
+            "created_at": _now(),
+            "updated_at": _now(),
+            "status": "ENABLED" if body.get("mode") == "ENABLE" else "DISABLED",
+        }
         self.recurring_runs[rr["recurring_run_id"]] = rr
         return self._reply(rr, "V2beta1RecurringRun")
 
     def list_recurring_runs(self, query):
-        items = [r for r in self.recurring_runs.values()
-                 if not query.get("experiment_id") or r["experiment_id"] == query["experiment_id"]]
+        items = [
+            r
+            for r in self.recurring_runs.values()
+            if not query.get("experiment_id") or r["experiment_id"] == query["experiment_id"]
+        ]
         # The one camelCase JSON name of the API (attribute_map of ListRecurringRunsResponse).
         return self._list(items, query, "recurringRuns", "V2beta1ListRecurringRunsResponse")
 
@@ -482,10 +512,23 @@ def compile_fake_training_pipeline(out_dir: str) -> str:
         return output_uri
 
     @dsl.pipeline(name="habla-training")
-    def training(release_uri: str, output_uri: str, locale: str = "es", config: str = "small", nodes: int = 1,
-                 max_steps: int = 1000, run_name: str = ""):
-        train(release_uri=release_uri, output_uri=output_uri, locale=locale, config=config, nodes=nodes,
-              max_steps=max_steps)
+    def training(
+        release_uri: str,
+        output_uri: str,
+        locale: str = "es",
+        config: str = "small",
+        nodes: int = 1,
+        max_steps: int = 1000,
+        run_name: str = "",
+    ):
+        train(
+            release_uri=release_uri,
+            output_uri=output_uri,
+            locale=locale,
+            config=config,
+            nodes=nodes,
+            max_steps=max_steps,
+        )
 
     path = f"{out_dir}/training_pipeline.yaml"
     compiler.Compiler().compile(training, package_path=path)

@@ -28,8 +28,8 @@ def test_columns_by_header_name_in_every_generation(tmp_path):
 def test_quotes_are_data_not_quoting(tmp_path):
     tsv = tmp_path / "t.tsv"
     tsv.write_text(
-        'client_id\tpath\tsentence\n'
-        'a\t1.mp3\t"Hola, dijo él\n'       # an unbalanced quote must not swallow the next lines
+        "client_id\tpath\tsentence\n"
+        'a\t1.mp3\t"Hola, dijo él\n'  # an unbalanced quote must not swallow the next lines
         'b\t2.mp3\tLe llaman "el Rubio"\n'
         'c\t3.mp3\tfin"\n'
     )

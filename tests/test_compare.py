@@ -12,37 +12,80 @@ from habla import cli, compare, kfp_api
 from habla.errors import HablaError
 
 
-def _run_folder(root: Path, name: str, *, release: str, config: str, nodes: int, wer: float | None,
-                steps: int = 400) -> Path:
+def _run_folder(
+    root: Path, name: str, *, release: str, config: str, nodes: int, wer: float | None, steps: int = 400
+) -> Path:
     """A run output as `habla pipeline run-local` writes it (the fields compare reads, per docs/layout.md)."""
     dst = root / name
     (dst / "model").mkdir(parents=True)
-    (dst / "run.json").write_text(json.dumps({
-        "run_name": name, "release": release, "config": config, "nodes": nodes, "gpus_per_node": 0,
-        "max_steps": steps, "train_source": "train"}))
-    (dst / "model" / "train_summary.json").write_text(json.dumps({
-        "world_size": nodes, "nodes": nodes, "devices": 1, "steps": steps, "epochs": 3, "wall_seconds": 5400,
-        "audio_hours_seen": 1.25, "final_train_loss": 0.7, "val_wer": wer, "config": config, "init_from": None}))
+    (dst / "run.json").write_text(
+        json.dumps(
+            {
+                "run_name": name,
+                "release": release,
+                "config": config,
+                "nodes": nodes,
+                "gpus_per_node": 0,
+                "max_steps": steps,
+                "train_source": "train",
+            }
+        )
+    )
+    (dst / "model" / "train_summary.json").write_text(
+        json.dumps(
+            {
+                "world_size": nodes,
+                "nodes": nodes,
+                "devices": 1,
+                "steps": steps,
+                "epochs": 3,
+                "wall_seconds": 5400,
+                "audio_hours_seen": 1.25,
+                "final_train_loss": 0.7,
+                "val_wer": wer,
+                "config": config,
+                "init_from": None,
+            }
+        )
+    )
     if wer is not None:
         (dst / "eval").mkdir()
-        (dst / "eval" / "metrics.json").write_text(json.dumps({
-            "wer": wer, "cer": wer / 3, "utterances": 30, "hours": 0.04,
-            "by_gender": {"female_feminine": {"wer": wer + 0.02, "cer": 0.1, "utterances": 12},
-                          "male_masculine": {"wer": wer - 0.01, "cer": 0.1, "utterances": 18}},
-            "by_age": {"twenties": {"wer": wer, "cer": 0.1, "utterances": 30}},
-            "by_accent": {"unknown": {"wer": wer, "cer": 0.1, "utterances": 30}}}))
+        (dst / "eval" / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "wer": wer,
+                    "cer": wer / 3,
+                    "utterances": 30,
+                    "hours": 0.04,
+                    "by_gender": {
+                        "female_feminine": {"wer": wer + 0.02, "cer": 0.1, "utterances": 12},
+                        "male_masculine": {"wer": wer - 0.01, "cer": 0.1, "utterances": 18},
+                    },
+                    "by_age": {"twenties": {"wer": wer, "cer": 0.1, "utterances": 30}},
+                    "by_accent": {"unknown": {"wer": wer, "cer": 0.1, "utterances": 30}},
+                }
+            )
+        )
     return dst
 
 
 @pytest.fixture
 def runs(tmp_path) -> list[Path]:
     return [
-        _run_folder(tmp_path, "small-v17", release="/data/cv-corpus-17.0-2024-03-15/es", config="small", nodes=1,
-                    wer=0.31),
-        _run_folder(tmp_path, "large-v25", release="s3://cv/inbox/cv-corpus-25.0-2026-03-09-es.tar.gz",
-                    config="large", nodes=2, wer=0.12),
-        _run_folder(tmp_path, "crashed", release="/data/cv-corpus-25.0-2026-03-09/es", config="large", nodes=2,
-                    wer=None),
+        _run_folder(
+            tmp_path, "small-v17", release="/data/cv-corpus-17.0-2024-03-15/es", config="small", nodes=1, wer=0.31
+        ),
+        _run_folder(
+            tmp_path,
+            "large-v25",
+            release="s3://cv/inbox/cv-corpus-25.0-2026-03-09-es.tar.gz",
+            config="large",
+            nodes=2,
+            wer=0.12,
+        ),
+        _run_folder(
+            tmp_path, "crashed", release="/data/cv-corpus-25.0-2026-03-09/es", config="large", nodes=2, wer=None
+        ),
     ]
 
 
@@ -85,11 +128,25 @@ def test_compare_runs_of_a_kfp_experiment(runs, tmp_path, capsys):
     with KfpStandin() as kfp:
         client = kfp_api.connect(kfp.url)
         for dst, config in ((runs[0], "small"), (runs[1], "large")):
-            kfp_api.submit_run(kfp.url, package, {"release_uri": "s3://cv/x", "output_uri": str(dst),
-                                                  "config": config}, "cv-es", f"kfp-{dst.name}", client=client)
-        kfp_api.submit_run(kfp.url, package, {"release_uri": "s3://cv/cv-corpus-9.0-2022-04-27-es.tar.gz",
-                                              "output_uri": str(tmp_path / "never-written")}, "cv-es", "kfp-pending",
-                           client=client)
+            kfp_api.submit_run(
+                kfp.url,
+                package,
+                {"release_uri": "s3://cv/x", "output_uri": str(dst), "config": config},
+                "cv-es",
+                f"kfp-{dst.name}",
+                client=client,
+            )
+        kfp_api.submit_run(
+            kfp.url,
+            package,
+            {
+                "release_uri": "s3://cv/cv-corpus-9.0-2022-04-27-es.tar.gz",
+                "output_uri": str(tmp_path / "never-written"),
+            },
+            "cv-es",
+            "kfp-pending",
+            client=client,
+        )
         assert cli.main(["compare", "--host", kfp.url, "--experiment", "cv-es", "--format", "json"]) == 0
         data = json.loads(capsys.readouterr().out)
         assert cli.main(["compare", "--host", kfp.url, "--experiment", "nope"]) == 2
@@ -105,8 +162,11 @@ def test_compare_runs_of_a_kfp_experiment(runs, tmp_path, capsys):
 def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["compare", str(tmp_path / "empty")]) == 2
-    assert capsys.readouterr().err.strip().endswith("not a habla run output (no run.json, model/train_summary.json "
-                                                    "or eval/metrics.json)")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("not a habla run output (no run.json, model/train_summary.json or eval/metrics.json)")
+    )
     assert cli.main(["compare"]) == 2
     assert cli.main(["compare", "--host", "http://127.0.0.1:9", "--experiment", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

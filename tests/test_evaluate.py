@@ -50,7 +50,10 @@ def test_corpus_level_metrics_and_breakdowns():
                                                        "utterances": 2}  # fmt: skip
     assert metrics["by_gender"]["male_masculine"]["wer"] == 1.0
     assert metrics["by_age"]["unknown"]["utterances"] == 1  # an empty value is the group "unknown"
-    assert metrics["by_accent"] == {"México": metrics["by_accent"]["México"], "unknown": metrics["by_accent"]["unknown"]}
+    assert metrics["by_accent"] == {
+        "México": metrics["by_accent"]["México"],
+        "unknown": metrics["by_accent"]["unknown"],
+    }
     assert [r["wer"] for r in rows] == [0.0, 1.0, 0.5] and rows[1]["gender"] == "male_masculine"
 
     report = render_report(metrics, rows, "m.nemo", "test.json", worst=5)
@@ -73,6 +76,8 @@ def test_evaluate_cli_missing_audio_and_missing_model_are_one_line(tmp_path, tra
     assert "habla evaluate: error:" in result.stderr and "x.wav: no such file" in result.stderr
 
     good = write_manifest(train_clips[:1], tmp_path / "good.json")
-    result = run_habla("evaluate", "--model", str(tmp_path / "m.nemo"), "--manifest", str(good), "--out", str(tmp_path / "e"))
+    result = run_habla(
+        "evaluate", "--model", str(tmp_path / "m.nemo"), "--manifest", str(good), "--out", str(tmp_path / "e")
+    )
     assert result.returncode == 2 and "--model" in result.stderr and "no such file" in result.stderr
     assert not (tmp_path / "e" / "metrics.json").exists()

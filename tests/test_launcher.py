@@ -83,9 +83,7 @@ def test_trainjob_fields():
 
 
 def test_trainjob_cpu_only_and_custom_runtime():
-    job = build_trainjob(
-        make_launch(gpus_per_node=0, nproc_per_node=2, cpu=None, memory=None, runtime="habla-torch")
-    )
+    job = build_trainjob(make_launch(gpus_per_node=0, nproc_per_node=2, cpu=None, memory=None, runtime="habla-torch"))
     trainer = job["spec"]["trainer"]
     assert trainer["numProcPerNode"] == 2
     assert "resourcesPerNode" not in trainer
@@ -202,21 +200,14 @@ def test_job_state_reads_both_kinds():
         return {"type": t, "status": status, **kw}
 
     assert job_state({}).phase == "pending"
-    assert (
-        job_state({"status": {"conditions": [cond("Complete", reason="JobSetCompleted")]}}).phase
-        == "succeeded"
-    )
+    assert job_state({"status": {"conditions": [cond("Complete", reason="JobSetCompleted")]}}).phase == "succeeded"
     running = job_state({"status": {"conditions": [cond("Created", "False"), cond("Running", message="up")]}})
     assert running.phase == "running" and running.summary == "Running: up"
-    failed = job_state(
-        {"status": {"conditions": [cond("Running", "False"), cond("Failed", reason="BackoffLimit")]}}
-    )
+    failed = job_state({"status": {"conditions": [cond("Running", "False"), cond("Failed", reason="BackoffLimit")]}})
     assert failed.phase == "failed" and failed.summary.startswith("Failed (BackoffLimit)")
     trainjob = job_state({"status": {"jobsStatus": [{"name": "node", "active": 2, "ready": 2}]}})
     assert trainjob.phase == "running" and trainjob.summary == "node: 2 active, 2 ready"
-    replica = job_state(
-        {"status": {"replicaStatuses": {"Master": {"active": 1}, "Worker": {"succeeded": 1}}}}
-    )
+    replica = job_state({"status": {"replicaStatuses": {"Master": {"active": 1}, "Worker": {"succeeded": 1}}}})
     assert replica.summary == "Master: 1 active; Worker: 1 succeeded"
 
 
@@ -247,9 +238,7 @@ def test_success_creates_follows_and_deletes(kind, plural, steps, final):
         assert delete.query["propagationPolicy"] == ["Background"]
         assert api.objects == {}
         pod_lists = api.calls("GET", "pods")
-        assert pod_lists and pod_lists[0].query["labelSelector"] == [
-            f"{launcher.KINDS[kind].pod_label}={launch.name}"
-        ]
+        assert pod_lists and pod_lists[0].query["labelSelector"] == [f"{launcher.KINDS[kind].pod_label}={launch.name}"]
     assert status["conditions"][-1]["type"] == final
     text = "\n".join(lines)
     assert "created" in text and "succeeded after" in text and "deleted" in text
@@ -287,11 +276,7 @@ def test_retried_step_replaces_a_failed_job():
     launch = make_launch()
     lines: list[str] = []
     with StandinK8s(steps=["Created", "Running", "Succeeded"]) as api:
-        failed = {
-            "conditions": [
-                {"type": "Failed", "status": "True", "reason": "JobFailed", "message": "node died"}
-            ]
-        }
+        failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "JobFailed", "message": "node died"}]}
         api.put("trainjobs", "team-asr", build_trainjob(launch), status=failed)
         run(api, launch, "trainjob", lines)
         assert len(api.calls("POST")) == 2  # 409, then the new job

@@ -66,18 +66,14 @@ def test_every_document_is_well_formed(path):
     for doc in docs:
         assert isinstance(doc.get("apiVersion"), str) and isinstance(doc.get("kind"), str), path
         if doc["kind"] == "Kustomization":
-            for entry in doc.get("resources", []) + [
-                p["path"] for p in doc.get("patches", []) if "path" in p
-            ]:
+            for entry in doc.get("resources", []) + [p["path"] for p in doc.get("patches", []) if "path" in p]:
                 assert (path.parent / entry).exists(), f"{path}: {entry} does not exist"
             for gen in doc.get("secretGenerator", []):
                 for env in gen.get("envs", []):  # the real file is made from an example, never committed
                     assert (path.parent / f"{env}.example").exists(), f"{path}: no {env}.example"
         else:
             assert doc["metadata"]["name"], path
-            assert doc["kind"] != "Secret", (
-                f"{path}: Secrets are generated from a git-ignored file, not committed"
-            )
+            assert doc["kind"] != "Secret", f"{path}: Secrets are generated from a git-ignored file, not committed"
 
 
 def test_credentials_files_are_ignored_and_examples_hold_placeholders():
@@ -85,16 +81,12 @@ def test_credentials_files_are_ignored_and_examples_hold_placeholders():
     assert len(examples) == len(OVERLAYS)
     for example in examples:
         values = dict(
-            line.split("=", 1)
-            for line in example.read_text().splitlines()
-            if line and not line.startswith("#")
+            line.split("=", 1) for line in example.read_text().splitlines() if line and not line.startswith("#")
         )
         assert set(values) == set(launcher.SECRET_KEYS)
         assert all(v.startswith("REPLACE_ME") for v in values.values()), example
         real = example.with_suffix("")
-        result = subprocess.run(
-            ["git", "check-ignore", "-q", str(real)], cwd=ROOT, capture_output=True, check=False
-        )
+        result = subprocess.run(["git", "check-ignore", "-q", str(real)], cwd=ROOT, capture_output=True, check=False)
         if result.returncode == 128:
             pytest.skip("not a git checkout")
         assert result.returncode == 0, f"{real} is not ignored by git"
@@ -116,9 +108,7 @@ def test_rendered_documents_match_the_kubernetes_schemas(rendered):
 def test_overlay_namespace_and_rbac_cover_the_launcher(rendered, overlay):
     docs = rendered[f"overlays/{overlay}"]
     namespace = OVERLAYS[overlay]
-    assert all(
-        d["metadata"].get("namespace") == namespace for d in docs if d["kind"] not in KINDS_WITHOUT_NAMESPACE
-    )
+    assert all(d["metadata"].get("namespace") == namespace for d in docs if d["kind"] not in KINDS_WITHOUT_NAMESPACE)
     by_kind(docs, "ServiceAccount", "habla-pipeline-runner")
     role = by_kind(docs, "Role", "habla-launcher")
     granted = {
@@ -146,9 +136,7 @@ def test_kfp_launcher_points_the_pipeline_root_at_s3_with_the_secret(rendered, o
     data = by_kind(docs, "ConfigMap", "kfp-launcher")["data"]
     assert data["defaultPipelineRoot"].startswith("s3://")
     s3 = yaml.safe_load(data["providers"])["s3"]["default"]
-    assert (
-        s3["endpoint"] and "://" not in s3["endpoint"]
-    )  # KFP wants host[:port]; disableSSL picks the scheme
+    assert s3["endpoint"] and "://" not in s3["endpoint"]  # KFP wants host[:port]; disableSSL picks the scheme
     assert isinstance(s3["disableSSL"], bool) and isinstance(s3["forcePathStyle"], bool) and s3["region"]
     assert s3["credentials"] == {
         "fromEnv": False,
@@ -171,10 +159,7 @@ def test_kfp_launcher_points_the_pipeline_root_at_s3_with_the_secret(rendered, o
 
 def test_training_runtime(rendered):
     (runtime,) = rendered["runtimes"]
-    assert (
-        runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
-        and runtime["kind"] == "ClusterTrainingRuntime"
-    )
+    assert runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and runtime["kind"] == "ClusterTrainingRuntime"
     assert "namespace" not in runtime["metadata"]
     assert runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] == "auto"
     (job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
@@ -189,9 +174,7 @@ def test_training_runtime(rendered):
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
     # The launcher can select it by name.
     job_spec = launcher.build_trainjob(
-        launcher.TrainLaunch(
-            image="x/habla-train:1", name="habla-train-x", runtime=runtime["metadata"]["name"]
-        )
+        launcher.TrainLaunch(image="x/habla-train:1", name="habla-train-x", runtime=runtime["metadata"]["name"])
     )
     assert job_spec["spec"]["runtimeRef"]["name"] == "habla-torch-distributed"
 

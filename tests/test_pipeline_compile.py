@@ -13,8 +13,19 @@ SECRET_VALUE = "wJalrXUtnFEMI-not-a-real-key-7Q"
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("ir") / "habla.yaml"
     env = {"AWS_SECRET_ACCESS_KEY": SECRET_VALUE, "AWS_ACCESS_KEY_ID": "AKIAHABLATEST"}
-    result = run_habla("pipeline", "compile", "--out", str(out), "--prep-image", "registry.example/habla-prep:1",
-                       "--train-image", "registry.example/habla-train:1", "--conversion-parallelism", "12", env=env)
+    result = run_habla(
+        "pipeline",
+        "compile",
+        "--out",
+        str(out),
+        "--prep-image",
+        "registry.example/habla-prep:1",
+        "--train-image",
+        "registry.example/habla-train:1",
+        "--conversion-parallelism",
+        "12",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     text = out.read_text()
     ir, platform = yaml.safe_load_all(text)
@@ -29,9 +40,20 @@ def test_parameters_have_defaults_and_descriptions(compiled):
     _, ir, _ = compiled
     params = ir["root"]["inputDefinitions"]["parameters"]
     assert {"release_uri", "output_uri"} <= set(params) and not params["release_uri"].get("isOptional")
-    expected = {"locale": "es", "num_shards": 32, "train_source": "train", "min_duration": 0.5, "max_duration": 20.0,
-                "config": "fastconformer_ctc_bpe", "nodes": 1, "gpus_per_node": 1, "max_steps": 0,
-                "promotion_margin": 0.0, "launcher": "trainjob", "audio_format": "tar"}
+    expected = {
+        "locale": "es",
+        "num_shards": 32,
+        "train_source": "train",
+        "min_duration": 0.5,
+        "max_duration": 20.0,
+        "config": "fastconformer_ctc_bpe",
+        "nodes": 1,
+        "gpus_per_node": 1,
+        "max_steps": 0,
+        "promotion_margin": 0.0,
+        "launcher": "trainjob",
+        "audio_format": "tar",
+    }
     for name, default in expected.items():
         assert params[name]["defaultValue"] == default, name
     assert all(p.get("description") for p in params.values()), "every parameter is described in the UI"

@@ -7,7 +7,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import MINI, run_habla
 
 pytestmark = pytest.mark.slow
@@ -26,8 +25,18 @@ def two_runs(tmp_path_factory):
     first = run_habla("pipeline", "run-local", "--out", str(out), "--run-name", "first", STEPS, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     # The same release again with a margin nobody can beat: the data is reused, the model not promoted.
-    second = run_habla("pipeline", "run-local", "--out", str(out), "--run-name", "second", STEPS,
-                       "promotion_margin=1.0", "config_overrides=model.optim.lr=0.01", timeout=900)
+    second = run_habla(
+        "pipeline",
+        "run-local",
+        "--out",
+        str(out),
+        "--run-name",
+        "second",
+        STEPS,
+        "promotion_margin=1.0",
+        "config_overrides=model.optim.lr=0.01",
+        timeout=900,
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return out, first, second
 

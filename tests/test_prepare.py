@@ -53,7 +53,7 @@ def test_bundled_release_accounting_and_manifests(prepared):
     reasons = Counter(r["reason"] for r in rejected)
     # the bundled release carries digits in some prompts, a duplicated row and a dev clip listed in train
     assert reasons["unsupported_chars"] > 0 and reasons["duplicate"] == 1 and reasons["eval_overlap"] == 1
-    for split, entries in manifests.items():
+    for entries in manifests.values():
         for e in entries[:10]:
             assert Path(e["audio_filepath"]).is_absolute() and e["audio_filepath"].endswith(".wav")
             assert set(e["text"]) <= set(ALPHABET) and e["sentence"]
@@ -107,9 +107,12 @@ def test_bad_rows_are_rejected_with_reasons_and_the_run_goes_on(mini_copy, tmp_p
     listed = Counter(r.split("\t")[1] for r in rows)
     dev = {r.split("\t")[1] for r in (mini_copy / "dev.tsv").read_text().splitlines()}
     usable = [
-        r for r in rows
-        if listed[r.split("\t")[1]] == 1 and r.split("\t")[1] not in dev
-        and not any(c.isdigit() for c in r.split("\t")[3]) and 2500 < int(durations[r.split("\t")[1]]) < 15000
+        r
+        for r in rows
+        if listed[r.split("\t")[1]] == 1
+        and r.split("\t")[1] not in dev
+        and not any(c.isdigit() for c in r.split("\t")[3])
+        and 2500 < int(durations[r.split("\t")[1]]) < 15000
     ]
     missing, empty, truncated, garbage = (r.split("\t")[1] for r in usable[:4])
     (mini_copy / "clips" / missing).unlink()
@@ -175,7 +178,7 @@ def test_train_from_validated_guards_against_leakage(tmp_path):
         out, {"train": MINI / "validated.tsv", "dev": MINI / "dev.tsv", "test": MINI / "test.tsv"}
     )
     eval_entries = manifests["dev"] + manifests["test"]
-    eval_rows = [l.split("\t") for s in ("dev", "test") for l in (MINI / f"{s}.tsv").read_text().splitlines()[1:]]
+    eval_rows = [line.split("\t") for s in ("dev", "test") for line in (MINI / f"{s}.tsv").read_text().splitlines()[1:]]
     eval_speakers = {r[0] for r in eval_rows}
     eval_texts = {e["text"] for e in eval_entries}
     train = manifests["train"]
@@ -186,7 +189,7 @@ def test_train_from_validated_guards_against_leakage(tmp_path):
     # validated.tsv lists the dev/test clips themselves, other clips of their speakers, and their sentences
     assert reasons["eval_overlap"] > 0 and reasons["eval_speaker"] > 0 and reasons["eval_sentence"] > 0
     # ... and usable clips train.tsv does not have
-    train_tsv = {l.split("\t")[1] for l in (MINI / "train.tsv").read_text().splitlines()[1:]}
+    train_tsv = {line.split("\t")[1] for line in (MINI / "train.tsv").read_text().splitlines()[1:]}
     assert len({e["path"] for e in train} - train_tsv) >= 20
 
 
@@ -208,7 +211,8 @@ def test_plan_is_deterministic_and_balanced(tmp_path):
     loads = [s["planned_seconds"] for s in json.loads((a / "plan" / "plan.json").read_text())["shards"]]
     assert max(loads) - min(loads) <= 20.0  # within the longest clip allowed
     splits_per_shard = [
-        {json.loads(l)["split"] for l in (a / "plan" / f"shard-{k:05d}.jsonl").read_text().splitlines()} for k in range(4)
+        {json.loads(line)["split"] for line in (a / "plan" / f"shard-{k:05d}.jsonl").read_text().splitlines()}
+        for k in range(4)
     ]
     assert all(s == {"train", "dev", "test"} for s in splits_per_shard)
 
@@ -234,8 +238,18 @@ def test_killed_shard_resumes_to_the_same_result(tmp_path):
     prep.prepare(str(MINI), str(reference), options, workers=1)
 
     prep.plan(str(MINI), str(out), options)
-    cmd = [str(Path(sys.executable).with_name("habla")), "prepare", "--out", str(out), "--step", "convert",
-           "--shard", "0", "--workers", "1"]
+    cmd = [
+        str(Path(sys.executable).with_name("habla")),
+        "prepare",
+        "--out",
+        str(out),
+        "--step",
+        "convert",
+        "--shard",
+        "0",
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while len(list((out / "audio").rglob("*.wav"))) < 40 and time.monotonic() < deadline:
@@ -308,7 +322,9 @@ def test_archive_members_cannot_escape_staging(tmp_path):
 
 
 def test_cli_help_does_not_import_heavy_frameworks():
-    code = "import sys; from habla.cli import build_parser; build_parser(); " \
-           "print(sorted(m for m in ('torch', 'nemo', 'kfp', 'lightning', 'pandas') if m in sys.modules))"
+    code = (
+        "import sys; from habla.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'nemo', 'kfp', 'lightning', 'pandas') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -19,7 +19,10 @@ def read_manifest(uri: str) -> list[dict]:
 def local_reference(tmp_path, **options) -> dict[str, list[dict]]:
     out = tmp_path / "local"
     prep.prepare(str(MINI_V8), str(out), PrepareOptions(**options), workers=2)
-    return {s: [json.loads(l) for l in (out / "manifests" / f"{s}.json").read_text().splitlines()] for s in ("train", "dev", "test")}
+    return {
+        s: [json.loads(line) for line in (out / "manifests" / f"{s}.json").read_text().splitlines()]
+        for s in ("train", "dev", "test")
+    }
 
 
 def without_location(entries: list[dict]) -> list[dict]:

@@ -7,19 +7,26 @@ from pathlib import Path
 
 import pytest
 import yaml
+from habla.pipelines import watcher_pipeline
 from kfp_standin import KfpStandin, compile_fake_training_pipeline
 
-from habla import cli, kfp_api, pipelines, schedule
+from habla import cli, kfp_api, schedule
 from habla.errors import HablaError
 
 ROOT = Path(__file__).resolve().parents[1]
-if Path(pipelines.__file__).resolve().parent != ROOT / "pipelines":
-    # An editable install of another checkout (a shared dev venv): use this checkout's pipelines/.
-    pipelines.__path__.insert(0, str(ROOT / "pipelines"))
-from habla.pipelines import watcher_pipeline
 
-ARGS = ["--cron", "0 0 6 * * *", "--inbox", "s3://cv/inbox", "--state", "s3://cv/state", "--output-root",
-        "s3://cv/runs", "--param", "nodes=2"]
+ARGS = [
+    "--cron",
+    "0 0 6 * * *",
+    "--inbox",
+    "s3://cv/inbox",
+    "--state",
+    "s3://cv/state",
+    "--output-root",
+    "s3://cv/runs",
+    "--param",
+    "nodes=2",
+]
 
 
 def test_cron_needs_six_fields_seconds_first():
@@ -42,8 +49,10 @@ def test_watcher_pipeline_runs_in_the_habla_image_without_installing_anything(tm
     assert task["cachingOptions"] == {}  # caching off: a cached poll would never look at the inbox
     [env] = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
     secrets = {s["secretName"]: s for s in env["secretAsEnv"]}
-    assert {k["envVar"] for k in secrets["habla-s3-credentials"]["keyToEnv"]} == {"AWS_ACCESS_KEY_ID",
-                                                                                   "AWS_SECRET_ACCESS_KEY"}
+    assert {k["envVar"] for k in secrets["habla-s3-credentials"]["keyToEnv"]} == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
     assert secrets["habla-mdc"]["optional"] is True
 
 
@@ -87,8 +96,12 @@ def test_a_changed_pipeline_gets_a_new_version_and_the_schedule_moves_to_it(tmp_
     changed.write_text(Path(first).read_text().replace("python:3.11-slim", "python:3.12-slim"))
     with KfpStandin() as kfp:
         client = kfp_api.connect(kfp.url)
-        common = {"name": "nightly", "experiment": "e", "cron": "0 0 1 * * *",
-                  "params": {"release_uri": "s3://a", "output_uri": "s3://b"}}
+        common = {
+            "name": "nightly",
+            "experiment": "e",
+            "cron": "0 0 1 * * *",
+            "params": {"release_uri": "s3://a", "output_uri": "s3://b"},
+        }
         one = kfp_api.ensure_recurring_run(client, package_path=first, **common)
         same = kfp_api.ensure_recurring_run(client, package_path=first, **common)
         two = kfp_api.ensure_recurring_run(client, package_path=str(changed), **common)
@@ -107,9 +120,16 @@ def test_the_watcher_component_submits_through_the_api(tmp_path, monkeypatch):
     (inbox / "cv-corpus-25.0-2026-03-09-es.tar.gz").write_bytes(b"x")
     with KfpStandin() as kfp:
         report = watcher_pipeline.watch_releases.python_func(
-            inbox=str(inbox), state=str(tmp_path / "state"), output_root=str(tmp_path / "runs"),
-            experiment="habla", locale="es", kfp_host=kfp.url, training_params='{"nodes": 2}',
-            s3_endpoint_url="", mdc=False, dry_run=False,
+            inbox=str(inbox),
+            state=str(tmp_path / "state"),
+            output_root=str(tmp_path / "runs"),
+            experiment="habla",
+            locale="es",
+            kfp_host=kfp.url,
+            training_params='{"nodes": 2}',
+            s3_endpoint_url="",
+            mdc=False,
+            dry_run=False,
         )
         [run] = kfp.runs.values()
     assert json.loads(report)[0]["action"] == "submitted"

@@ -30,7 +30,7 @@ def run_two_nodes(tmp: Path, name: str, args: list[str]) -> list[str]:
         logs.append(log_path)
         env = cli_env(HABLA_CACHE=str(tmp / f"node{node_rank}-disk"))
         command = [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node_rank),
-                   "--master-addr", "127.0.0.1", "--master-port", str(port), "--no-python", HABLA, "train", *args]  # fmt: skip
+                   "--master-addr", "127.0.0.1", "--master-port", str(port), "--no-python", HABLA, "train", *args]  # fmt: skip  # noqa: E501
         procs.append(subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env))
     try:
         codes = [p.wait(timeout=420) for p in procs]

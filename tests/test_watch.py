@@ -59,8 +59,13 @@ def kfp(monkeypatch, tmp_path):
 
 
 def test_versions_order_numerically_not_as_text():
-    names = ["cv-corpus-25.0-2026-03-09-es", "cv-corpus-9.0-2022-04-27-es", "cv-corpus-17.0-2024-03-15-es",
-             "cv-corpus-5.1-2020-06-22-es", "cv-corpus-10.0-delta-2022-07-04-es"]
+    names = [
+        "cv-corpus-25.0-2026-03-09-es",
+        "cv-corpus-9.0-2022-04-27-es",
+        "cv-corpus-17.0-2024-03-15-es",
+        "cv-corpus-5.1-2020-06-22-es",
+        "cv-corpus-10.0-delta-2022-07-04-es",
+    ]
     ordered = sorted(parse_release_name(n) for n in names)
     assert [r.version_str for r in ordered] == ["5.1", "9.0", "10.0", "17.0", "25.0"]
     assert parse_release_name("cv-corpus-9.0-2022-04-27-es") < parse_release_name("cv-corpus-17.0-2024-03-15-es")
@@ -80,7 +85,9 @@ def test_find_releases_reads_archives_and_extracted_folders(tmp_path):
     storage.write_text(storage.join(inbox, "notes.txt"), "")
     found = watch.find_releases(inbox, ES)
     assert [r.name.name for r in found] == [
-        "cv-corpus-9.0-2022-04-27-es", "cv-corpus-10.0-delta-2022-07-04-es", "cv-corpus-17.0-2024-03-15-es",
+        "cv-corpus-9.0-2022-04-27-es",
+        "cv-corpus-10.0-delta-2022-07-04-es",
+        "cv-corpus-17.0-2024-03-15-es",
         "cv-corpus-25.0-2026-03-09-es",
     ]
     assert found[-1].uri == folder
@@ -99,13 +106,24 @@ def test_watch_submits_each_new_release_once_in_version_order(kfp, tmp_path):
 
     first = watch.watch(inbox, state, **options)
     assert [(d.release, d.action) for d in first] == [
-        ("cv-corpus-17.0-2024-03-15-es", "submitted"), ("cv-corpus-25.0-2026-03-09-es", "submitted")]
+        ("cv-corpus-17.0-2024-03-15-es", "submitted"),
+        ("cv-corpus-25.0-2026-03-09-es", "submitted"),
+    ]
     runs = sorted(kfp.runs.values(), key=lambda r: r["display_name"])
-    assert [r["display_name"] for r in runs] == ["habla-cv-corpus-17.0-2024-03-15-es", "habla-cv-corpus-25.0-2026-03-09-es"]
+    assert [r["display_name"] for r in runs] == [
+        "habla-cv-corpus-17.0-2024-03-15-es",
+        "habla-cv-corpus-25.0-2026-03-09-es",
+    ]
     params = runs[1]["runtime_config"]["parameters"]
-    assert params == {"release_uri": storage.join(inbox, "cv-corpus-25.0-2026-03-09-es.tar.gz"),
-                      "output_uri": out, "run_name": "habla-cv-corpus-25.0-2026-03-09-es", "locale": "es",
-                      "nodes": 2, "config": "small", "max_steps": 1000}  # defaults passed explicitly too
+    assert params == {
+        "release_uri": storage.join(inbox, "cv-corpus-25.0-2026-03-09-es.tar.gz"),
+        "output_uri": out,
+        "run_name": "habla-cv-corpus-25.0-2026-03-09-es",
+        "locale": "es",
+        "nodes": 2,
+        "config": "small",
+        "max_steps": 1000,
+    }  # defaults passed explicitly too
 
     # Nothing new: nothing submitted. A late, older release and a delta release show up.
     _archive(inbox, "cv-corpus-20.0-2024-12-06-es")
@@ -127,8 +145,11 @@ def test_watch_submits_each_new_release_once_in_version_order(kfp, tmp_path):
     summary = json.loads(storage.read_text(storage.join(state, "summary.json")))
     assert summary["last_processed"] == {"es": "cv-corpus-27.0-2026-09-15-es"}
     assert {r["release"]: r["status"] for r in summary["releases"]} == {
-        "cv-corpus-17.0-2024-03-15-es": "submitted", "cv-corpus-25.0-2026-03-09-es": "submitted",
-        "cv-corpus-26.0-delta-2026-06-10-es": "refused", "cv-corpus-27.0-2026-09-15-es": "submitted"}
+        "cv-corpus-17.0-2024-03-15-es": "submitted",
+        "cv-corpus-25.0-2026-03-09-es": "submitted",
+        "cv-corpus-26.0-delta-2026-06-10-es": "refused",
+        "cv-corpus-27.0-2026-09-15-es": "submitted",
+    }
 
 
 def test_dry_run_writes_and_submits_nothing(tmp_path):
@@ -163,8 +184,13 @@ def test_a_failed_submission_is_retried_and_a_crashed_one_adopted(kfp, tmp_path,
     # 3. A watcher that died after creating the run but before recording it: its claim is still
     #    "submitting". While the lease runs, others keep off; after it, the run is found and adopted.
     (claims / "result.json").unlink()
-    crashed = {"attempt": 3, "owner": "pod-x", "status": "submitting", "started_at": "2026-01-01T00:00:00+00:00",
-               "expires_at": "2999-01-01T00:00:00+00:00"}
+    crashed = {
+        "attempt": 3,
+        "owner": "pod-x",
+        "status": "submitting",
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "expires_at": "2999-01-01T00:00:00+00:00",
+    }
     (claims / "claim-0003.json").write_text(json.dumps(crashed))
     [busy] = watch.watch(inbox, state, output_root=out, host=kfp.url)
     assert busy.action == "in-progress" and "pod-x" in busy.detail
@@ -181,8 +207,19 @@ def test_unreachable_kfp_fails_in_one_line_and_leaves_no_claim(tmp_path, capsys)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens there once closed
-    code = cli.main(["watch", "--inbox", inbox, "--state", state, "--output-root", str(tmp_path / "o"),
-                     "--host", f"http://127.0.0.1:{port}"])
+    code = cli.main(
+        [
+            "watch",
+            "--inbox",
+            inbox,
+            "--state",
+            state,
+            "--output-root",
+            str(tmp_path / "o"),
+            "--host",
+            f"http://127.0.0.1:{port}",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "cannot reach Kubeflow Pipelines" in err
     assert not Path(state, "releases").exists()
@@ -202,12 +239,17 @@ def s3_endpoint():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     endpoint = f"http://127.0.0.1:{port}"
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for key, value in {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             mp.setenv(key, value)
         storage._client_for_pid.cache_clear()
         deadline = time.time() + 30
@@ -254,8 +296,9 @@ def test_concurrent_watcher_threads_submit_each_release_exactly_once(s3_endpoint
         actions = [d.action for d in decisions]
         assert actions.count("submitted") == (3 if watcher_round == 0 else 0), actions
         assert "failed" not in actions
-    assert _runs_by_release(kfp) == {f"habla-cv-corpus-{v}-es": 1
-                                     for v in ("17.0-2024-03-15", "20.0-2024-12-06", "25.0-2026-03-09")}
+    assert _runs_by_release(kfp) == {
+        f"habla-cv-corpus-{v}-es": 1 for v in ("17.0-2024-03-15", "20.0-2024-12-06", "25.0-2026-03-09")
+    }
     results = watch.read_results(state)
     assert sorted(r["run_id"] for r in results.values()) == sorted(kfp.runs)
 
@@ -281,17 +324,30 @@ def test_mdc_requests_carry_the_key_only_where_needed(monkeypatch):
 
 
 def test_mdc_catalog_entries_become_release_names():
-    catalog = {"total": 4, "items": [
-        {"id": "a1", "name": "Common Voice Scripted Speech 25.0 - Spanish", "locale": "es",
-         "longDescription": "This datasheet is for cv-corpus-25.0-2026-03-09 of the Mozilla Common Voice ..."},
-        {"id": "a2", "name": "Common Voice Scripted Speech 24.0 - Spanish", "locale": "es",
-         "filename": "cv-corpus-24.0-2025-12-05-es.tar.gz"},
-        {"id": "a3", "name": "Common Voice Spontaneous Speech 2.0 - Spanish", "locale": "es"},
-        {"id": "a4", "name": "Common Voice Scripted Speech 25.0 - Interlingua", "locale": "ia"},
-    ]}
+    catalog = {
+        "total": 4,
+        "items": [
+            {
+                "id": "a1",
+                "name": "Common Voice Scripted Speech 25.0 - Spanish",
+                "locale": "es",
+                "longDescription": "This datasheet is for cv-corpus-25.0-2026-03-09 of the Mozilla Common Voice ...",
+            },
+            {
+                "id": "a2",
+                "name": "Common Voice Scripted Speech 24.0 - Spanish",
+                "locale": "es",
+                "filename": "cv-corpus-24.0-2025-12-05-es.tar.gz",
+            },
+            {"id": "a3", "name": "Common Voice Spontaneous Speech 2.0 - Spanish", "locale": "es"},
+            {"id": "a4", "name": "Common Voice Scripted Speech 25.0 - Interlingua", "locale": "ia"},
+        ],
+    }
     found = mdc.releases_in(catalog, "es")
     assert [(r.name.name, r.dataset_id) for r in found] == [
-        ("cv-corpus-24.0-2025-12-05-es", "a2"), ("cv-corpus-25.0-2026-03-09-es", "a1")]
+        ("cv-corpus-24.0-2025-12-05-es", "a2"),
+        ("cv-corpus-25.0-2026-03-09-es", "a1"),
+    ]
 
 
 class _MdcStandin(BaseHTTPRequestHandler):
@@ -313,8 +369,14 @@ class _MdcStandin(BaseHTTPRequestHandler):
     def do_GET(self):
         self.seen.append(("GET", self.path, self.headers.get("Authorization")))
         if self.path.startswith("/api/datasets?"):
-            items = [{"id": "es25", "name": "Common Voice Scripted Speech 25.0 - Spanish", "locale": "es",
-                      "shortDescription": "cv-corpus-25.0-2026-03-09"}]
+            items = [
+                {
+                    "id": "es25",
+                    "name": "Common Voice Scripted Speech 25.0 - Spanish",
+                    "locale": "es",
+                    "shortDescription": "cv-corpus-25.0-2026-03-09",
+                }
+            ]
             self._send(200, json.dumps({"items": items, "total": 1}).encode())
         elif self.path == "/files/es25.tar.gz":
             self._send(200, self.archive, "application/gzip")
@@ -341,8 +403,21 @@ def test_watch_downloads_a_new_release_from_mdc_then_submits_it(kfp, tmp_path, m
     _archive(inbox, "cv-corpus-17.0-2024-03-15-es")
     caplog.set_level("DEBUG")
     try:
-        code = cli.main(["-v", "watch", "--inbox", inbox, "--state", state, "--output-root", str(tmp_path / "o"),
-                         "--host", kfp.url, "--mdc"])
+        code = cli.main(
+            [
+                "-v",
+                "watch",
+                "--inbox",
+                inbox,
+                "--state",
+                state,
+                "--output-root",
+                str(tmp_path / "o"),
+                "--host",
+                kfp.url,
+                "--mdc",
+            ]
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -367,11 +442,30 @@ def test_two_watcher_processes_racing_on_s3_submit_each_release_once(s3_endpoint
         _archive(inbox, f"cv-corpus-{version}-es")
     kfp.run_delay = 0.3
     package = compile_fake_training_pipeline(str(tmp_path))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "habla.cli", "watch", "--inbox", inbox, "--state", state, "--output-root",
-               "s3://habla-race-procs/runs", "--host", kfp.url, "--package", package, "--json"]
-    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "habla.cli",
+        "watch",
+        "--inbox",
+        inbox,
+        "--state",
+        state,
+        "--output-root",
+        "s3://habla-race-procs/runs",
+        "--host",
+        kfp.url,
+        "--package",
+        package,
+        "--json",
+    ]
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
     actions = [d["action"] for out, _ in outputs for d in json.loads(out)]
@@ -386,6 +480,8 @@ def test_an_unreachable_data_collective_does_not_hold_up_the_inbox(kfp, tmp_path
     inbox = str(tmp_path / "inbox")
     _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
     decisions = watch.watch(inbox, str(tmp_path / "state"), output_root=str(tmp_path / "o"), host=kfp.url, mdc=True)
-    assert [(d.release, d.action) for d in decisions] == [("mdc:es", "failed"),
-                                                          ("cv-corpus-25.0-2026-03-09-es", "submitted")]
+    assert [(d.release, d.action) for d in decisions] == [
+        ("mdc:es", "failed"),
+        ("cv-corpus-25.0-2026-03-09-es", "submitted"),
+    ]
     assert "Mozilla Data Collective unreachable" in decisions[0].detail

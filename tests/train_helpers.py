@@ -39,7 +39,9 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_habla(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([HABLA, *args], capture_output=True, text=True, env=env or cli_env(), timeout=timeout, check=False)
+    return subprocess.run(
+        [HABLA, *args], capture_output=True, text=True, env=env or cli_env(), timeout=timeout, check=False
+    )
 
 
 def free_port() -> int:
@@ -81,4 +83,7 @@ def upload_tar_shards(entries: list[dict], prefix: str, shards: int) -> tuple[st
         storage.write_text(storage.join(prefix, f"manifest_{k}.json"),
                            "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in lines))  # fmt: skip
     last = shards - 1
-    return (storage.join(prefix, f"manifest__OP_0..{last}_CL_.json"), storage.join(prefix, f"audio__OP_0..{last}_CL_.tar"))
+    return (
+        storage.join(prefix, f"manifest__OP_0..{last}_CL_.json"),
+        storage.join(prefix, f"audio__OP_0..{last}_CL_.tar"),
+    )
