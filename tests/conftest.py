@@ -64,6 +64,7 @@ def _use_endpoint(monkeypatch, endpoint: str) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "habla-test-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "habla-test-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")  # what Lhotse/smart_open read
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "10")
     storage._client_for_pid.cache_clear()
 

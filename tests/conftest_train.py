@@ -9,13 +9,10 @@ keep the training tests independent of it.)
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from train_helpers import MOTO_SERVER, RELEASE, free_port, write_manifest
+from train_helpers import RELEASE, write_manifest
 
 from habla.audio import convert
 from habla.commonvoice import TsvRow, read_durations, read_tsv
@@ -75,39 +72,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint(tmp_path_factory):
-    """moto's standalone S3 server on a loopback port (a real HTTP endpoint, not the in-process mock)."""
-    port = free_port()
-    with open(tmp_path_factory.mktemp("moto") / "moto.log", "wb") as log:
-        proc = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            proc.kill()
-            pytest.fail("moto_server did not start")
-        yield f"http://127.0.0.1:{port}"
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture
-def s3(moto_endpoint, monkeypatch):
-    """Point boto3 (habla.storage, Lhotse/smart_open) at the moto server; returns a fresh bucket's URI."""
-    from habla import storage
-
-    for key, value in {
-        "AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    storage._client_for_pid.cache_clear()
-    bucket = f"habla-{time.monotonic_ns()}"
-    storage.s3_client().create_bucket(Bucket=bucket)
-    yield f"s3://{bucket}"
-    storage._client_for_pid.cache_clear()
+def s3(s3_bucket):
+    """A fresh bucket on conftest's loopback S3 server (habla.storage, Lhotse/smart_open point at it)."""
+    return s3_bucket

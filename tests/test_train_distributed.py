@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import HABLA, TORCHRUN, cli_env, free_port
+from conftest import free_port
+from train_helpers import HABLA, TORCHRUN, cli_env
 
 from habla import storage
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -229,48 +228,8 @@ def test_unreachable_kfp_fails_in_one_line_and_leaves_no_claim(tmp_path, capsys)
 # -------------------------------------------------------------------------- two watchers, one S3 store
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's standalone S3 server (real HTTP on 127.0.0.1), with dummy credentials in the environment."""
-    exe = Path(sys.executable).with_name("moto_server")
-    exe = str(exe) if exe.exists() else shutil.which("moto_server")
-    if not exe:
-        pytest.skip("moto[server] is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            mp.setenv(key, value)
-        storage._client_for_pid.cache_clear()
-        deadline = time.time() + 30
-        while True:
-            try:
-                storage.s3_client().list_buckets()
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    proc.kill()
-                    raise
-                time.sleep(0.2)
-        yield endpoint
-        proc.terminate()
-        proc.wait(timeout=10)
-        storage._client_for_pid.cache_clear()
-
-
-def test_concurrent_watcher_threads_submit_each_release_exactly_once(s3_endpoint, kfp, tmp_path):
-    storage.s3_client().create_bucket(Bucket="habla-race")
-    inbox, state, out = "s3://habla-race/inbox", "s3://habla-race/state", "s3://habla-race/runs"
+def test_concurrent_watcher_threads_submit_each_release_exactly_once(s3_bucket, kfp, tmp_path):
+    inbox, state, out = f"{s3_bucket}/inbox", f"{s3_bucket}/state", f"{s3_bucket}/runs"
     for version in ("17.0-2024-03-15", "20.0-2024-12-06", "25.0-2026-03-09"):
         _archive(inbox, f"cv-corpus-{version}-es")
     kfp.run_delay = 0.3  # a slow API widens the window in which the watchers overlap
@@ -434,18 +393,14 @@ def test_watch_downloads_a_new_release_from_mdc_then_submits_it(kfp, tmp_path, m
     assert os.listdir(Path(inbox, ".incoming")) == []
 
 
-def test_two_watcher_processes_racing_on_s3_submit_each_release_once(s3_endpoint, kfp, tmp_path):
-    storage.s3_client().create_bucket(Bucket="habla-race-procs")
-    inbox, state = "s3://habla-race-procs/inbox", "s3://habla-race-procs/state"
+def test_two_watcher_processes_racing_on_s3_submit_each_release_once(s3_bucket, kfp, tmp_path):
+    inbox, state = f"{s3_bucket}/inbox", f"{s3_bucket}/state"
     versions = ("24.0-2025-12-05", "25.0-2026-03-09")
     for version in versions:
         _archive(inbox, f"cv-corpus-{version}-es")
     kfp.run_delay = 0.3
     package = compile_fake_training_pipeline(str(tmp_path))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = dict(os.environ)
     command = [
         sys.executable,
         "-m",
@@ -456,7 +411,7 @@ def test_two_watcher_processes_racing_on_s3_submit_each_release_once(s3_endpoint
         "--state",
         state,
         "--output-root",
-        "s3://habla-race-procs/runs",
+        f"{s3_bucket}/runs",
         "--host",
         kfp.url,
         "--package",

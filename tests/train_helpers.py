@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -16,7 +15,6 @@ RELEASE = REPO / "data" / "mini-es-v25" / "es"
 BIN = Path(sys.executable).parent
 HABLA = str(BIN / "habla")
 TORCHRUN = str(BIN / "torchrun")
-MOTO_SERVER = str(BIN / "moto_server")
 
 
 def write_manifest(entries: list[dict], path: Path) -> Path:
@@ -42,12 +40,6 @@ def run_habla(*args: str, env: dict | None = None, timeout: float = 300) -> subp
     return subprocess.run(
         [HABLA, *args], capture_output=True, text=True, env=env or cli_env(), timeout=timeout, check=False
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------- S3
