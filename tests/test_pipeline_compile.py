@@ -108,3 +108,34 @@ def test_no_runtime_pip_install_and_no_secret_values(compiled):
     assert refs["secretName"] == "habla-s3-credentials"
     assert {k["envVar"] for k in refs["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert all("secretAsEnv" in spec for spec in platform.values()), "every step reads S3 credentials from the Secret"
+
+
+def test_submit_sends_the_real_pipeline_with_every_parameter(tmp_path):
+    """`habla pipeline submit` against a stand-in KFP API (no KFP backend runs here)."""
+    from kfp_standin import KfpStandin
+
+    with KfpStandin() as kfp:
+        release = "s3://cv/cv-corpus-25.0-2026-03-09-es.tar.gz"
+        result = run_habla(
+            *("pipeline", "submit", "--host", kfp.url, "--release", release, "--out", "s3://habla"),
+            *("--experiment", "es", "--run-name", "try-1", "--train-image", "registry.example/habla-train:1"),
+            *("nodes=4", "gpus_per_node=8", "trainer.precision=bf16-mixed"),
+        )
+        assert result.returncode == 0, result.stderr
+        [run] = kfp.runs.values()
+    assert run["display_name"] == "try-1" and run["run_id"] in result.stdout
+    params = run["runtime_config"]["parameters"]
+    assert (
+        params["release_uri"].endswith("cv-corpus-25.0-2026-03-09-es.tar.gz") and params["output_uri"] == "s3://habla"
+    )
+    assert params["nodes"] == 4 and params["gpus_per_node"] == 8
+    assert params["config_overrides"] == "trainer.precision=bf16-mixed"
+    assert (
+        params["launcher"] == "trainjob" and params["config"] == "fastconformer_ctc_bpe"
+    )  # defaults passed explicitly
+
+
+def test_submit_refuses_unknown_parameters():
+    result = run_habla("pipeline", "submit", "--host", "http://127.0.0.1:9", "--release", "s3://a/b", "--out", "s3://c",
+                       "nodez=4")  # fmt: skip
+    assert result.returncode == 2 and "unknown pipeline parameter 'nodez'" in result.stderr
