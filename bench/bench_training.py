@@ -4,13 +4,13 @@ local WAV files vs NeMo tar shards streamed from a loopback S3 server (moto), si
     PYTHONPATH=. python bench/bench_training.py [--steps 150] [--rounds 3] [--json out.json]
     PYTHONPATH=. python bench/bench_training.py --gpu --steps 200     # fastconformer_ctc_bpe, bf16, one GPU
 
-Data: every usable clip of the bundled release's validated.tsv (data/mini-es-v25/es), converted to 16 kHz
-WAV. Throughput is in audio seconds per wall second. Training: seconds of audio in the batches of ``fit``
-over its wall time (no validation inside fit). Loading: the NeMo dataloader alone (what training pulls
-from), ``batch_size`` 8 and ``num_workers`` 0 as in tiny_ctc_char; local WAV through NeMo's classic
-dataset, tar shards through Lhotse from S3 exactly as ``habla train --train-tars`` configures it. Rounds
-alternate the variants so that load from other processes on this shared machine hits all of them alike;
-the median is reported.
+Data: every clip ``habla prepare --train-source validated`` keeps from the bundled release
+(data/mini-es-v25/es): train, dev and test, 16 kHz WAV. Throughput is in audio seconds per wall second.
+Training: seconds of audio in the batches of ``fit`` over its wall time (no validation inside fit).
+Loading: the NeMo dataloader alone (what training pulls from), ``batch_size`` 8 and ``num_workers`` 0
+as in tiny_ctc_char; local WAV through NeMo's classic dataset, tar shards through Lhotse from S3 exactly as
+``habla train --train-tars`` configures it. Rounds alternate the variants so that load from other
+processes on this shared machine hits all of them alike; the median is reported.
 """
 
 from __future__ import annotations
@@ -32,31 +32,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from habla import storage
-from habla.audio import convert
-from habla.commonvoice import TsvRow, read_tsv
-from habla.text import TextRejected, normalize_text
+from habla.prepare import PrepareOptions, prepare
 
 RELEASE = REPO / "data" / "mini-es-v25" / "es"
 
 
 def build_clips(folder: Path) -> list[dict]:
-    _, rows = read_tsv(str(RELEASE / "validated.tsv"))
-    entries, seen = [], set()
-    for row in rows:
-        if not isinstance(row, TsvRow) or row.fields["path"] in seen:
-            continue
-        try:
-            text = normalize_text(row.fields["sentence"])
-        except TextRejected:
-            continue
-        seen.add(row.fields["path"])
-        converted = convert((RELEASE / "clips" / row.fields["path"]).read_bytes())
-        if converted.duration > 20:
-            continue
-        wav = folder / row.fields["path"].replace(".mp3", ".wav")
-        wav.write_bytes(converted.wav)
-        entries.append({"audio_filepath": str(wav), "duration": converted.duration, "text": text})
-    return entries
+    """Every clip ``habla prepare`` keeps from the bundled release (train from validated.tsv, dev, test)."""
+    prepare(str(RELEASE), str(folder), PrepareOptions(shards=1, train_source="validated"), workers=2)
+    return [
+        json.loads(line)
+        for split in ("train", "dev", "test")
+        for line in (folder / "manifests" / f"{split}.json").read_text().splitlines()
+    ]
 
 
 def write_jsonl(entries: list[dict], uri: str) -> None:

@@ -1,49 +1,28 @@
 """Fixtures of the training/evaluation tests, loaded by their modules with ``pytest_plugins`` (the lead owns
 tests/conftest.py).
 
-Test data comes from the bundled real-speech release ``data/mini-es-v25/es``: its train rows whose
-sentence ``habla.text.normalize_text`` accepts, converted to 16 kHz WAV with ``habla.audio.convert`` and
-listed in a manifest in the docs/layout.md format. (``habla prepare`` does this for real; these fixtures
-keep the training tests independent of it.)
+Test data comes from the bundled real-speech release ``data/mini-es-v25/es``, prepared by ``habla prepare``
+(the manifests users train on).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from train_helpers import RELEASE, write_manifest
 
-from habla.audio import convert
-from habla.commonvoice import TsvRow, read_durations, read_tsv
-from habla.text import TextRejected, normalize_text
+from habla.prepare import PrepareOptions, prepare
 
 
 @pytest.fixture(scope="session")
 def train_clips(tmp_path_factory) -> list[dict]:
-    """Manifest entries (WAV written) of every usable train clip of the bundled release, shortest first."""
-    out = tmp_path_factory.mktemp("mini-es-wav")
-    durations = read_durations(str(RELEASE))
-    _, rows = read_tsv(str(RELEASE / "train.tsv"))
-    entries, seen = [], set()
-    for row in rows:
-        if not isinstance(row, TsvRow) or row.fields["path"] in seen:
-            continue
-        try:
-            text = normalize_text(row.fields["sentence"])
-        except TextRejected:
-            continue
-        seen.add(row.fields["path"])
-        converted = convert((RELEASE / "clips" / row.fields["path"]).read_bytes())
-        wav = out / row.fields["path"].replace(".mp3", ".wav")
-        wav.write_bytes(converted.wav)
-        entries.append({
-            "audio_filepath": str(wav), "duration": round(converted.duration, 3), "text": text,
-            "sentence": row.fields["sentence"], "path": row.fields["path"], "client_id": row.fields["client_id"],
-            **{k: row.fields.get(k, "") for k in ("gender", "age", "accents", "locale")},
-        })  # fmt: skip
-    entries.sort(key=lambda e: (durations.get(e["path"], e["duration"]), e["path"]))
-    return entries
+    """Manifest entries of the bundled release's train split, as habla prepare writes them, shortest first."""
+    out = tmp_path_factory.mktemp("mini-es-prepared")
+    prepare(str(RELEASE), str(out), PrepareOptions(shards=1, splits=("train",)), workers=2)
+    entries = [json.loads(line) for line in (out / "manifests" / "train.json").read_text().splitlines()]
+    return sorted(entries, key=lambda e: (e["duration"], e["path"]))
 
 
 @pytest.fixture(scope="session")
