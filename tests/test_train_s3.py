@@ -1,15 +1,17 @@
-"""Training from NeMo tar shards streamed out of a loopback S3 server (moto), with every output in S3, a
-resume that pulls its checkpoint back from S3, and an evaluation of an S3 model on an S3 manifest."""
+"""Training from the NeMo tar shards ``habla prepare --format tar`` wrote to a loopback S3 server (moto),
+with every output in S3, a resume that pulls its checkpoint back from S3, and an evaluation of an S3 model
+on an S3 manifest."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from train_helpers import upload_tar_shards, upload_wav_manifest
+from conftest import MINI_V8
 
 from habla import storage
 from habla.evaluate import evaluate
+from habla.prepare import PrepareOptions, prepare
 from habla.train import train
 
 pytest_plugins = ["conftest_train"]  # fixtures shared by the training tests (tests/conftest.py is the lead's)
@@ -17,17 +19,26 @@ pytest_plugins = ["conftest_train"]  # fixtures shared by the training tests (te
 pytestmark = pytest.mark.slow
 
 
-def test_train_from_tar_shards_in_s3_and_resume_from_s3(s3, train_clips, cache, one_thread):
-    clips = train_clips[:24]
-    manifest_pattern, tar_pattern = upload_tar_shards(clips, f"{s3}/data/tarred/train", shards=2)
-    val_manifest = upload_wav_manifest(clips[:8], f"{s3}/data", "dev.json")
+@pytest.fixture
+def tarred_in_s3(s3) -> dict:
+    """The bundled CV 8.0-layout release prepared into S3: train as 2 tar shards, dev as WAV objects."""
+    report = prepare(str(MINI_V8), f"{s3}/data", PrepareOptions(shards=2, format="tar"), workers=2)
+    train_entries = [json.loads(line) for line in storage.read_text(f"{s3}/data/manifests/train.json").splitlines()]
+    return {**report["tarred"]["train"], "val": report["manifests"]["dev"], "train": train_entries}
+
+
+def test_train_from_tar_shards_in_s3_and_resume_from_s3(s3, tarred_in_s3, cache, one_thread):
+    manifest_pattern, tar_pattern = tarred_in_s3["manifest_filepath"], tarred_in_s3["tarred_audio_filepaths"]
+    clips, val_manifest = tarred_in_s3["train"], tarred_in_s3["val"]
+    assert tarred_in_s3["num_shards"] == 2 and tar_pattern.startswith("s3://")
     dst = f"{s3}/run/model"
     overrides = ["trainer.max_steps=12", "model.train_ds.batch_size=4", "checkpoint.every_n_train_steps=6"]
 
     summary = train("tiny_ctc_char", manifest_pattern, val_manifest, dst, overrides, train_tars=tar_pattern)
     assert summary["steps"] == 12 and summary["resumed_from_step"] == 0
     # 12 steps × 4 clips streamed from the shards
-    assert summary["audio_hours_seen"] * 3600 == pytest.approx(12 * 4 * sum(c["duration"] for c in clips) / 24, rel=0.5)
+    mean = sum(c["duration"] for c in clips) / len(clips)
+    assert summary["audio_hours_seen"] * 3600 == pytest.approx(12 * 4 * mean, rel=0.5)
     names = {info.uri[len(dst) + 1 :] for info in storage.list_files(dst)}
     assert {"model.nemo", "train_summary.json", "config.yaml", "checkpoints/last.ckpt"} <= names
     assert any(n.startswith("logs/") and "tfevents" in n for n in names)
@@ -45,24 +56,26 @@ def test_train_from_tar_shards_in_s3_and_resume_from_s3(s3, train_clips, cache, 
     assert more["audio_hours_seen"] > summary["audio_hours_seen"]
 
     metrics = evaluate(f"{dst}/model.nemo", val_manifest, f"{s3}/run/eval", batch_size=4)
-    assert metrics["utterances"] == 8
+    assert metrics["utterances"] == len(storage.read_text(val_manifest).splitlines())
     names = {info.uri.rsplit("/", 1)[-1] for info in storage.list_files(f"{s3}/run/eval")}
     assert names == {"metrics.json", "errors.jsonl", "report.md", "wer_by_group.png"}
     errors = storage.read_text(f"{s3}/run/eval/errors.jsonl").splitlines()
     assert json.loads(errors[0])["audio_filepath"].startswith("s3://")  # reported by its source, not the cache
 
 
-def test_missing_tar_shard_is_one_clear_error(s3, train_clips, cache):
+def test_missing_tar_shard_is_one_clear_error(s3, tarred_in_s3, cache):
     from habla.errors import HablaError
 
-    manifest_pattern, tar_pattern = upload_tar_shards(train_clips[:6], f"{s3}/tarred", shards=2)
-    storage.delete(f"{s3}/tarred/audio_1.tar")
-    val = upload_wav_manifest(train_clips[:2], s3, "dev.json")
+    manifest_pattern, tar_pattern, val = (
+        tarred_in_s3[k] for k in ("manifest_filepath", "tarred_audio_filepaths", "val")
+    )
+    tarred = f"{s3}/data/tarred/train"
+    storage.delete(f"{tarred}/audio_1.tar")
     with pytest.raises(HablaError, match="audio_1.tar: tar shard not found"):
         train("tiny_ctc_char", manifest_pattern, val, f"{s3}/out", train_tars=tar_pattern)
     # a shard whose members are not what its manifest lists (a path prefix, say)
-    storage.write_text(f"{s3}/tarred/manifest_0.json", storage.read_text(f"{s3}/tarred/manifest_0.json").replace(
+    storage.write_text(f"{tarred}/manifest_0.json", storage.read_text(f"{tarred}/manifest_0.json").replace(
         '"audio_filepath": "', '"audio_filepath": "clips/'))  # fmt: skip
-    storage.copy(f"{s3}/tarred/audio_0.tar", f"{s3}/tarred/audio_1.tar")
+    storage.copy(f"{tarred}/audio_0.tar", f"{tarred}/audio_1.tar")
     with pytest.raises(HablaError, match="audio_0.tar: member .* is not in"):
         train("tiny_ctc_char", manifest_pattern, val, f"{s3}/out", train_tars=tar_pattern)
