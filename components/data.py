@@ -66,16 +66,14 @@ def assemble_dataset(
     hours: Output[Metrics],
 ) -> str:
     """Gather the shards into NeMo manifests, rejected.jsonl and the dataset report. Returns the dataset folder."""
-    import base64
-
     from habla import prepare, storage
+    from habla.report import png_html
 
     summary = prepare.assemble(dataset_uri)
     with open(report.path, "w", encoding="utf-8") as f:
         f.write(storage.read_text(storage.join(dataset_uri, "report.md")))
-    png = base64.b64encode(storage.read_bytes(storage.join(dataset_uri, "report.png"))).decode()
     with open(plots.path, "w", encoding="utf-8") as f:
-        f.write(f'<html><body><img alt="dataset report" src="data:image/png;base64,{png}"></body></html>')
+        f.write(png_html(storage.read_bytes(storage.join(dataset_uri, "report.png")), "dataset report"))
     for split, stats in summary["splits"].items():
         hours.log_metric(f"{split}_hours", stats["hours"])
         hours.log_metric(f"{split}_clips", stats["clips"])

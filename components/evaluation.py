@@ -21,10 +21,9 @@ def evaluate_models(
     Writes ``<run>/eval/`` (and ``<run>/eval/best/``); logs the scores as Metrics for the KFP compare view.
     Returns whether the new model beats the best one by more than ``promotion_margin`` (absolute WER).
     """
-    import base64
-
     from habla import runs, storage
     from habla.evaluate import evaluate
+    from habla.report import png_html
 
     test_manifest = runs.dataset_report(dataset_uri)["manifests"]["test"]
     eval_dir = storage.join(run_dir, "eval")
@@ -50,9 +49,8 @@ def evaluate_models(
         text += "\n\nNo model has been promoted yet: this one becomes the best.\n"
     with open(report.path, "w", encoding="utf-8") as f:
         f.write(text)
-    png = base64.b64encode(storage.read_bytes(storage.join(eval_dir, "wer_by_group.png"))).decode()
     with open(plots.path, "w", encoding="utf-8") as f:
-        f.write(f'<html><body><img alt="WER by group" src="data:image/png;base64,{png}"></body></html>')
+        f.write(png_html(storage.read_bytes(storage.join(eval_dir, "wer_by_group.png")), "WER by group"))
     return promote
 
 

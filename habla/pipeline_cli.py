@@ -150,7 +150,7 @@ def run_local(release: str | None, out: str, config: str, settings: list[str], r
     else:
         pipeline_root = str(Path(out, "kfp-local").resolve())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=False)
-    task = pipeline(**arguments)
+    pipeline(**arguments)
     run = storage.join(out, "runs", run_name)
     try:
         metrics = json.loads(storage.read_text(storage.join(run, "eval", "metrics.json")))
@@ -158,7 +158,6 @@ def run_local(release: str | None, out: str, config: str, settings: list[str], r
         raise HablaError(
             f"the pipeline did not finish (see the step logs above; task outputs in {pipeline_root})"
         ) from None
-    del task
     return {"run_dir": storage.absolute(run), "metrics": metrics}
 
 

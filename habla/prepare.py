@@ -655,13 +655,6 @@ def _merge_lines(sources: list[Path], target: Path, key, observe) -> None:
             sink.write(line)
 
 
-def manifest_uris(out: str) -> dict[str, str]:
-    """``{split: manifest URI}`` of a prepared dataset."""
-    return {
-        s: storage.absolute(storage.join(out, "manifests", f"{s}.json")) for s in read_plan(out)["options"]["splits"]
-    }
-
-
 def prepare(release: str, out: str, options: PrepareOptions, workers: int | None = None) -> dict:
     """All three steps in this process: plan, convert every shard, assemble. Returns report.json."""
     summary = plan(release, out, options)

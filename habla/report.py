@@ -220,3 +220,10 @@ def summary_table(report: dict) -> str:
         + (f" ({', '.join(f'{k}: {v}' for k, v in report['rejected'].items())})" if report["rejected"] else "")
     )
     return "\n".join(lines)
+
+
+def png_html(png: bytes, alt: str) -> str:
+    """A self-contained HTML page showing a PNG (what the KFP UI renders for an HTML artifact)."""
+    import base64
+
+    return f'<html><body><img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></body></html>'

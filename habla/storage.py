@@ -101,7 +101,7 @@ def _is_not_found(exc: Exception) -> bool:
     return _s3_error_code(exc) in {"404", "NoSuchKey", "NotFound"}
 
 
-def _describe(exc: Exception) -> str:
+def describe_error(exc: Exception) -> str:
     """A one-line description of a storage failure (never includes credentials)."""
     code = _s3_error_code(exc)
     if code:
@@ -410,7 +410,7 @@ def check_readable_root(uri: str) -> None:
     try:
         s3_client().head_bucket(Bucket=bucket)
     except Exception as exc:
-        raise HablaError(f"cannot reach bucket s3://{bucket}: {_describe(exc)}") from None
+        raise HablaError(f"cannot reach bucket s3://{bucket}: {describe_error(exc)}") from None
 
 
 def check_writable_root(uri: str) -> None:
@@ -428,8 +428,3 @@ def check_writable_root(uri: str) -> None:
             raise HablaError(f"{uri}: cannot write ({exc.strerror})") from None
         return
     check_readable_root(uri)
-
-
-def describe_error(exc: Exception) -> str:
-    """Public one-line description of a storage exception."""
-    return _describe(exc)
