@@ -33,8 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "data"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from habla import audio, storage  # noqa: E402
-from habla import prepare as prep  # noqa: E402
+from habla.core import jsonl, storage  # noqa: E402
+from habla.core.layout import DatasetLayout  # noqa: E402
+from habla.data import audio  # noqa: E402
+from habla.data import prepare as prep  # noqa: E402
+from habla.data.options import PrepareOptions  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -142,7 +145,7 @@ def bench_workers(corpus: Path, work: Path) -> list[dict]:
     results = []
     for workers in (1, 2, 1, 2):  # alternated, best of two each: the machine is shared
         out = work / f"workers-{workers}-{len(results)}"
-        prep.plan(str(corpus), str(out), prep.PrepareOptions(shards=1, splits=("train",)))
+        prep.plan(str(corpus), str(out), PrepareOptions(shards=1, splits=("train",)))
         start = time.perf_counter()
         stats = prep.convert_shard(str(out), 0, workers)
         wall = time.perf_counter() - start
@@ -194,7 +197,7 @@ def bench_s3(corpus: Path, work: Path) -> list[dict]:
                 for target in ("local", "s3", "local", "s3"):
                     n = len(results)
                     out = str(work / f"s3b-{n}") if target == "local" else f"s3://bench/{fmt}-{n}"
-                    prep.plan(str(corpus), out, prep.PrepareOptions(shards=1, splits=("train",), format=fmt))
+                    prep.plan(str(corpus), out, PrepareOptions(shards=1, splits=("train",), format=fmt))
                     server_cpu = _process_cpu(server.pid)
                     start = time.perf_counter()
                     stats = prep.convert_shard(out, 0, workers)
@@ -227,11 +230,12 @@ def bench_s3(corpus: Path, work: Path) -> list[dict]:
 
 SCALE_CHILD = r"""
 import json, resource, sys, time
-from habla import prepare as prep
+from habla.data import prepare as prep
+from habla.data.options import PrepareOptions
 step, release, out = sys.argv[1:4]
 start = time.perf_counter()
 if step == "plan":
-    prep.plan(release, out, prep.PrepareOptions(shards=int(sys.argv[4])))
+    prep.plan(release, out, PrepareOptions(shards=int(sys.argv[4])))
 else:
     prep.assemble(out)
 print(json.dumps({"step": step, "wall_s": round(time.perf_counter() - start, 1),
@@ -277,21 +281,19 @@ def synthesize_release(root: Path, rows: int) -> None:
 
 def fake_convert(out: Path) -> None:
     """Shard files as convert_shard writes them, without audio (assembly reads only these)."""
-    plan = json.loads((out / "plan" / "plan.json").read_text())
+    layout = DatasetLayout(str(out))
+    plan = json.loads(storage.read_text(layout.plan))
     for k in range(plan["num_shards"]):
         entries: dict[str, list[dict]] = {}
-        for line in (out / "plan" / f"shard-{k:05d}.jsonl").read_text().splitlines():
-            clip = json.loads(line)
-            record = prep._entry(
-                clip, str(out / "audio" / clip["split"] / (clip["path"][:-4] + ".wav")), clip["duration"]
-            )
+        for clip in jsonl.loads(storage.read_text(layout.plan_shard(k))):
+            record = prep._entry(clip, layout.wav(clip["split"], clip["path"]), clip["duration"])
             entries.setdefault(record["split"], []).append(record["entry"])
         for split, items in entries.items():
             items.sort(key=lambda e: e["path"])
-            storage.write_text(prep._shard_file(str(out), k, f"{split}.jsonl"), prep._manifest_text(items))
-        storage.write_text(prep._shard_file(str(out), k, "rejected.jsonl"), "")
+            storage.write_text(layout.shard_file(k, f"{split}.jsonl"), jsonl.dumps(items))
+        storage.write_text(layout.shard_file(k, "rejected.jsonl"), "")
         storage.write_text(
-            prep._result_uri(str(out), k), json.dumps({"shard": k, "splits": {s: len(v) for s, v in entries.items()}})
+            layout.shard_result(k), json.dumps({"shard": k, "splits": {s: len(v) for s, v in entries.items()}})
         )
 
 

@@ -31,8 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from habla import storage
-from habla.prepare import PrepareOptions, prepare
+from habla.core import storage
+from habla.data.options import PrepareOptions
+from habla.data.prepare import prepare
 
 RELEASE = REPO / "data" / "mini-es-v25" / "es"
 
@@ -98,7 +99,7 @@ def loading_rate(model, ds_cfg, batches: int) -> float:
 
 
 def training_rate(manifest: str, out: str, steps: int, config: str = "tiny_ctc_char", extra: tuple = ()) -> float:
-    from habla.train import train
+    from habla.training.train import train
 
     overrides = [f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1000", *extra]
     if config == "tiny_ctc_char":
@@ -152,7 +153,7 @@ def main() -> None:
 
         from nemo.collections.asr.models import EncDecCTCModel
 
-        from habla import train_config
+        from habla.training import config as train_config
 
         cfg = train_config.load("tiny_ctc_char")
         cfg.model.train_ds.manifest_filepath = cfg.model.validation_ds.manifest_filepath = manifest

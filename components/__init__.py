@@ -2,13 +2,6 @@
 
 Every component is a lightweight Python component whose body imports habla; the images in ``infra/``
 carry habla and kfp, so nothing is pip-installed when a step runs (``install_kfp_package=False``).
-The images are chosen when the pipeline is compiled: ``HABLA_PREP_IMAGE`` (slim, CPU: data steps and
-the training launcher) and ``HABLA_TRAIN_IMAGE`` (CUDA + NeMo: training and evaluation).
+``base_image`` is only a default: the pipelines set each step's image when they are compiled
+(habla.kubeflow.compile.CompileOptions).
 """
-
-import os
-
-from habla import __version__
-
-PREP_IMAGE = os.environ.get("HABLA_PREP_IMAGE", f"ghcr.io/habla-asr/habla-prep:{__version__}")
-TRAIN_IMAGE = os.environ.get("HABLA_TRAIN_IMAGE", f"ghcr.io/habla-asr/habla-train:{__version__}")

@@ -2,12 +2,13 @@
 
 from typing import List
 
-from habla.components import PREP_IMAGE
 from kfp import dsl
 from kfp.dsl import HTML, Markdown, Metrics, Output
 
+from habla.kubeflow.compile import DEFAULT_PREP_IMAGE
 
-@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+
+@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
 def plan_dataset(
     release_uri: str,
     output_uri: str,
@@ -23,9 +24,11 @@ def plan_dataset(
     The folder is ``<output_uri>/datasets/<release>-<fingerprint of release and options>``: runs that
     prepare the same release the same way share it, and an existing complete plan is reused.
     """
-    from habla import prepare, runs
+    from habla.core.layout import OutputLayout
+    from habla.data import commonvoice, prepare
+    from habla.data.options import PrepareOptions, fingerprint
 
-    options = prepare.PrepareOptions(
+    options = PrepareOptions(
         shards=num_shards,
         train_source=train_source,
         format=audio_format,
@@ -33,31 +36,32 @@ def plan_dataset(
         min_duration=min_duration,
         max_duration=max_duration,
     )
-    dataset_uri = runs.dataset_dir(output_uri, release_uri, prepare.fingerprint(release_uri, options))
-    prepare.plan(release_uri, dataset_uri, options)
-    return dataset_uri
+    label = commonvoice.release_label(release_uri)
+    dataset = OutputLayout(output_uri).dataset(label, fingerprint(release_uri, options)).root
+    prepare.plan(release_uri, dataset, options)
+    return dataset
 
 
-@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
 def list_shards(dataset_uri: str) -> List[int]:
     """The shard numbers of a planned dataset (what the ParallelFor iterates over)."""
-    from habla import prepare
+    from habla.data import prepare
 
     return list(range(prepare.read_plan(dataset_uri)["num_shards"]))
 
 
-@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
 def convert_shard(dataset_uri: str, shard: int, workers: int) -> float:
     """Convert one shard's clips to 16 kHz WAV (or a tar shard) in object storage. Returns its audio hours.
 
     Resumes where an earlier attempt stopped; a shard already converted is not touched.
     """
-    from habla import prepare
+    from habla.data import prepare
 
     return prepare.convert_shard(dataset_uri, shard, workers if workers > 0 else None)["audio_seconds"] / 3600
 
 
-@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
 def assemble_dataset(
     dataset_uri: str,
     shard_hours: List[float],
@@ -66,14 +70,16 @@ def assemble_dataset(
     hours: Output[Metrics],
 ) -> str:
     """Gather the shards into NeMo manifests, rejected.jsonl and the dataset report. Returns the dataset folder."""
-    from habla import prepare, storage
-    from habla.report import png_html
+    from habla.core import render, storage
+    from habla.core.layout import DatasetLayout
+    from habla.data import prepare
 
     summary = prepare.assemble(dataset_uri)
+    layout = DatasetLayout(dataset_uri)
     with open(report.path, "w", encoding="utf-8") as f:
-        f.write(storage.read_text(storage.join(dataset_uri, "report.md")))
+        f.write(storage.read_text(layout.report_md))
     with open(plots.path, "w", encoding="utf-8") as f:
-        f.write(png_html(storage.read_bytes(storage.join(dataset_uri, "report.png")), "dataset report"))
+        f.write(render.png_html(storage.read_bytes(layout.report_png), "dataset report"))
     for split, stats in summary["splits"].items():
         hours.log_metric(f"{split}_hours", stats["hours"])
         hours.log_metric(f"{split}_clips", stats["clips"])

@@ -1,11 +1,12 @@
 """Evaluation and promotion: score the new model and the current best on the same test set."""
 
-from habla.components import PREP_IMAGE, TRAIN_IMAGE
 from kfp import dsl
 from kfp.dsl import HTML, Markdown, Metrics, Output
 
+from habla.kubeflow.compile import DEFAULT_PREP_IMAGE, DEFAULT_TRAIN_IMAGE
 
-@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+
+@dsl.component(base_image=DEFAULT_TRAIN_IMAGE, install_kfp_package=False)
 def evaluate_models(
     run_dir: str,
     dataset_uri: str,
@@ -21,56 +22,34 @@ def evaluate_models(
     Writes ``<run>/eval/`` (and ``<run>/eval/best/``); logs the scores as Metrics for the KFP compare view.
     Returns whether the new model beats the best one by more than ``promotion_margin`` (absolute WER).
     """
-    from habla import runs, storage
-    from habla.evaluate import evaluate
-    from habla.report import png_html
+    from habla.core import render, storage
+    from habla.core.layout import RunLayout
+    from habla.data.report import read_report
+    from habla.evaluation.evaluate import evaluate
+    from habla.ops import registry
 
-    test_manifest = runs.dataset_report(dataset_uri)["manifests"]["test"]
-    eval_dir = storage.join(run_dir, "eval")
-    new = evaluate(model_uri, test_manifest, eval_dir)
-    best = runs.read_best(output_uri)
-    best_scores = evaluate(best["model"], test_manifest, storage.join(eval_dir, "best")) if best else None
+    run = RunLayout(run_dir)
+    test_manifest = read_report(dataset_uri)["manifests"]["test"]
+    new = evaluate(model_uri, test_manifest, run.eval.root)
+    best = registry.read_best(output_uri)
+    best_scores = evaluate(best["model"], test_manifest, run.best_eval.root) if best else None
     for key in ("wer", "cer", "utterances", "hours"):
         scores.log_metric(key, new[key])
     if best_scores:
         scores.log_metric("best_model_wer", best_scores["wer"])
-    promote = runs.beats(new["wer"], best_scores["wer"] if best_scores else None, promotion_margin)
-
-    text = storage.read_text(storage.join(eval_dir, "report.md"))
-    if best_scores:
-        verdict = "promoted" if promote else "kept"
-        text += (
-            f"\n\n## Against the current best model\n\n| model | WER | CER |\n|---|---|---|\n"
-            f"| this run | {new['wer']:.4f} | {new['cer']:.4f} |\n"
-            f"| best ({best['run']}) | {best_scores['wer']:.4f} | {best_scores['cer']:.4f} |\n\n"
-            f"Margin {promotion_margin}: the best model is **{verdict}**.\n"
-        )
-    else:
-        text += "\n\nNo model has been promoted yet: this one becomes the best.\n"
+    decision = registry.verdict(new, best, best_scores, promotion_margin)
     with open(report.path, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.write(storage.read_text(run.eval.report) + "\n\n" + decision.markdown)
     with open(plots.path, "w", encoding="utf-8") as f:
-        f.write(png_html(storage.read_bytes(storage.join(eval_dir, "wer_by_group.png")), "WER by group"))
-    return promote
+        f.write(render.png_html(storage.read_bytes(run.eval.plot), "WER by group"))
+    return decision.promote
 
 
-@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
 def promote_model(output_uri: str, run_dir: str, model_uri: str) -> str:
     """Copy the model under ``<output_uri>/models/<run>/`` and record it in ``models/best.json``."""
-    import json
+    from habla.ops import registry
 
-    from habla import runs, storage
-
-    run = json.loads(storage.read_text(storage.join(run_dir, "run.json")))
-    metrics = json.loads(storage.read_text(storage.join(run_dir, "eval", "metrics.json")))
-    record = {
-        "release": run["release"],
-        "release_uri": run["release_uri"],
-        "config": run["config"],
-        "config_overrides": run["config_overrides"],
-        "run_dir": run["run_dir"],
-        "metrics": {k: metrics[k] for k in ("wer", "cer", "utterances", "hours")},
-    }
-    best = runs.promote(output_uri, model_uri, run["run_name"], record)
-    print(f"promoted {best['model']} (WER {metrics['wer']:.4f})")
+    best = registry.promote_run(output_uri, run_dir, model_uri)
+    print(f"promoted {best['model']} (WER {best['metrics']['wer']:.4f})")
     return best["model"]

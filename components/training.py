@@ -1,11 +1,12 @@
 """Training steps: record the run, then train in this pod (local/single node) or as a cluster job."""
 
-from habla.components import PREP_IMAGE, TRAIN_IMAGE
 from kfp import dsl
 from kfp.dsl import Metrics, Output
 
+from habla.kubeflow.compile import DEFAULT_PREP_IMAGE, DEFAULT_TRAIN_IMAGE
 
-@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+
+@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
 def start_run(
     output_uri: str,
     run_name: str,
@@ -25,34 +26,29 @@ def start_run(
     promotion_margin: float,
 ) -> str:
     """Write the run's parameters to ``<output_uri>/runs/<run>/run.json``. Returns the run folder."""
-    from habla import commonvoice, runs
+    from habla.data.commonvoice import release_label
+    from habla.ops import registry
 
-    name = run_name or job_name
-    run = runs.run_dir(output_uri, name)
-    runs.write_run_record(
-        run,
-        {
-            "run_name": name,
-            "release": commonvoice.release_label(release_uri),
-            "release_uri": release_uri,
-            "locale": locale,
-            "config": config,
-            "config_overrides": config_overrides,
-            "nodes": nodes,
-            "gpus_per_node": gpus_per_node,
-            "max_steps": max_steps,
-            "max_epochs": max_epochs,
-            "train_source": train_source,
-            "format": audio_format,
-            "num_shards": num_shards,
-            "launcher": launcher,
-            "promotion_margin": promotion_margin,
-        },
-    )
-    return run
+    params = {
+        "release": release_label(release_uri),
+        "release_uri": release_uri,
+        "locale": locale,
+        "config": config,
+        "config_overrides": config_overrides,
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node,
+        "max_steps": max_steps,
+        "max_epochs": max_epochs,
+        "train_source": train_source,
+        "format": audio_format,
+        "num_shards": num_shards,
+        "launcher": launcher,
+        "promotion_margin": promotion_margin,
+    }
+    return registry.start_run(output_uri, run_name, job_name, params).root
 
 
-@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_TRAIN_IMAGE, install_kfp_package=False)
 def train_here(
     run_dir: str,
     dataset_uri: str,
@@ -70,17 +66,20 @@ def train_here(
     What ``habla pipeline run-local`` uses; on a cluster it suits one-node runs (the step requests the GPUs).
     Returns the model's URI.
     """
-    from habla import launcher, runs, storage
+    from habla.core import storage
+    from habla.core.layout import RunLayout
+    from habla.kubeflow import torchrun
+    from habla.training.command import train_arguments, training_metrics
 
-    model_dir = storage.join(run_dir, "model")
-    args = runs.train_arguments(dataset_uri, model_dir, config, config_overrides, max_steps, max_epochs, init_from)
-    launcher.run_local(args, nproc_per_node=max(gpus_per_node, 1), nnodes=nodes)
-    for key, value in runs.training_metrics(model_dir).items():
+    model = RunLayout(run_dir).train
+    args = train_arguments(dataset_uri, model.root, config, config_overrides, max_steps, max_epochs, init_from)
+    torchrun.run_local(args, nproc_per_node=max(gpus_per_node, 1), nnodes=nodes)
+    for key, value in training_metrics(model.root).items():
         training.log_metric(key, value)
-    return storage.absolute(storage.join(model_dir, "model.nemo"))
+    return storage.absolute(model.model)
 
 
-@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
 def train_on_cluster(
     run_dir: str,
     dataset_uri: str,
@@ -105,21 +104,23 @@ def train_on_cluster(
     """
     import os
 
-    from habla import launcher, runs, storage
+    from habla.core import storage
+    from habla.core.layout import RunLayout
+    from habla.kubeflow import follow, jobs
+    from habla.training.command import train_arguments, training_metrics
 
-    model_dir = storage.join(run_dir, "model")
-    args = runs.train_arguments(dataset_uri, model_dir, config, config_overrides, max_steps, max_epochs, init_from)
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION") if os.environ.get(k)}
-    launch = launcher.TrainLaunch(
+    model = RunLayout(run_dir).train
+    args = train_arguments(dataset_uri, model.root, config, config_overrides, max_steps, max_epochs, init_from)
+    launch = jobs.TrainLaunch(
         image=image,
-        name=launcher.job_name(job_id, task_name),
+        name=jobs.job_name(job_id, task_name),
         train_args=tuple(args),
-        namespace=launcher.current_namespace(),
+        namespace=jobs.current_namespace(),
         nodes=nodes,
         gpus_per_node=gpus_per_node,
-        env=env,
+        env={k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION") if os.environ.get(k)},
     )
-    launcher.run_on_cluster(launch, kind)
-    for key, value in runs.training_metrics(model_dir).items():
+    follow.run_on_cluster(launch, kind)
+    for key, value in training_metrics(model.root).items():
         training.log_metric(key, value)
-    return storage.absolute(storage.join(model_dir, "model.nemo"))
+    return storage.absolute(model.model)

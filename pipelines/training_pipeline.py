@@ -4,28 +4,27 @@
       → train_here (launcher "local") | train_on_cluster (TrainJob / PyTorchJob)
       → evaluate_models (new and current best, same test set) → If better: promote_model
 
-Compile with ``habla pipeline compile`` (images and the conversion fan-out are chosen then), run locally
-with ``habla pipeline run-local``, submit with ``habla pipeline submit``.
+:func:`build_pipeline` draws the graph for the images and conversion fan-out chosen at compile time
+(:class:`~habla.kubeflow.compile.CompileOptions`); :func:`compile_pipeline` writes it as IR YAML. Compile with
+``habla pipeline compile``, run locally with ``habla pipeline run-local``, submit with ``habla pipeline submit``.
 """
 
-import os
-
-from habla.components import TRAIN_IMAGE
 from habla.components.data import assemble_dataset, convert_shard, list_shards, plan_dataset
 from habla.components.evaluation import evaluate_models, promote_model
 from habla.components.training import start_run, train_here, train_on_cluster
-from kfp import dsl, kubernetes
+from kfp import compiler, dsl, kubernetes
+
+from habla.kubeflow.compile import CompileOptions
 
 PIPELINE_NAME = "habla-train"
-# How many shards convert at once on a cluster. KFP fixes a ParallelFor's parallelism when compiling.
-CONVERSION_PARALLELISM = int(os.environ.get("HABLA_CONVERSION_PARALLELISM", "16"))
 # Kubernetes objects the steps read S3 settings from (manifests/): credentials, and endpoint/region.
 S3_SECRET = "habla-s3-credentials"
 S3_CONFIG_MAP = "habla-s3-config"
 
 
-def _with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """S3 access for a step: credentials from the Secret, endpoint and region from the ConfigMap."""
+def _step(task: dsl.PipelineTask, image: str) -> dsl.PipelineTask:
+    """A step's image, and its S3 access: credentials from the Secret, endpoint and region from the ConfigMap."""
+    task.set_container_image(image)
     kubernetes.use_secret_as_env(
         task,
         secret_name=S3_SECRET,
@@ -39,164 +38,173 @@ def _with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-@dsl.pipeline(name="convert-dataset")
-def convert_dataset(dataset_uri: str, workers_per_shard: int) -> str:
-    """Convert every shard of a planned dataset (fan-out), then assemble manifests and the report (fan-in).
+def build_pipeline(options: CompileOptions | None = None):
+    """The training pipeline (a KFP pipeline function) with the images and fan-out of ``options``."""
+    options = options or CompileOptions()
+    prep, train = options.prep_image, options.train_image
 
-    A pipeline of its own so that the shards' tasks receive the dataset as a pipeline input.
-    """
-    shards = list_shards(dataset_uri=dataset_uri).set_caching_options(True)
-    _with_s3(shards)
-    with dsl.ParallelFor(shards.output, parallelism=CONVERSION_PARALLELISM, name="convert-shards") as shard:
-        converted = convert_shard(dataset_uri=dataset_uri, shard=shard, workers=workers_per_shard)
-        converted.set_caching_options(True).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
-        _with_s3(converted).set_cpu_request("2").set_cpu_limit("2").set_memory_request("4Gi").set_memory_limit("8Gi")
+    @dsl.pipeline(name="convert-dataset")
+    def convert_dataset(dataset_uri: str, workers_per_shard: int) -> str:
+        """Convert every shard of a planned dataset (fan-out), then assemble manifests and the report (fan-in).
 
-    dataset = assemble_dataset(dataset_uri=dataset_uri, shard_hours=dsl.Collected(converted.output))
-    dataset.set_caching_options(True).set_retry(num_retries=2, backoff_duration="60s")
-    _with_s3(dataset).set_cpu_request("1").set_memory_request("8Gi").set_memory_limit("16Gi")
-    return dataset.outputs["Output"]
+        A pipeline of its own so that the shards' tasks receive the dataset as a pipeline input.
+        """
+        shards = list_shards(dataset_uri=dataset_uri).set_caching_options(True)
+        _step(shards, prep)
+        with dsl.ParallelFor(shards.output, parallelism=options.conversion_parallelism, name="convert-shards") as shard:
+            converted = convert_shard(dataset_uri=dataset_uri, shard=shard, workers=workers_per_shard)
+            converted.set_caching_options(True).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+            _step(converted, prep).set_cpu_request("2").set_cpu_limit("2").set_memory_request("4Gi").set_memory_limit(
+                "8Gi"
+            )
 
+        dataset = assemble_dataset(dataset_uri=dataset_uri, shard_hours=dsl.Collected(converted.output))
+        dataset.set_caching_options(True).set_retry(num_retries=2, backoff_duration="60s")
+        _step(dataset, prep).set_cpu_request("1").set_memory_request("8Gi").set_memory_limit("16Gi")
+        return dataset.outputs["Output"]
 
-@dsl.pipeline(
-    name=PIPELINE_NAME,
-    description="Common Voice release -> 16 kHz audio in object storage -> NeMo ASR model -> WER/CER; "
-    "promotes the model when it beats the current best.",
-)
-def habla_pipeline(
-    release_uri: str,
-    output_uri: str,
-    locale: str = "es",
-    num_shards: int = 32,
-    workers_per_shard: int = 2,
-    train_source: str = "train",
-    audio_format: str = "tar",
-    min_duration: float = 0.5,
-    max_duration: float = 20.0,
-    config: str = "fastconformer_ctc_bpe",
-    config_overrides: str = "",
-    init_from: str = "",
-    nodes: int = 1,
-    gpus_per_node: int = 1,
-    max_steps: int = 0,
-    max_epochs: int = 0,
-    launcher: str = "trainjob",
-    train_image: str = TRAIN_IMAGE,
-    promotion_margin: float = 0.0,
-    run_name: str = "",
-):
-    """Prepare a Common Voice release, train a NeMo model on it, evaluate it and promote it if it is better.
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Common Voice release -> 16 kHz audio in object storage -> NeMo ASR model -> WER/CER; "
+        "promotes the model when it beats the current best.",
+    )
+    def habla_pipeline(
+        release_uri: str,
+        output_uri: str,
+        locale: str = "es",
+        num_shards: int = 32,
+        workers_per_shard: int = 2,
+        train_source: str = "train",
+        audio_format: str = "tar",
+        min_duration: float = 0.5,
+        max_duration: float = 20.0,
+        config: str = "fastconformer_ctc_bpe",
+        config_overrides: str = "",
+        init_from: str = "",
+        nodes: int = 1,
+        gpus_per_node: int = 1,
+        max_steps: int = 0,
+        max_epochs: int = 0,
+        launcher: str = "trainjob",
+        train_image: str = options.train_image,
+        promotion_margin: float = 0.0,
+        run_name: str = "",
+    ):
+        """Prepare a Common Voice release, train a NeMo model on it, evaluate it and promote it if it is better.
 
-    Args:
-        release_uri: The release: an extracted locale folder, a cv-corpus-*.tar.gz archive, or an s3:// prefix.
-        output_uri: Where everything goes (s3://bucket/prefix): datasets/, runs/<run>/, models/best.json.
-        locale: Common Voice locale folder inside the release.
-        num_shards: Conversion shards (parallel tasks); about one per 20 h of audio is a good size.
-        workers_per_shard: Conversion processes inside each shard's pod (matches its CPU request).
-        train_source: "train" (train.tsv) or "validated" (validated.tsv minus dev/test speakers and sentences).
-        audio_format: "tar" (train split as NeMo tarred shards, streamed from object storage) or "wav".
-        min_duration: Shortest clip kept, in seconds.
-        max_duration: Longest clip kept, in seconds.
-        config: Model config name (tiny_ctc_char, quartznet15x5_char, fastconformer_ctc_bpe) or a YAML path in the image.
-        config_overrides: Space-separated dotted key=value overrides, e.g. "model.optim.lr=0.001 trainer.precision=bf16-mixed".
-        init_from: Optional .nemo to fine-tune from (local path in the image or s3://); the vocabulary is adapted.
-        nodes: Training nodes (pods).
-        gpus_per_node: GPUs per training node (one process per GPU).
-        max_steps: Training steps; 0 keeps the config's.
-        max_epochs: Training epochs; 0 keeps the config's.
-        launcher: "trainjob" (Kubeflow Trainer v2), "pytorchjob" (Training Operator) or "local" (inside this pipeline's pod).
-        train_image: Image of the training pods (CUDA + NeMo + habla).
-        promotion_margin: Promote only when the new WER is lower than the best model's by more than this (absolute).
-        run_name: Name of the run's folder under output_uri/runs/; empty: the pipeline run's name.
-    """
-    run = start_run(
-        output_uri=output_uri,
-        run_name=run_name,
-        job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        release_uri=release_uri,
-        locale=locale,
-        config=config,
-        config_overrides=config_overrides,
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
-        max_steps=max_steps,
-        max_epochs=max_epochs,
-        train_source=train_source,
-        audio_format=audio_format,
-        num_shards=num_shards,
-        launcher=launcher,
-        promotion_margin=promotion_margin,
-    ).set_caching_options(False)
-    _with_s3(run)
-
-    plan = (
-        plan_dataset(
-            release_uri=release_uri,
+        Args:
+            release_uri: The release: an extracted locale folder, a cv-corpus-*.tar.gz archive, or an s3:// prefix.
+            output_uri: Where everything goes (s3://bucket/prefix): datasets/, runs/<run>/, models/best.json.
+            locale: Common Voice locale folder inside the release.
+            num_shards: Conversion shards (parallel tasks); about one per 20 h of audio is a good size.
+            workers_per_shard: Conversion processes inside each shard's pod (matches its CPU request).
+            train_source: "train" (train.tsv) or "validated" (validated.tsv minus dev/test speakers and sentences).
+            audio_format: "tar" (train split as NeMo tarred shards, streamed from object storage) or "wav".
+            min_duration: Shortest clip kept, in seconds.
+            max_duration: Longest clip kept, in seconds.
+            config: Model config name (tiny_ctc_char, quartznet15x5_char, fastconformer_ctc_bpe) or a YAML path in the image.
+            config_overrides: Space-separated dotted key=value overrides, e.g. "model.optim.lr=0.001 trainer.precision=bf16-mixed".
+            init_from: Optional .nemo to fine-tune from (local path in the image or s3://); the vocabulary is adapted.
+            nodes: Training nodes (pods).
+            gpus_per_node: GPUs per training node (one process per GPU).
+            max_steps: Training steps; 0 keeps the config's.
+            max_epochs: Training epochs; 0 keeps the config's.
+            launcher: "trainjob" (Kubeflow Trainer v2), "pytorchjob" (Training Operator) or "local" (inside this pipeline's pod).
+            train_image: Image of the training pods (CUDA + NeMo + habla).
+            promotion_margin: Promote only when the new WER is lower than the best model's by more than this (absolute).
+            run_name: Name of the run's folder under output_uri/runs/; empty: the pipeline run's name.
+        """
+        run = start_run(
             output_uri=output_uri,
+            run_name=run_name,
+            job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            release_uri=release_uri,
             locale=locale,
-            num_shards=num_shards,
+            config=config,
+            config_overrides=config_overrides,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            max_steps=max_steps,
+            max_epochs=max_epochs,
             train_source=train_source,
             audio_format=audio_format,
-            min_duration=min_duration,
-            max_duration=max_duration,
-        )
-        .set_caching_options(True)
-        .set_retry(num_retries=2, backoff_duration="60s")
-    )
-    _with_s3(plan).set_cpu_request("2").set_memory_request("8Gi").set_memory_limit("16Gi")
-    dataset = convert_dataset(dataset_uri=plan.output, workers_per_shard=workers_per_shard)
+            num_shards=num_shards,
+            launcher=launcher,
+            promotion_margin=promotion_margin,
+        ).set_caching_options(False)
+        _step(run, prep)
 
-    train_args = dict(
-        run_dir=run.output,
-        dataset_uri=dataset.output,
-        config=config,
-        config_overrides=config_overrides,
-        max_steps=max_steps,
-        max_epochs=max_epochs,
-        init_from=init_from,
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
-    )
-    with dsl.If(launcher == "local", name="train-in-pipeline-pod"):
-        here = train_here(**train_args).set_caching_options(False).set_retry(num_retries=1)
-        _with_s3(here).set_cpu_request("8").set_memory_request("32Gi")
-        here.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus_per_node)
-    with dsl.Else(name="train-as-cluster-job"):
-        job = (
-            train_on_cluster(
-                **train_args,
-                kind=launcher,
-                image=train_image,
-                job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+        plan = (
+            plan_dataset(
+                release_uri=release_uri,
+                output_uri=output_uri,
+                locale=locale,
+                num_shards=num_shards,
+                train_source=train_source,
+                audio_format=audio_format,
+                min_duration=min_duration,
+                max_duration=max_duration,
             )
-            .set_caching_options(False)
-            .set_retry(num_retries=2, backoff_duration="120s")
+            .set_caching_options(True)
+            .set_retry(num_retries=2, backoff_duration="60s")
         )
-        _with_s3(job).set_cpu_request("500m").set_memory_request("1Gi")
-    model = dsl.OneOf(here.outputs["Output"], job.outputs["Output"])
+        _step(plan, prep).set_cpu_request("2").set_memory_request("8Gi").set_memory_limit("16Gi")
+        dataset = convert_dataset(dataset_uri=plan.output, workers_per_shard=workers_per_shard)
 
-    evaluation = (
-        evaluate_models(
+        train_args = dict(
             run_dir=run.output,
             dataset_uri=dataset.output,
-            model_uri=model,
-            output_uri=output_uri,
-            promotion_margin=promotion_margin,
+            config=config,
+            config_overrides=config_overrides,
+            max_steps=max_steps,
+            max_epochs=max_epochs,
+            init_from=init_from,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
         )
-        .set_caching_options(False)
-        .set_retry(num_retries=1)
-    )
-    _with_s3(evaluation).set_cpu_request("4").set_memory_request("16Gi")
-    evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        with dsl.If(launcher == "local", name="train-in-pipeline-pod"):
+            here = train_here(**train_args).set_caching_options(False).set_retry(num_retries=1)
+            _step(here, train).set_cpu_request("8").set_memory_request("32Gi")
+            here.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus_per_node)
+        with dsl.Else(name="train-as-cluster-job"):
+            job = (
+                train_on_cluster(
+                    **train_args,
+                    kind=launcher,
+                    image=train_image,
+                    job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+                )
+                .set_caching_options(False)
+                .set_retry(num_retries=2, backoff_duration="120s")
+            )
+            _step(job, prep).set_cpu_request("500m").set_memory_request("1Gi")
+        model = dsl.OneOf(here.outputs["Output"], job.outputs["Output"])
 
-    with dsl.If(evaluation.outputs["Output"] == True, name="beats-best-model"):  # noqa: E712 - a KFP condition, not Python
-        _with_s3(promote_model(output_uri=output_uri, run_dir=run.output, model_uri=model).set_caching_options(False))
+        evaluation = (
+            evaluate_models(
+                run_dir=run.output,
+                dataset_uri=dataset.output,
+                model_uri=model,
+                output_uri=output_uri,
+                promotion_margin=promotion_margin,
+            )
+            .set_caching_options(False)
+            .set_retry(num_retries=1)
+        )
+        _step(evaluation, train).set_cpu_request("4").set_memory_request("16Gi")
+        evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+
+        with dsl.If(evaluation.outputs["Output"] == True, name="beats-best-model"):  # noqa: E712 - a KFP condition, not Python
+            _step(
+                promote_model(output_uri=output_uri, run_dir=run.output, model_uri=model).set_caching_options(False),
+                prep,
+            )
+
+    return habla_pipeline
 
 
-def compile_pipeline(out_path: str) -> str:
-    """Compile the pipeline to IR YAML (to upload in the KFP UI or submit with kfp.Client)."""
-    from kfp import compiler
-
-    compiler.Compiler().compile(habla_pipeline, out_path)
+def compile_pipeline(out_path: str, options: CompileOptions | None = None) -> str:
+    """Compile the training pipeline to IR YAML (to upload in the KFP UI or submit); returns ``out_path``."""
+    compiler.Compiler().compile(build_pipeline(options), out_path)
     return out_path

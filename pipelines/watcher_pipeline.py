@@ -1,17 +1,19 @@
 """The release watcher as a tiny KFP pipeline: one lightweight component that runs ``habla.watch.watch``.
 
-``habla schedule`` uploads it and makes it a recurring run. The component runs in the habla-prep image (the
-images are chosen at compile time, as for the training pipeline, and passed on to the training pipeline the
-watcher compiles in its pod), which already holds habla and kfp: nothing is pip-installed at run time
-(offline clusters, kubeflow/pipelines #6738). Caching is off, or every poll after the first would be
+``habla schedule`` uploads it and makes it a recurring run. The component runs in the habla-prep image, which
+already holds habla and kfp: nothing is pip-installed at run time (offline clusters, kubeflow/pipelines
+#6738). The compile options (images, conversion fan-out) are chosen when this pipeline is compiled and
+handed to the component as a constant, so the training pipeline the watcher compiles in its pod gets the
+same ones. Caching is off, or every poll after the first would be
 answered from the cache without looking.
 S3 credentials come from the Secret ``habla-s3-credentials`` (keys ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``); the Data Collective key from the optional Secret ``habla-mdc`` (``MDC_API_KEY``).
 """
 
 # no "from __future__ import annotations": KFP reads the real annotation types
-from habla.components import PREP_IMAGE, TRAIN_IMAGE
 from kfp import compiler, dsl, kubernetes
+
+from habla.kubeflow.compile import DEFAULT_PREP_IMAGE, CompileOptions
 
 S3_SECRET = "habla-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
@@ -19,7 +21,7 @@ MDC_SECRET = "habla-mdc"
 IN_CLUSTER_KFP = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 
 
-@dsl.component(base_image=PREP_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
 def watch_releases(
     inbox: str,
     state: str,
@@ -31,6 +33,7 @@ def watch_releases(
     s3_endpoint_url: str,
     mdc: bool,
     dry_run: bool,
+    compile_options: str,
 ) -> str:
     """Look at the inbox once; submit the training pipeline for each new release. Returns the decisions (JSON)."""
     import json
@@ -39,7 +42,8 @@ def watch_releases(
 
     if s3_endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
-    from habla import watch
+    from habla.kubeflow.compile import CompileOptions
+    from habla.ops import watch
 
     decisions = watch.watch(
         inbox,
@@ -51,6 +55,7 @@ def watch_releases(
         params=json.loads(training_params or "{}"),
         dry_run=dry_run,
         mdc=mdc,
+        compile_options=CompileOptions.from_json(compile_options),
     )
     report = json.dumps([asdict(d) for d in decisions], indent=2)
     print(report)
@@ -60,44 +65,51 @@ def watch_releases(
     return report
 
 
-@dsl.pipeline(
-    name="habla-release-watcher",
-    description="Look for new Common Voice releases in an inbox and submit the habla training pipeline once for each.",
-)
-def watcher_pipeline(
-    inbox: str,
-    state: str,
-    output_root: str,
-    experiment: str = "habla",
-    locale: str = "es",
-    kfp_host: str = IN_CLUSTER_KFP,
-    training_params: str = "{}",
-    s3_endpoint_url: str = "",
-    mdc: bool = False,
-    dry_run: bool = False,
-) -> None:
-    task = watch_releases(
-        inbox=inbox,
-        state=state,
-        output_root=output_root,
-        experiment=experiment,
-        locale=locale,
-        kfp_host=kfp_host,
-        training_params=training_params,
-        s3_endpoint_url=s3_endpoint_url,
-        mdc=mdc,
-        dry_run=dry_run,
+def build_pipeline(options: CompileOptions | None = None):
+    """The watcher pipeline; ``options`` are its own image and what it compiles the training pipeline with."""
+    options = options or CompileOptions()
+
+    @dsl.pipeline(
+        name="habla-release-watcher",
+        description="Look for new Common Voice releases in an inbox and submit the habla training pipeline "
+        "once for each.",
     )
-    task.set_caching_options(False)
-    task.set_display_name("watch releases")
-    task.set_cpu_request("100m").set_memory_request("256M").set_memory_limit("1G")
-    # The training pipeline compiled in the pod must use the images this one was compiled with.
-    task.set_env_variable("HABLA_PREP_IMAGE", PREP_IMAGE).set_env_variable("HABLA_TRAIN_IMAGE", TRAIN_IMAGE)
-    kubernetes.use_secret_as_env(task, S3_SECRET, S3_SECRET_KEYS)
-    kubernetes.use_secret_as_env(task, MDC_SECRET, {"MDC_API_KEY": "MDC_API_KEY"}, optional=True)
+    def watcher_pipeline(
+        inbox: str,
+        state: str,
+        output_root: str,
+        experiment: str = "habla",
+        locale: str = "es",
+        kfp_host: str = IN_CLUSTER_KFP,
+        training_params: str = "{}",
+        s3_endpoint_url: str = "",
+        mdc: bool = False,
+        dry_run: bool = False,
+    ) -> None:
+        task = watch_releases(
+            inbox=inbox,
+            state=state,
+            output_root=output_root,
+            experiment=experiment,
+            locale=locale,
+            kfp_host=kfp_host,
+            training_params=training_params,
+            s3_endpoint_url=s3_endpoint_url,
+            mdc=mdc,
+            dry_run=dry_run,
+            compile_options=options.to_json(),
+        )
+        task.set_caching_options(False)
+        task.set_display_name("watch releases")
+        task.set_cpu_request("100m").set_memory_request("256M").set_memory_limit("1G")
+        task.set_container_image(options.prep_image)
+        kubernetes.use_secret_as_env(task, S3_SECRET, S3_SECRET_KEYS)
+        kubernetes.use_secret_as_env(task, MDC_SECRET, {"MDC_API_KEY": "MDC_API_KEY"}, optional=True)
+
+    return watcher_pipeline
 
 
-def compile_pipeline(out_path: str) -> str:
-    """Compile the watcher pipeline to ``out_path`` (YAML); returns the path."""
-    compiler.Compiler().compile(watcher_pipeline, package_path=out_path)
+def compile_pipeline(out_path: str, options: CompileOptions | None = None) -> str:
+    """Compile the watcher pipeline to IR YAML; returns ``out_path``."""
+    compiler.Compiler().compile(build_pipeline(options), out_path)
     return out_path

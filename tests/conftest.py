@@ -1,4 +1,8 @@
-"""Shared fixtures: the bundled releases and a real S3 server (moto's standalone server) on loopback."""
+"""What the tests share: the bundled releases, a real S3 server (moto's standalone server) on loopback, the
+training data prepared by ``habla prepare``, and running the ``habla`` command as a user would.
+
+Test modules import the plain helpers with ``from conftest import ...`` (tests/ is on sys.path).
+"""
 
 from __future__ import annotations
 
@@ -17,9 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from habla.core import jsonl
+
 ROOT = Path(__file__).resolve().parent.parent
 MINI = ROOT / "data" / "mini-es-v25" / "es"
 MINI_V8 = ROOT / "data" / "mini-es-v8" / "es"
+BIN = Path(sys.executable).parent
+HABLA = str(BIN / "habla")
+TORCHRUN = str(BIN / "torchrun")
 
 
 def free_port() -> int:
@@ -58,7 +67,7 @@ def moto_server():
 
 
 def _use_endpoint(monkeypatch, endpoint: str) -> None:
-    from habla import storage
+    from habla.core import storage
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "habla-test-key")
@@ -70,7 +79,7 @@ def _use_endpoint(monkeypatch, endpoint: str) -> None:
 
 
 def _new_bucket() -> str:
-    from habla import storage
+    from habla.core import storage
 
     bucket = f"habla-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=bucket)
@@ -82,13 +91,13 @@ def s3_bucket(moto_server, monkeypatch) -> str:
     """A fresh bucket on the loopback S3 server; AWS_* variables point this process and its children at it."""
     _use_endpoint(monkeypatch, moto_server)
     yield f"s3://{_new_bucket()}"
-    from habla import storage
+    from habla.core import storage
 
     storage._client_for_pid.cache_clear()
 
 
 def upload_tree(local: Path, uri: str) -> None:
-    from habla import storage
+    from habla.core import storage
 
     for path in sorted(local.rglob("*")):
         if path.is_file():
@@ -191,7 +200,7 @@ def flaky_s3(moto_server, monkeypatch):
         yield f"s3://{bucket}", proxy
     finally:
         proxy.shutdown()
-        from habla import storage
+        from habla.core import storage
 
         storage._client_for_pid.cache_clear()
 
@@ -204,9 +213,95 @@ def mini_copy(tmp_path) -> Path:
     return dst
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment of a ``habla`` subprocess: this one's, with one intra-op thread per process (on a shared
+    2-core machine OpenMP threads spin against each other)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
 def run_habla(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the ``habla`` console script as a user would."""
-    exe = Path(sys.executable).with_name("habla")
+    """Run the ``habla`` console script as a user would; ``env`` adds to :func:`cli_env`."""
     return subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        [HABLA, *args], capture_output=True, text=True, timeout=timeout, env=cli_env(**(env or {})), check=False
     )
+
+
+def write_manifest(entries: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(jsonl.dumps(entries), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return jsonl.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------- training data
+
+
+@pytest.fixture(scope="session")
+def train_clips(tmp_path_factory) -> list[dict]:
+    """Manifest entries of the bundled release's train split, as habla prepare writes them, shortest first."""
+    from habla.data.options import PrepareOptions
+    from habla.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("mini-es-prepared")
+    prepare(str(MINI), str(out), PrepareOptions(shards=1, splits=("train",)), workers=2)
+    entries = read_jsonl(out / "manifests" / "train.json")
+    return sorted(entries, key=lambda e: (e["duration"], e["path"]))
+
+
+@pytest.fixture(scope="session")
+def clips30(train_clips, tmp_path_factory) -> Path:
+    """Manifest of the 30 shortest usable clips (sorted by path, as habla prepare writes them)."""
+    chosen = sorted(train_clips[:30], key=lambda e: e["path"])
+    return write_manifest(chosen, tmp_path_factory.mktemp("clips30") / "train30.json")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP threads spin against each other (10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A private HABLA_CACHE (downloaded audio, local checkpoint folders of s3:// runs)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("HABLA_CACHE", str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ cluster jobs
+
+SECRET_VALUE = "wJalrXUtnFEMI-not-a-real-secret-K7MDENG"
+
+
+def make_launch(**overrides):
+    """A TrainLaunch for 2 nodes x 4 GPUs with every field set; ``overrides`` replace fields."""
+    from habla.kubeflow.jobs import TrainLaunch, job_name
+
+    fields = {
+        "image": "registry.example.com/habla-train:0.1.0",
+        "name": job_name("run-123", "train"),
+        "train_args": ("--data", "s3://bucket/run/data", "--out", "s3://bucket/run/model", "--nodes", "2"),
+        "namespace": "team-asr",
+        "nodes": 2,
+        "gpus_per_node": 4,
+        "cpu": "16",
+        "memory": "64Gi",
+        "env": {"AWS_ENDPOINT_URL": "http://minio-service.kubeflow:9000", "AWS_REGION": "us-east-1"},
+        "labels": {"pipelines.kubeflow.org/run": "run-123"},
+    }
+    fields.update(overrides)
+    return TrainLaunch(**fields)
+
+
+def env_map(env: list[dict]) -> dict[str, dict]:
+    """A container's env list by variable name."""
+    return {e["name"]: e for e in env}

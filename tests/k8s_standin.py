@@ -1,6 +1,6 @@
 """A stand-in Kubernetes API server for the launcher tests: a real HTTP server on 127.0.0.1.
 
-It serves only what habla.launcher calls -- create/get/delete of TrainJobs and PyTorchJobs, pod listing by
+It serves only what habla.kubeflow.follow calls -- create/get/delete of TrainJobs and PyTorchJobs, pod listing by
 label and pod logs -- and moves each job through a scripted list of conditions, one step per GET, so that
 tests see Created -> Running -> Succeeded (or -> Failed) the way a controller would report them. Every
 request is recorded (method, path, query, JSON body) for the tests to inspect.

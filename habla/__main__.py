@@ -1,0 +1,7 @@
+"""``python -m habla``: the ``habla`` command."""
+
+import sys
+
+from habla.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""``habla pipeline compile|run-local|submit``: the Kubeflow pipeline, compiled, run on this machine, or submitted.
+
+Trailing ``key=value`` arguments: a key without a dot is a pipeline parameter (``num_shards=4``), a dotted
+key is a training config override (``trainer.max_steps=300``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from habla.cli.common import add_compile_arguments, compile_options
+
+HELP = "The Kubeflow pipeline: compile it, run it here (kfp.local), or submit it"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
+    compile_ = sub.add_parser("compile", help="compile the pipeline to IR YAML (upload it in the KFP UI)")
+    compile_.add_argument("--out", required=True, metavar="FILE.yaml")
+    add_compile_arguments(compile_)
+
+    local = sub.add_parser("run-local", help="run the whole pipeline on this machine through kfp.local")
+    local.add_argument("--release", help="release to prepare (default: the bundled mini release)")
+    local.add_argument("--out", required=True, metavar="DST", help="output folder or s3:// prefix")
+    local.add_argument("--config", help="model config (default: tiny_ctc_char)")
+    local.add_argument("--run-name", help="folder name under DST/runs/ (default: local-<time>)")
+    local.add_argument("settings", nargs="*", metavar="key=value", help="pipeline parameters and config overrides")
+
+    submit = sub.add_parser("submit", help="submit a run to a Kubeflow Pipelines endpoint")
+    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    submit.add_argument("--release", required=True, metavar="SRC", help="release URI (s3://...)")
+    submit.add_argument("--out", required=True, metavar="DST", help="output prefix (s3://...)")
+    submit.add_argument("--experiment", default="habla", help="KFP experiment (default %(default)s)")
+    submit.add_argument("--run-name", help="KFP run name (default: habla-<release>-<time>)")
+    add_compile_arguments(submit)
+    submit.add_argument("settings", nargs="*", metavar="key=value", help="pipeline parameters and config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "compile":
+        from habla.pipelines import training_pipeline
+
+        path = training_pipeline.compile_pipeline(args.out, compile_options(args))
+        print(f"compiled {path}: upload it in the KFP UI (Pipelines > Upload pipeline) or use habla pipeline submit")
+        return 0
+    from habla.ops import pipeline_runs
+
+    if args.action == "run-local":
+        from habla.evaluation.report import format_metrics
+
+        result = pipeline_runs.run_local(
+            args.out, args.settings, release=args.release, config=args.config, run_name=args.run_name
+        )
+        print(f"\nrun {result['run_dir']}\n")
+        print(format_metrics(result["metrics"]))
+        return 0
+    ref = pipeline_runs.submit(
+        args.host,
+        args.release,
+        args.out,
+        args.settings,
+        experiment=args.experiment,
+        run_name=args.run_name,
+        compile_options=compile_options(args),
+    )
+    print(ref.url)
+    return 0

@@ -1,0 +1,73 @@
+"""``habla watch``: submit the training pipeline once for each new Common Voice release in an inbox."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+from habla.cli.common import add_compile_arguments, compile_options
+from habla.core.settings import parse_pairs
+
+HELP = "submit the training pipeline once for each new Common Voice release in an inbox"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inbox", required=True, help="folder or s3:// prefix where releases are dropped")
+    parser.add_argument("--state", required=True, help="folder or s3:// prefix for the watcher's claims/results")
+    parser.add_argument("--output-root", help="the training runs' output_uri (datasets/, runs/<run>/, models/)")
+    parser.add_argument("--host", help="Kubeflow Pipelines API URL (default: $KF_PIPELINES_ENDPOINT)")
+    parser.add_argument("--namespace", help="KFP user namespace (multi-user deployments)")
+    parser.add_argument("--experiment", default="habla", help="KFP experiment of the training runs")
+    parser.add_argument("--locale", default="es", help="Common Voice locale to watch (default es)")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra training pipeline parameter (repeatable), e.g. --param nodes=2",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="report what would happen; write and submit nothing")
+    parser.add_argument(
+        "--package", metavar="FILE.yaml", help="compiled training pipeline to submit (default: compile habla's own)"
+    )
+    add_compile_arguments(parser)
+    parser.add_argument("--lease", type=float, help="claim lease in seconds (default: habla.ops.watch.LEASE_SECONDS)")
+    parser.add_argument(
+        "--mdc",
+        action="store_true",
+        help="first ask the Mozilla Data Collective for the newest release and download it into "
+        "the inbox if it is new (download needs MDC_API_KEY)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the decisions as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from habla.ops.watch import LEASE_SECONDS, REPORTED, watch
+
+    decisions = watch(
+        args.inbox,
+        args.state,
+        output_root=args.output_root,
+        host=args.host,
+        namespace=args.namespace,
+        experiment=args.experiment,
+        locale=args.locale,
+        params=parse_pairs(args.param, "--param", typed=True),
+        dry_run=args.dry_run,
+        lease_seconds=LEASE_SECONDS if args.lease is None else args.lease,
+        mdc=args.mdc,
+        package=args.package,
+        compile_options=compile_options(args),
+    )
+    if args.json:
+        print(json.dumps([asdict(d) for d in decisions], indent=2))
+    else:
+        shown = [d for d in decisions if d.action in REPORTED]
+        for d in shown:
+            extra = f"  run {d.run_id}  {d.url}" if d.run_id else (f"  {d.detail}" if d.detail else "")
+            print(f"{d.action:<14} {d.release}{extra}")
+        quiet = len(decisions) - len(shown)
+        if not shown:
+            print(f"nothing new in {args.inbox}" + (f" ({quiet} release(s) processed before)" if quiet else ""))
+    return 1 if any(d.action == "failed" for d in decisions) else 0

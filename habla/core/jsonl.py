@@ -1,0 +1,32 @@
+"""JSON lines (manifests, rejection lists, per-shard results): one JSON value per ``\\n``-terminated line.
+
+Lines are split on ``\\n`` only. ``str.splitlines`` also splits on U+2028, U+0085, form feeds and other
+characters that JSON leaves unescaped inside strings (``ensure_ascii=False``), which would cut a valid
+line in two.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+
+
+def lines(text: str) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of the non-blank lines of ``text``, split on ``\\n`` only (``\\r\\n`` tolerated)."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            yield number, line
+
+
+def loads(text: str) -> list[Any]:
+    """Every value of a JSON-lines text (raises ``ValueError`` on a line that is not JSON)."""
+    return [json.loads(line) for _, line in lines(text)]
+
+
+def dumps(records: Iterable[Any]) -> str:
+    """JSON lines, UTF-8 kept as is; NaN and infinities are refused (they are not JSON)."""
+    return "".join(_encode(r) + "\n" for r in records)

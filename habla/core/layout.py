@@ -1,0 +1,219 @@
+"""Where everything habla writes lives: the one place that builds output paths (docs/layout.md shows the tree).
+
+Every location is a local path or an ``s3://`` URI. Commands, components and tests ask these classes for a
+path; none joins one by hand.
+
+The pipeline's output location ``OUT`` (:class:`OutputLayout`)::
+
+    OUT/datasets/<release>-<fingerprint>/   a prepared dataset (DatasetLayout), shared by runs with the same inputs
+    OUT/runs/<run>/                         a run (RunLayout): run.json, model/ (TrainLayout), eval/ (EvalLayout)
+    OUT/models/<run>/model.nemo             promoted models
+    OUT/models/best.json                    the current best model (the registry)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from habla.core import storage
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slug(text: str, limit: int = 80) -> str:
+    """A name safe as one path component and in a URL: ``"a b/c"`` -> ``"a-b-c"``; never empty, never ``..``."""
+    clean = _UNSAFE.sub("-", str(text)).strip("-.")[:limit].strip("-.")
+    return clean or "run"
+
+
+def run_name(name: str, job_name: str) -> str:
+    """The name of a pipeline run's folder: the ``run_name`` parameter, else the KFP run's own name."""
+    return name or job_name
+
+
+@dataclass(frozen=True)
+class TrainLayout:
+    """``habla train --out DST``."""
+
+    root: str
+
+    def _at(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    @property
+    def model(self) -> str:
+        return self._at("model.nemo")
+
+    @property
+    def checkpoints(self) -> str:
+        return self._at("checkpoints")
+
+    @property
+    def last_checkpoint(self) -> str:
+        return self._at("checkpoints", "last.ckpt")
+
+    @property
+    def summary(self) -> str:
+        return self._at("train_summary.json")
+
+    @property
+    def config(self) -> str:
+        return self._at("config.yaml")
+
+    @property
+    def tokenizer(self) -> str:
+        return self._at("tokenizer")
+
+    @property
+    def logs(self) -> str:
+        return self._at("logs")
+
+
+@dataclass(frozen=True)
+class EvalLayout:
+    """``habla evaluate --out DST``."""
+
+    root: str
+
+    @property
+    def metrics(self) -> str:
+        return storage.join(self.root, "metrics.json")
+
+    @property
+    def errors(self) -> str:
+        return storage.join(self.root, "errors.jsonl")
+
+    @property
+    def report(self) -> str:
+        return storage.join(self.root, "report.md")
+
+    @property
+    def plot(self) -> str:
+        return storage.join(self.root, "wer_by_group.png")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """One pipeline run: ``OUT/runs/<run>/``."""
+
+    root: str
+
+    @property
+    def record(self) -> str:
+        """``run.json``: the run's parameters."""
+        return storage.join(self.root, "run.json")
+
+    @property
+    def train(self) -> TrainLayout:
+        return TrainLayout(storage.join(self.root, "model"))
+
+    @property
+    def eval(self) -> EvalLayout:
+        return EvalLayout(storage.join(self.root, "eval"))
+
+    @property
+    def best_eval(self) -> EvalLayout:
+        """The current best model scored on this run's test set."""
+        return EvalLayout(storage.join(self.root, "eval", "best"))
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """``habla prepare --out DST``: plan, shards, audio, manifests, report."""
+
+    root: str
+
+    def _at(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    # plan (step 1)
+    @property
+    def plan(self) -> str:
+        return self._at("plan", "plan.json")
+
+    def plan_shard(self, shard: int) -> str:
+        return self._at("plan", f"shard-{shard:05d}.jsonl")
+
+    @property
+    def plan_rejected(self) -> str:
+        return self._at("plan", "rejected.jsonl")
+
+    @property
+    def staging(self) -> str:
+        """Where a release archive is unpacked."""
+        return self._at("staging")
+
+    # convert (step 2)
+    def shard_result(self, shard: int) -> str:
+        """Written last by a converted shard: its presence means the shard is complete."""
+        return self._at("shards", f"shard-{shard:05d}.json")
+
+    def shard_started(self, shard: int) -> str:
+        return self._at("shards", f"shard-{shard:05d}.started")
+
+    def shard_file(self, shard: int, name: str) -> str:
+        return self._at("shards", f"shard-{shard:05d}", name)
+
+    def wav(self, split: str, clip_path: str) -> str:
+        return self._at("audio", split, PurePosixPath(clip_path).stem + ".wav")
+
+    def tar(self, split: str, shard: int) -> str:
+        return self._at("tarred", split, f"audio_{shard}.tar")
+
+    def tar_manifest(self, split: str, shard: int) -> str:
+        return self._at("tarred", split, f"manifest_{shard}.json")
+
+    def tar_patterns(self, split: str, count: int) -> tuple[str, str]:
+        """NeMo's brace patterns over shards ``0..count-1``: (manifests, tar files)."""
+        last = count - 1
+        return (
+            self._at("tarred", split, f"manifest__OP_0..{last}_CL_.json"),
+            self._at("tarred", split, f"audio__OP_0..{last}_CL_.tar"),
+        )
+
+    # assemble (step 3)
+    def manifest(self, split: str) -> str:
+        return self._at("manifests", f"{split}.json")
+
+    @property
+    def rejected(self) -> str:
+        return self._at("rejected.jsonl")
+
+    @property
+    def report_json(self) -> str:
+        return self._at("report.json")
+
+    @property
+    def report_md(self) -> str:
+        return self._at("report.md")
+
+    @property
+    def report_png(self) -> str:
+        return self._at("report.png")
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The pipeline's ``output_uri``: datasets, runs and the model registry."""
+
+    root: str
+
+    def dataset(self, release_label: str, fingerprint: str) -> DatasetLayout:
+        return DatasetLayout(storage.join(self.root, "datasets", f"{slug(release_label)}-{fingerprint}"))
+
+    @property
+    def runs(self) -> str:
+        return storage.join(self.root, "runs")
+
+    def run(self, name: str) -> RunLayout:
+        return RunLayout(storage.join(self.root, "runs", slug(name)))
+
+    def promoted_model(self, run_name: str) -> str:
+        return storage.join(self.root, "models", slug(run_name), "model.nemo")
+
+    @property
+    def best(self) -> str:
+        """``models/best.json``: the registry's record of the current best model."""
+        return storage.join(self.root, "models", "best.json")

@@ -1,0 +1,67 @@
+"""What decides a prepared dataset's content (:class:`PrepareOptions`), and the bundled default release.
+
+Light on purpose (no numpy, no audio libraries): the CLI reads the defaults from here to build ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from habla.core.errors import HablaError
+
+#: The small real-speech release in Common Voice layout that ships with habla (data/README.md).
+BUNDLED_RELEASE = str(Path(__file__).resolve().parents[2] / "data" / "mini-es-v25" / "es")
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Everything that decides the content of a prepared dataset (recorded in plan.json)."""
+
+    splits: tuple[str, ...] = SPLITS
+    train_source: str = "train"  # "validated": validated.tsv minus dev/test speakers, sentences and clips
+    format: str = "wav"  # "tar": the train split as NeMo tarred shards
+    shards: int = 4
+    locale: str = "es"
+    min_duration: float = 0.5
+    max_duration: float = 20.0
+    # Characters (of normalized text) per second of audio outside this range mean a wrong transcript or a
+    # mostly silent clip. NeMo-speech-data-processor's Spanish recipe uses 1-21; CV clips carry leading and
+    # trailing silence, which lowers the rate of short sentences.
+    min_chars_per_second: float = 1.0
+    max_chars_per_second: float = 21.0
+
+    def validate(self) -> None:
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown or not self.splits:
+            raise HablaError(f"--splits must be a comma-separated subset of train,dev,test (got {unknown or 'none'})")
+        if self.train_source not in ("train", "validated"):
+            raise HablaError(f"--train-source must be train or validated (got {self.train_source!r})")
+        if self.format not in ("wav", "tar"):
+            raise HablaError(f"--format must be wav or tar (got {self.format!r})")
+        if self.shards < 1:
+            raise HablaError(f"--shards must be >= 1 (got {self.shards})")
+        if not 0 <= self.min_duration < self.max_duration:
+            raise HablaError(
+                f"need 0 <= --min-duration < --max-duration (got {self.min_duration}, {self.max_duration})"
+            )
+        if not 0 <= self.min_chars_per_second < self.max_chars_per_second:
+            raise HablaError("need 0 <= --min-chars-per-second < --max-chars-per-second")
+
+    def as_json(self) -> dict:
+        """The options as JSON values (tuples as lists), as recorded in plan.json."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, values: dict) -> PrepareOptions:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def fingerprint(release: str, options: PrepareOptions) -> str:
+    """A short stable id of (release, options), e.g. for cache keys and output folder names."""
+    blob = json.dumps([release, options.as_json()], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

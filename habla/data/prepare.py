@@ -1,0 +1,586 @@
+"""``habla prepare``: a Common Voice release → 16 kHz WAV (or NeMo tar shards) + NeMo manifests + a report.
+
+Three steps, each a plain function the KFP components call too:
+
+1. :func:`plan` reads the TSVs, normalizes the text, applies the row filters (malformed rows, unsafe paths,
+   text, duplicates, leakage, durations when the release has a duration table) and splits the remaining
+   clips into N shards balanced by duration. Writes ``plan/``.
+2. :func:`convert_shard` converts the clips of one shard with W worker processes (in-process MP3 decode,
+   down-mix, soxr resample, PCM_16) and writes the audio plus ``shards/shard-<k>.json``. Shards are
+   independent: on a cluster each is one KFP ParallelFor task.
+3. :func:`assemble` gathers the shard results into ``manifests/<split>.json``, ``rejected.jsonl`` and the
+   dataset report, and checks that every input row ended up in exactly one of them.
+
+Every file is written atomically and every step skips work that is already complete, so a re-run rewrites
+nothing and a killed run, started again, ends exactly as an uninterrupted one. See docs/layout.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import json
+import logging
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from habla.core import jsonl, storage
+from habla.core.errors import HablaError
+from habla.core.layout import DatasetLayout
+from habla.core.progress import Progress
+from habla.data import audio, commonvoice
+from habla.data.options import PrepareOptions
+from habla.data.text import TextRejected, normalize_text
+
+log = logging.getLogger("habla.prepare")
+
+EVAL_SPLITS = ("dev", "test")
+PLAN_VERSION = 1
+# Weight of a clip when the release has no duration table (planning then balances clip counts).
+DEFAULT_CLIP_SECONDS = 5.0
+
+
+@dataclass(slots=True)
+class Clip:
+    """A row of a TSV that passed the row filters; becomes a manifest line unless its audio is bad."""
+
+    split: str
+    path: str  # the clip's file name as in the TSV (checked: a plain name inside clips/)
+    text: str  # normalized
+    sentence: str  # as in the TSV
+    client_id: str
+    gender: str
+    age: str
+    accents: str
+    locale: str
+    line: int
+    duration: float | None = None  # from the release's duration table; None: measured when decoding
+
+
+@dataclass(slots=True)
+class Rejection:
+    split: str
+    path: str
+    reason: str
+    detail: str = ""
+    line: int = 0
+
+
+@dataclass
+class Plan:
+    """What plan() decided; serialized under ``<out>/plan/``."""
+
+    release: str  # the release location given by the user
+    root: str  # the locale folder the clips are read from (staged, for an archive)
+    options: PrepareOptions
+    rows_read: dict[str, int]  # data rows per TSV read (the accounting base)
+    tsv_of_split: dict[str, str]
+    has_durations: bool
+    shards: list[list[Clip]] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def is_safe_clip_name(path: str) -> bool:
+    """A plain file name (no folder part, no ``..``): data files are untrusted and must not escape clips/."""
+    return bool(path) and path[0] != "." and "/" not in path and "\\" not in path and "\x00" not in path
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+
+def build_plan(release: str, root: str, options: PrepareOptions) -> Plan:
+    """Read the TSVs and decide, row by row, what becomes a clip and what is rejected (no audio is read)."""
+    tsv_of_split = {
+        s: "validated" if s == "train" and options.train_source == "validated" else s for s in options.splits
+    }
+    durations = commonvoice.read_durations(root)
+    plan = Plan(release, root, options, {}, tsv_of_split, durations is not None)
+
+    # Dev/test rows guard the train split even when they are not prepared themselves.
+    eval_paths: set[str] = set()
+    eval_speakers: set[str] = set()
+    eval_texts: set[str] = set()
+    if "train" in options.splits:
+        for split in EVAL_SPLITS:
+            uri = storage.join(root, f"{split}.tsv")
+            if split not in options.splits and not storage.exists(uri):
+                continue
+            for row in _read_rows(uri):
+                if isinstance(row, commonvoice.TsvRow):
+                    eval_paths.add(row.fields["path"])
+                    eval_speakers.add(row.fields["client_id"])
+                    try:
+                        eval_texts.add(normalize_text(row.fields["sentence"]))
+                    except TextRejected:
+                        pass
+
+    clips_by_split: dict[str, list[Clip]] = {}
+    for split in options.splits:
+        tsv = tsv_of_split[split]
+        uri = storage.join(root, f"{tsv}.tsv")
+        seen: set[str] = set()
+        clips: list[Clip] = []
+        rows = 0
+        for row in _read_rows(uri):
+            rows += 1
+            if isinstance(row, commonvoice.MalformedRow):
+                plan.rejected.append(Rejection(split, row.path, "malformed_row", row.detail, row.line))
+                continue
+            clip, rejection = _check_row(split, row, seen, eval_paths, eval_speakers, eval_texts, durations, options)
+            if rejection:
+                plan.rejected.append(rejection)
+            else:
+                clips.append(clip)
+        plan.rows_read[f"{tsv}.tsv" if tsv == split else f"{tsv}.tsv (as {split})"] = rows
+        clips_by_split[split] = clips
+
+    plan.shards = _balance(clips_by_split, options.shards)
+    return plan
+
+
+def _read_rows(uri: str) -> Iterator[commonvoice.TsvRow | commonvoice.MalformedRow]:
+    try:
+        _, rows = commonvoice.read_tsv(uri)
+    except FileNotFoundError:
+        raise HablaError(f"{uri}: no such TSV in the release") from None
+    return rows
+
+
+def _check_row(
+    split: str,
+    row: commonvoice.TsvRow,
+    seen: set[str],
+    eval_paths: set[str],
+    eval_speakers: set[str],
+    eval_texts: set[str],
+    durations: dict[str, float] | None,
+    options: PrepareOptions,
+) -> tuple[Clip | None, Rejection | None]:
+    """Apply the row filters in a fixed order; the first that fails names the reason."""
+    f = row.fields
+    path, sentence = f["path"], f["sentence"]
+
+    def reject(reason: str, detail: str = "") -> tuple[None, Rejection]:
+        return None, Rejection(split, path, reason, detail, row.line)
+
+    if not is_safe_clip_name(path):
+        return reject("unsafe_path", "clip path must be a plain file name inside clips/")
+    if "\ufffd" in sentence:
+        return reject("undecodable_text", "sentence is not valid UTF-8")
+    try:
+        text = normalize_text(sentence)
+    except TextRejected as exc:
+        return reject(exc.reason, exc.detail)
+    if path in seen:
+        return reject("duplicate", "clip listed more than once in this TSV")
+    seen.add(path)
+    if split == "train":
+        if path in eval_paths:
+            return reject("eval_overlap", "clip also listed in dev/test")
+        if options.train_source == "validated":
+            if f["client_id"] in eval_speakers:
+                return reject("eval_speaker", "speaker also in dev/test")
+            if text in eval_texts:
+                return reject("eval_sentence", "sentence also in dev/test")
+    duration = durations.get(path) if durations is not None else None
+    if duration is not None:
+        reason = duration_problem(duration, text, options)
+        if reason:
+            return reject(*reason)
+    return (
+        Clip(
+            split,
+            path,
+            text,
+            sentence,
+            f["client_id"],
+            f.get("gender", ""),
+            f.get("age", ""),
+            f.get("accents", ""),
+            f.get("locale", ""),
+            row.line,
+            duration,
+        ),
+        None,
+    )
+
+
+def duration_problem(duration: float, text: str, options: PrepareOptions) -> tuple[str, str] | None:
+    """The duration and speaking-rate filters, shared by planning (duration table) and conversion (decoded)."""
+    if duration < options.min_duration:
+        return "too_short", f"{duration:.2f}s < {options.min_duration}s"
+    if duration > options.max_duration:
+        return "too_long", f"{duration:.2f}s > {options.max_duration}s"
+    rate = len(text) / duration
+    if not options.min_chars_per_second <= rate <= options.max_chars_per_second:
+        return "chars_per_second", f"{rate:.1f} chars/s"
+    return None
+
+
+def _balance(clips_by_split: dict[str, list[Clip]], shards: int) -> list[list[Clip]]:
+    """Spread each split over the shards, longest clip first onto the lightest shard (deterministic).
+
+    Every split is spread over ``min(shards, len(clips))`` shards, so shard k holds about 1/N of every split:
+    shards take about the same time, and the tar shards of a split are numbered 0..m-1 without gaps.
+    """
+    out: list[list[Clip]] = [[] for _ in range(shards)]
+    for split in sorted(clips_by_split):
+        clips = clips_by_split[split]
+        count = min(shards, len(clips))
+        heap = [(0.0, k) for k in range(count)]
+        for clip in sorted(clips, key=lambda c: (-(c.duration or DEFAULT_CLIP_SECONDS), c.path)):
+            load, k = heapq.heappop(heap)
+            out[k].append(clip)
+            heapq.heappush(heap, (load + (clip.duration or DEFAULT_CLIP_SECONDS), k))
+    for shard in out:
+        shard.sort(key=lambda c: (c.split, c.path))
+    return out
+
+
+def _jsonl(records: Iterable) -> str:
+    """JSON lines of flat dataclass records (dataclasses.asdict deep-copies: too slow for millions)."""
+    records = list(records)
+    if not records:
+        return ""
+    names = [f.name for f in dataclasses.fields(records[0])]
+    return jsonl.dumps({n: getattr(r, n) for n in names} for r in records)
+
+
+def plan(release: str, out: str, options: PrepareOptions) -> dict:
+    """Step 1: locate (or unpack) the release, plan the shards, write ``<out>/plan``. Returns plan.json.
+
+    If ``<out>`` already holds a plan made with the same release and options, it is returned unchanged.
+    """
+    options.validate()
+    plan_json = DatasetLayout(out).plan
+    storage.check_writable_root(out)
+    if storage.exists(plan_json):
+        existing = json.loads(storage.read_text(plan_json))
+        if existing["release"] != release or existing["options"] != options.as_json():
+            raise HablaError(
+                f"{out} holds data prepared from another release or with other options "
+                f"({existing['release']}, {existing['options']}); use a new --out"
+            )
+        log.info("plan: %s already planned (%d shards), reusing it", out, existing["num_shards"])
+        return existing
+
+    if commonvoice.is_archive(release):
+        staging = DatasetLayout(out).staging
+        log.info("unpacking %s (one streaming read) into %s", release, staging)
+        root = commonvoice.stage_archive(release, staging, options.locale)
+    else:
+        root = commonvoice.locate_release(release, options.locale)
+
+    started = time.monotonic()
+    result = build_plan(release, root, options)
+    for k, shard in enumerate(result.shards):
+        storage.write_text(DatasetLayout(out).plan_shard(k), _jsonl(shard))
+    rejected = sorted(result.rejected, key=lambda r: (r.split, r.line, r.path, r.reason))  # = _rejection_order
+    storage.write_text(DatasetLayout(out).plan_rejected, _jsonl(rejected))
+    summary = {
+        "version": PLAN_VERSION,
+        "release": release,
+        "release_label": commonvoice.release_label(release),
+        "root": result.root,
+        "options": options.as_json(),
+        "rows_read": result.rows_read,
+        "has_durations": result.has_durations,
+        "num_shards": len(result.shards),
+        # With --format tar the train split is written as tar shards 0..m-1 (dev/test stay WAV files).
+        "tar_shards": {"train": sum(any(c.split == "train" for c in sh) for sh in result.shards)}
+        if options.format == "tar" and "train" in options.splits
+        else {},
+        "shards": [
+            {"clips": len(shard), "planned_seconds": round(sum(c.duration or DEFAULT_CLIP_SECONDS for c in shard), 3)}
+            for shard in result.shards
+        ],
+        "planned_clips": sum(len(s) for s in result.shards),
+        "rejected_at_plan": len(result.rejected),
+    }
+    # plan.json is written last: its presence means the plan is complete.
+    storage.write_text(plan_json, json.dumps(summary, indent=1, ensure_ascii=False))
+    log.info(
+        "plan: %d rows read, %d clips in %d shards, %d rejected (%.1fs)",
+        sum(result.rows_read.values()),
+        summary["planned_clips"],
+        len(result.shards),
+        len(result.rejected),
+        time.monotonic() - started,
+    )
+    return summary
+
+
+def read_plan(out: str) -> dict:
+    uri = DatasetLayout(out).plan
+    try:
+        return json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        raise HablaError(f"{out}: no plan yet (run the plan step first)") from None
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+
+@dataclass(frozen=True)
+class _Task:
+    clip: dict
+    source: str
+    target: str | None  # WAV destination; None: return the WAV bytes (tar shards are written by the parent)
+    resume: bool
+
+
+def _convert_one(task: _Task, options: PrepareOptions) -> tuple[dict, bytes | None]:
+    """Convert one clip. Returns (manifest entry or rejection dict, WAV bytes for tar shards)."""
+    clip = task.clip
+
+    def rejected(reason: str, detail: str = "") -> tuple[dict, None]:
+        return {
+            "rejected": True,
+            "split": clip["split"],
+            "path": clip["path"],
+            "reason": reason,
+            "detail": detail,
+            "line": clip["line"],
+        }, None
+
+    if task.resume and task.target and storage.exists(task.target):
+        # Written atomically by an earlier attempt, after passing every filter: only its duration is needed.
+        duration = audio.wav_duration(storage.read_bytes(task.target, byte_range=(0, 4095)))
+        return _entry(clip, task.target, duration), None
+    try:
+        data = storage.read_bytes(task.source)
+    except FileNotFoundError:
+        return rejected("missing_clip", "no such file in clips/")
+    except IsADirectoryError:
+        return rejected("missing_clip", "a folder, not a file")
+    try:
+        converted = audio.convert(data, clip["duration"])
+    except audio.AudioRejected as exc:
+        return rejected(exc.reason, exc.detail)
+    problem = duration_problem(converted.duration, clip["text"], options)
+    if problem:
+        return rejected(*problem)
+    if task.target is None:
+        return _entry(clip, None, converted.duration), converted.wav
+    storage.write_bytes(task.target, converted.wav)
+    return _entry(clip, task.target, converted.duration), None
+
+
+def _entry(clip: dict, target: str | None, duration: float) -> dict:
+    entry = {
+        "audio_filepath": storage.absolute(target) if target else PurePosixPath(clip["path"]).stem + ".wav",
+        "duration": round(duration, 4),
+        "text": clip["text"],
+        "sentence": clip["sentence"],
+        "path": clip["path"],
+    }
+    entry.update({k: clip[k] for k in commonvoice.METADATA_COLUMNS})
+    return {"split": clip["split"], "entry": entry}
+
+
+def _worker(args: tuple[_Task, PrepareOptions]) -> tuple[dict, bytes | None]:
+    return _convert_one(*args)
+
+
+def _deterministic_tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    return info
+
+
+def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
+    """Step 2: convert the clips of one shard. Returns the shard's result (also written to ``shards/``).
+
+    A complete shard is skipped. A shard that was started before (and killed) resumes: WAVs already
+    written are kept, not converted again. Tar shards are built in a local temporary file and published
+    whole, so a killed tar shard is rebuilt.
+    """
+    layout = DatasetLayout(out)
+    result_uri = layout.shard_result(shard)
+    if storage.exists(result_uri):
+        log.info("shard %d: already converted", shard)
+        return json.loads(storage.read_text(result_uri))
+    summary = read_plan(out)
+    if not 0 <= shard < summary["num_shards"]:
+        raise HablaError(f"shard {shard} does not exist (the plan has {summary['num_shards']} shards)")
+    options = PrepareOptions.from_json(summary["options"])
+    workers = workers or os.cpu_count() or 1
+    clips = jsonl.loads(storage.read_text(layout.plan_shard(shard)))
+    started_marker = layout.shard_started(shard)
+    resume = storage.exists(started_marker)
+    if not resume:
+        storage.write_text(started_marker, "")
+    tarred = set(summary["tar_shards"])
+    tasks = [
+        _Task(
+            clip,
+            storage.join(summary["root"], "clips", clip["path"]),
+            None if clip["split"] in tarred else layout.wav(clip["split"], clip["path"]),
+            resume,
+        )
+        for clip in clips
+    ]
+
+    started = time.monotonic()
+    cpu_started = time.process_time()
+    entries: dict[str, list[dict]] = {}
+    rejected: list[dict] = []
+    with contextlib.ExitStack() as stack, Progress(len(tasks), f"shard {shard}") as progress:
+        # Tar shards are written as the clips arrive (in plan order, which is sorted by path) and uploaded
+        # while the conversion goes on; they are published only if the whole shard succeeds.
+        tars = {
+            split: _open_tar_shard(stack, layout.tar(split, shard)) for split in tarred & {c["split"] for c in clips}
+        }
+        for record, wav in _map(_worker, [(t, options) for t in tasks], workers):
+            if record.get("rejected"):
+                record.pop("rejected")
+                rejected.append(record)
+                progress.update(1)
+                continue
+            progress.update(1, record["entry"]["duration"])
+            entry = record["entry"]
+            if wav is not None:
+                entry["shard_id"] = shard
+                tars[record["split"]].addfile(
+                    _deterministic_tarinfo(entry["audio_filepath"], len(wav)), fileobj=_BytesReader(wav)
+                )
+            entries.setdefault(record["split"], []).append(entry)
+    for split in tars:
+        storage.write_text(layout.tar_manifest(split, shard), jsonl.dumps(entries.get(split, [])))
+
+    # The shard's manifest lines per split and its rejections, each sorted, so that assembly can merge
+    # the shards as streams; the summary is written last and marks the shard complete.
+    for split, split_entries in entries.items():
+        split_entries.sort(key=lambda e: e["path"])
+        storage.write_text(layout.shard_file(shard, f"{split}.jsonl"), jsonl.dumps(split_entries))
+    rejected.sort(key=_rejection_order)
+    storage.write_text(layout.shard_file(shard, "rejected.jsonl"), jsonl.dumps(rejected))
+    result = {
+        "shard": shard,
+        "splits": {split: len(split_entries) for split, split_entries in sorted(entries.items())},
+        "rejected": len(rejected),
+        "audio_seconds": round(sum(e["duration"] for es in entries.values() for e in es), 3),
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "parent_cpu_seconds": round(time.process_time() - cpu_started, 3),
+        "workers": workers,
+    }
+    storage.write_text(result_uri, json.dumps(result))
+    storage.delete(started_marker)
+    return result
+
+
+def _rejection_order(r: dict) -> tuple:
+    return r["split"], r["line"], r["path"], r["reason"]
+
+
+def _map(fn, items: list, workers: int) -> Iterator:
+    """Map in order over a process pool; in-process when one worker suffices (no fork cost)."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        yield from pool.map(fn, items, chunksize=max(1, min(16, len(items) // (4 * workers))))
+
+
+def _open_tar_shard(stack: contextlib.ExitStack, uri: str) -> tarfile.TarFile:
+    """A tar stream into ``uri``, published when ``stack`` exits cleanly."""
+    writer = stack.enter_context(storage.AtomicWriter(uri))
+    return stack.enter_context(tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT))
+
+
+class _BytesReader:
+    """Minimal file object over bytes for tarfile.addfile (avoids copying into a BytesIO)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view, self._pos = memoryview(data), 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else self._pos + size
+        chunk = self._view[self._pos : end].tobytes()
+        self._pos += len(chunk)
+        return chunk
+
+
+# --------------------------------------------------------------------------------------------- assemble
+
+
+def assemble(out: str) -> dict:
+    """Step 3: gather the shards into manifests, ``rejected.jsonl`` and the report. Returns report.json.
+
+    The shards' sorted files are merged as streams (memory does not grow with the release). Everything is
+    written to a local staging folder first and published only once the accounting balances. Raises
+    HablaError if a shard has not been converted; AssertionError if the accounting of rows does not balance
+    (a bug, never expected).
+    """
+    from habla.data import report
+
+    layout = DatasetLayout(out)
+    summary = read_plan(out)
+    shards = range(summary["num_shards"])
+    missing = [k for k in shards if not storage.exists(layout.shard_result(k))]
+    if missing:
+        raise HablaError(f"{len(missing)} shard(s) not converted yet (first: {missing[0]}); run the convert step")
+    results = [json.loads(storage.read_text(layout.shard_result(k))) for k in shards]
+    splits = summary["options"]["splits"]
+    stats = {split: report.SplitStats() for split in splits}
+    rejected_stats = report.RejectionStats()
+
+    with tempfile.TemporaryDirectory(prefix="habla-assemble-") as tmp:
+        work = Path(tmp)
+        local = {}  # the shards' files, local (downloaded once from object storage)
+        for k, result in zip(shards, results):
+            for name in [f"{split}.jsonl" for split in result["splits"]] + ["rejected.jsonl"]:
+                local[k, name] = work / "shards" / f"{k:05d}-{name}"
+                storage.download_file(layout.shard_file(k, name), local[k, name])
+        storage.download_file(layout.plan_rejected, work / "plan-rejected.jsonl")
+
+        for split in splits:
+            sources = [local[k, f"{split}.jsonl"] for k, r in zip(shards, results) if split in r["splits"]]
+            _merge_lines(sources, work / f"{split}.json", key=lambda e: e["path"], observe=stats[split].add)
+        rejection_sources = [work / "plan-rejected.jsonl"] + [local[k, "rejected.jsonl"] for k in shards]
+        _merge_lines(rejection_sources, work / "rejected.jsonl", key=_rejection_order, observe=rejected_stats.add)
+
+        rows_in = sum(summary["rows_read"].values())
+        rows_out = sum(s.clips for s in stats.values()) + rejected_stats.total
+        if rows_in != rows_out:
+            raise AssertionError(f"accounting does not balance: {rows_in} rows read, {rows_out} accounted for")
+        for split in splits:
+            storage.upload_file(work / f"{split}.json", layout.manifest(split))
+        storage.upload_file(work / "rejected.jsonl", layout.rejected)
+
+    tarred = {}
+    for split, count in summary["tar_shards"].items():
+        if count > 0:
+            manifests, tars = layout.tar_patterns(split, count)
+            tarred[split] = {
+                "num_shards": count,
+                "manifest_filepath": storage.absolute(manifests),
+                "tarred_audio_filepaths": storage.absolute(tars),
+            }
+    return report.write_report(out, summary, stats, rejected_stats, tarred)
+
+
+def _merge_lines(sources: list[Path], target: Path, key, observe) -> None:
+    """Merge sorted JSON-lines files into ``target`` in ``key`` order, showing each record to ``observe``."""
+
+    with contextlib.ExitStack() as stack, open(target, "w", encoding="utf-8") as sink:
+        files = [stack.enter_context(open(path, encoding="utf-8")) for path in sources]
+        streams = [((json.loads(line), line) for line in f) for f in files]
+        for record, line in heapq.merge(*streams, key=lambda item: key(item[0])):
+            observe(record)
+            sink.write(line)
+
+
+def prepare(release: str, out: str, options: PrepareOptions, workers: int | None = None) -> dict:
+    """All three steps in this process: plan, convert every shard, assemble. Returns report.json."""
+    summary = plan(release, out, options)
+    for k in range(summary["num_shards"]):
+        convert_shard(out, k, workers)
+    return assemble(out)

@@ -1,0 +1,91 @@
+"""habla prepare against a real S3 server (moto's standalone server over HTTP on loopback)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+from conftest import MINI_V8, run_habla, upload_tree
+
+from habla.core import storage
+from habla.data import prepare as prep
+from habla.data.options import PrepareOptions
+
+
+def read_manifest(uri: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_text(uri).splitlines()]
+
+
+def local_reference(tmp_path, **options) -> dict[str, list[dict]]:
+    out = tmp_path / "local"
+    prep.prepare(str(MINI_V8), str(out), PrepareOptions(**options), workers=2)
+    return {
+        s: [json.loads(line) for line in (out / "manifests" / f"{s}.json").read_text().splitlines()]
+        for s in ("train", "dev", "test")
+    }
+
+
+def without_location(entries: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "audio_filepath"} for e in entries]
+
+
+def test_release_and_output_in_object_storage(s3_bucket, tmp_path):
+    release = f"{s3_bucket}/cv-corpus-8.0-2022-01-19/es"
+    upload_tree(MINI_V8, release)
+    out = f"{s3_bucket}/runs/one/data"
+    result = run_habla("prepare", "--release", release, "--out", out, "--shards", "2", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    reference = local_reference(tmp_path, shards=2)
+    for split in ("train", "dev", "test"):
+        entries = read_manifest(f"{out}/manifests/{split}.json")
+        assert without_location(entries) == without_location(reference[split])
+        assert all(e["audio_filepath"].startswith(f"{out}/audio/{split}/") for e in entries)
+        wav = storage.read_bytes(entries[0]["audio_filepath"])
+        assert wav[:4] == b"RIFF" and wav[8:12] == b"WAVE"
+    report = json.loads(storage.read_text(f"{out}/report.json"))
+    assert report["release"] == "cv-corpus-8.0-2022-01-19-es"
+    assert report["accounting"]["rows_read"] == report["accounting"]["in_manifests"] + report["accounting"]["rejected"]
+
+
+def test_tar_shards_in_object_storage(s3_bucket, tmp_path):
+    release = f"{s3_bucket}/rel/es"
+    upload_tree(MINI_V8, release)
+    out = f"{s3_bucket}/runs/tar/data"
+    report = prep.prepare(release, out, PrepareOptions(shards=2, format="tar"), workers=2)
+    assert report["tarred"]["train"]["tarred_audio_filepaths"] == f"{out}/tarred/train/audio__OP_0..1_CL_.tar"
+    local = tmp_path / "audio_0.tar"
+    storage.download_file(f"{out}/tarred/train/audio_0.tar", local)
+    with tarfile.open(local) as tar:
+        names = tar.getnames()
+    assert [e["audio_filepath"] for e in read_manifest(f"{out}/tarred/train/manifest_0.json")] == names
+
+
+def test_transient_s3_failures_are_retried_and_lose_nothing(flaky_s3, tmp_path):
+    bucket, proxy = flaky_s3
+    release = f"{bucket}/rel/es"
+    upload_tree(MINI_V8, release)
+    out = f"{bucket}/runs/flaky/data"
+    result = run_habla("prepare", "--release", release, "--out", out, "--shards", "2", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert proxy.failed >= 20, "the proxy must actually have failed requests"
+    reference = local_reference(tmp_path, shards=2)
+    for split in ("train", "dev", "test"):
+        assert without_location(read_manifest(f"{out}/manifests/{split}.json")) == without_location(reference[split])
+    audio = [o for o in storage.list_files(f"{out}/audio")]
+    assert len(audio) == sum(len(reference[s]) for s in reference)
+
+
+def test_unreachable_bucket_is_one_line(s3_bucket, tmp_path):
+    result = run_habla("prepare", "--out", "s3://no-such-bucket-here/x")
+    assert result.returncode == 2
+    assert "cannot reach bucket s3://no-such-bucket-here" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_endpoint_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    result = run_habla("prepare", "--out", "s3://bucket/x", timeout=120)
+    assert result.returncode == 2 and "cannot reach bucket" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,85 @@
+"""habla evaluate's scoring, tables and plot (no NeMo): corpus-level WER/CER, groups, normalization.
+
+The end-to-end runs (a trained model transcribing real clips, local and from S3) are in test_train.py and
+test_train_s3.py; the CLI's error path is here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import run_habla, write_manifest
+
+from habla.evaluation.report import render_plot, render_report
+from habla.evaluation.scoring import compute_metrics, score, scoring_text
+
+
+def entry(text: str, gender: str = "", age: str = "", accents: str = "", duration: float = 1.0) -> dict:
+    return {"audio_filepath": f"/a/{text[:8]}.wav", "duration": duration, "text": text, "gender": gender, "age": age,
+            "accents": accents}  # fmt: skip
+
+
+def test_scoring_uses_the_training_normalization():
+    assert scoring_text("¿Qué tal, Ñandú?") == "qué tal ñandú"
+    assert scoring_text("  ") == ""
+    assert scoring_text("Número 42") == "número 42"  # unsupported digits are kept (and count as errors)
+    assert score("qué tal", "que tal").word_errors == 1
+    assert score(scoring_text("¡Hola!"), scoring_text("hola")).word_errors == 0
+
+
+def test_edit_counts_and_empty_references():
+    s = score("hola que tal", "hola ke")
+    assert (s.word_errors, s.words) == (2, 3) and s.wer == pytest.approx(2 / 3)
+    assert (s.char_errors, s.chars) == (6, 12) and s.cer == 0.5  # q->k, u, " tal" deleted
+    assert score("", "").wer == 0.0 and score("", "algo").wer == 1.0 and score("algo", "").wer == 1.0
+
+
+def test_corpus_level_metrics_and_breakdowns():
+    entries = [
+        entry("uno dos tres", "female_feminine", "twenties", "México", 2.0),
+        entry("cuatro", "male_masculine", "thirties", "", 1.0),
+        entry("cinco seis", "female_feminine", "", "México", 1.6),
+    ]
+    metrics, rows = compute_metrics(entries, ["uno dos tres", "cuatro cinco", "seis"])
+    # word errors: 0 + 1 (insertion) + 1 (deletion) over 3 + 1 + 2 words
+    assert metrics["wer"] == pytest.approx(2 / 6) and metrics["utterances"] == 3
+    assert metrics["hours"] == pytest.approx(4.6 / 3600, abs=1e-6)
+    assert list(metrics)[:4] == ["wer", "cer", "utterances", "hours"]
+    assert metrics["by_gender"]["female_feminine"] == {"wer": pytest.approx(1 / 5, abs=1e-6),
+                                                       "cer": metrics["by_gender"]["female_feminine"]["cer"],
+                                                       "utterances": 2}  # fmt: skip
+    assert metrics["by_gender"]["male_masculine"]["wer"] == 1.0
+    assert metrics["by_age"]["unknown"]["utterances"] == 1  # an empty value is the group "unknown"
+    assert metrics["by_accent"] == {
+        "México": metrics["by_accent"]["México"],
+        "unknown": metrics["by_accent"]["unknown"],
+    }
+    assert [r["wer"] for r in rows] == [0.0, 1.0, 0.5] and rows[1]["gender"] == "male_masculine"
+
+    report = render_report(metrics, rows, "m.nemo", "test.json", worst=5)
+    assert "## WER by gender" in report and re.search(r"\| female_feminine +\| 2 +\|", report)
+    assert "Worst utterances (2 of 2 with errors)" in report
+    assert re.search(r"\| 1\.0000 +\| 1 +\| cuatro +\| cuatro cinco +\|", report)
+    assert render_plot(metrics)[:4] == b"\x89PNG"
+
+
+def test_accent_column_of_older_releases():
+    old = {"audio_filepath": "/a.wav", "duration": 1.0, "text": "hola", "accent": "andino"}
+    metrics, _ = compute_metrics([old], ["hola"])
+    assert list(metrics["by_accent"]) == ["andino"] and list(metrics["by_gender"]) == ["unknown"]
+
+
+def test_evaluate_cli_missing_audio_and_missing_model_are_one_line(tmp_path, train_clips):
+    manifest = write_manifest([{**train_clips[0], "audio_filepath": str(tmp_path / "x.wav")}], tmp_path / "t.json")
+    result = run_habla("evaluate", "--model", str(tmp_path / "m.nemo"), "--manifest", str(manifest),
+                       "--out", str(tmp_path / "eval"))  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "habla evaluate: error:" in result.stderr and "x.wav: no such file" in result.stderr
+
+    good = write_manifest(train_clips[:1], tmp_path / "good.json")
+    result = run_habla(
+        "evaluate", "--model", str(tmp_path / "m.nemo"), "--manifest", str(good), "--out", str(tmp_path / "e")
+    )
+    assert result.returncode == 2 and "--model" in result.stderr and "no such file" in result.stderr
+    assert not (tmp_path / "e" / "metrics.json").exists()

@@ -1,0 +1,193 @@
+"""manifests/: every document's structure, the overlays rendered by the real kustomize (``kubectl kustomize``)
+and validated against the Kubernetes schemas, RBAC that covers what habla.kubeflow.follow calls, the kfp-launcher
+configuration, and no secret value anywhere. No cluster runs here: nothing is applied."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+from kubernetes_validate import validate as k8s_validate
+
+from habla.kubeflow import follow, jobs
+
+MANIFESTS = ROOT / "manifests"
+OVERLAYS = {"kfp-seaweedfs": "kubeflow", "aws-s3": "kubeflow-user-example-com"}
+K8S_VERSION = "1.33"  # schemas of a current Kubernetes release; the manifests use only stable APIs
+KINDS_WITHOUT_NAMESPACE = {"ClusterTrainingRuntime", "ClusterRole", "ClusterRoleBinding", "Namespace"}
+
+
+def yaml_files() -> list[Path]:
+    return sorted(p for p in MANIFESTS.rglob("*.yaml"))
+
+
+def kustomize_bin() -> list[str]:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    pytest.skip("neither kubectl nor kustomize is installed (Debian: apt-get install kubectl)")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each overlay (and runtimes/) rendered from a copy of manifests/ whose credentials files are the examples."""
+    work = tmp_path_factory.mktemp("manifests") / "manifests"
+    shutil.copytree(MANIFESTS, work, ignore=shutil.ignore_patterns("s3-credentials.env"))
+    out = {}
+    for target in [f"overlays/{name}" for name in OVERLAYS] + ["runtimes"]:
+        for example in (work / target).glob("*.env.example"):
+            shutil.copy(example, example.with_suffix(""))
+        result = subprocess.run(
+            [*kustomize_bin(), str(work / target)], capture_output=True, text=True, check=False, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        out[target] = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return out
+
+
+def by_kind(docs: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+# ----------------------------------------------------------------------------- files as they are in git
+
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(MANIFESTS)))
+def test_every_document_is_well_formed(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path} is empty"
+    for doc in docs:
+        assert isinstance(doc.get("apiVersion"), str) and isinstance(doc.get("kind"), str), path
+        if doc["kind"] == "Kustomization":
+            for entry in doc.get("resources", []) + [p["path"] for p in doc.get("patches", []) if "path" in p]:
+                assert (path.parent / entry).exists(), f"{path}: {entry} does not exist"
+            for gen in doc.get("secretGenerator", []):
+                for env in gen.get("envs", []):  # the real file is made from an example, never committed
+                    assert (path.parent / f"{env}.example").exists(), f"{path}: no {env}.example"
+        else:
+            assert doc["metadata"]["name"], path
+            assert doc["kind"] != "Secret", f"{path}: Secrets are generated from a git-ignored file, not committed"
+
+
+def test_credentials_files_are_ignored_and_examples_hold_placeholders():
+    examples = sorted(MANIFESTS.glob("overlays/*/s3-credentials.env.example"))
+    assert len(examples) == len(OVERLAYS)
+    for example in examples:
+        values = dict(
+            line.split("=", 1) for line in example.read_text().splitlines() if line and not line.startswith("#")
+        )
+        assert set(values) == set(jobs.SECRET_KEYS)
+        assert all(v.startswith("REPLACE_ME") for v in values.values()), example
+        real = example.with_suffix("")
+        result = subprocess.run(["git", "check-ignore", "-q", str(real)], cwd=ROOT, capture_output=True, check=False)
+        if result.returncode == 128:
+            pytest.skip("not a git checkout")
+        assert result.returncode == 0, f"{real} is not ignored by git"
+
+
+# ------------------------------------------------------------------------------------ rendered overlays
+
+
+def test_rendered_documents_match_the_kubernetes_schemas(rendered):
+    for target, docs in rendered.items():
+        assert docs, target
+        for doc in docs:
+            if doc["apiVersion"].startswith("trainer.kubeflow.org/"):
+                continue  # a CRD: checked field by field below
+            k8s_validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_overlay_namespace_and_rbac_cover_the_launcher(rendered, overlay):
+    docs = rendered[f"overlays/{overlay}"]
+    namespace = OVERLAYS[overlay]
+    assert all(d["metadata"].get("namespace") == namespace for d in docs if d["kind"] not in KINDS_WITHOUT_NAMESPACE)
+    by_kind(docs, "ServiceAccount", "habla-pipeline-runner")
+    role = by_kind(docs, "Role", "habla-launcher")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    missing = set(follow.REQUIRED_PERMISSIONS) - granted
+    assert not missing, f"habla-launcher lacks {missing}"
+    assert not [v for *_, v in granted if v in ("*", "escalate", "bind", "impersonate")]
+    for name in ("habla-launcher", "habla-kfp-step"):
+        binding = by_kind(docs, "RoleBinding", name)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+        assert {"kind": "ServiceAccount", "name": "habla-pipeline-runner", "namespace": namespace} in binding[
+            "subjects"
+        ]
+        assert all(s.get("namespace") == namespace for s in binding["subjects"])
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_kfp_launcher_points_the_pipeline_root_at_s3_with_the_secret(rendered, overlay):
+    docs = rendered[f"overlays/{overlay}"]
+    data = by_kind(docs, "ConfigMap", "kfp-launcher")["data"]
+    assert data["defaultPipelineRoot"].startswith("s3://")
+    s3 = yaml.safe_load(data["providers"])["s3"]["default"]
+    assert s3["endpoint"] and "://" not in s3["endpoint"]  # KFP wants host[:port]; disableSSL picks the scheme
+    assert isinstance(s3["disableSSL"], bool) and isinstance(s3["forcePathStyle"], bool) and s3["region"]
+    assert s3["credentials"] == {
+        "fromEnv": False,
+        "secretRef": {
+            "secretName": jobs.DEFAULT_S3_SECRET,
+            "accessKeyKey": "AWS_ACCESS_KEY_ID",
+            "secretKeyKey": "AWS_SECRET_ACCESS_KEY",
+        },
+    }
+    secret = by_kind(docs, "Secret", jobs.DEFAULT_S3_SECRET)  # exact name: no kustomize hash suffix
+    assert set(secret["data"]) == set(jobs.SECRET_KEYS)
+    for value in secret["data"].values():  # rendered here from the examples: placeholders only
+        assert base64.b64decode(value).decode().startswith("REPLACE_ME")
+    settings = by_kind(docs, "ConfigMap", "habla-s3-config")["data"]
+    assert settings["HABLA_OUTPUT_ROOT"].startswith("s3://")
+    assert not [k for k in settings if jobs._SECRET_LOOKING.search(k)]
+    # The same bucket holds the pipeline root and habla's outputs.
+    assert data["defaultPipelineRoot"].split("/")[2] == settings["HABLA_OUTPUT_ROOT"].split("/")[2]
+
+
+def test_training_runtime(rendered):
+    (runtime,) = rendered["runtimes"]
+    assert runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and runtime["kind"] == "ClusterTrainingRuntime"
+    assert "namespace" not in runtime["metadata"]
+    assert runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] == "auto"
+    (job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    # The trainer's TrainJob overrides find their target by these names.
+    assert job["name"] == "node"
+    assert job["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    pod = job["template"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["name"] == "node"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+    # The launcher can select it by name.
+    job_spec = jobs.build_trainjob(
+        jobs.TrainLaunch(image="x/habla-train:1", name="habla-train-x", runtime=runtime["metadata"]["name"])
+    )
+    assert job_spec["spec"]["runtimeRef"]["name"] == "habla-torch-distributed"
+
+
+def test_no_secret_value_in_manifests(rendered):
+    """Nothing committed or rendered holds a credential: only references, and the examples' placeholders."""
+    for path in MANIFESTS.rglob("*"):
+        if path.is_file() and path.name != "s3-credentials.env":
+            text = path.read_text()
+            assert "AKIA" not in text and "minio123" not in text, path  # AWS key ids, KFP's default password
+    for docs in rendered.values():
+        for doc in docs:
+            if doc["kind"] == "Secret":
+                continue
+            text = yaml.safe_dump(doc)
+            assert "REPLACE_ME" not in text and "stringData" not in text

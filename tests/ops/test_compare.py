@@ -1,0 +1,182 @@
+"""habla compare: run folders (docs/layout.md) and KFP runs in one table, sorted by WER; formats and plot."""
+
+import csv
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from kfp_standin import KfpStandin, compile_fake_training_pipeline
+
+from habla import cli
+from habla.core.errors import HablaError
+from habla.kubeflow import kfp_api
+from habla.ops import compare
+
+
+def _run_folder(
+    root: Path, name: str, *, release: str, config: str, nodes: int, wer: float | None, steps: int = 400
+) -> Path:
+    """A run output as `habla pipeline run-local` writes it (the fields compare reads, per docs/layout.md)."""
+    dst = root / name
+    (dst / "model").mkdir(parents=True)
+    (dst / "run.json").write_text(
+        json.dumps(
+            {
+                "run_name": name,
+                "release": release,
+                "config": config,
+                "nodes": nodes,
+                "gpus_per_node": 0,
+                "max_steps": steps,
+                "train_source": "train",
+            }
+        )
+    )
+    (dst / "model" / "train_summary.json").write_text(
+        json.dumps(
+            {
+                "world_size": nodes,
+                "nodes": nodes,
+                "devices": 1,
+                "steps": steps,
+                "epochs": 3,
+                "wall_seconds": 5400,
+                "audio_hours_seen": 1.25,
+                "final_train_loss": 0.7,
+                "val_wer": wer,
+                "config": config,
+                "init_from": None,
+            }
+        )
+    )
+    if wer is not None:
+        (dst / "eval").mkdir()
+        (dst / "eval" / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "wer": wer,
+                    "cer": wer / 3,
+                    "utterances": 30,
+                    "hours": 0.04,
+                    "by_gender": {
+                        "female_feminine": {"wer": wer + 0.02, "cer": 0.1, "utterances": 12},
+                        "male_masculine": {"wer": wer - 0.01, "cer": 0.1, "utterances": 18},
+                    },
+                    "by_age": {"twenties": {"wer": wer, "cer": 0.1, "utterances": 30}},
+                    "by_accent": {"unknown": {"wer": wer, "cer": 0.1, "utterances": 30}},
+                }
+            )
+        )
+    return dst
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    return [
+        _run_folder(
+            tmp_path, "small-v17", release="/data/cv-corpus-17.0-2024-03-15/es", config="small", nodes=1, wer=0.31
+        ),
+        _run_folder(
+            tmp_path,
+            "large-v25",
+            release="s3://cv/inbox/cv-corpus-25.0-2026-03-09-es.tar.gz",
+            config="large",
+            nodes=2,
+            wer=0.12,
+        ),
+        _run_folder(
+            tmp_path, "crashed", release="/data/cv-corpus-25.0-2026-03-09/es", config="large", nodes=2, wer=None
+        ),
+    ]
+
+
+def test_table_of_local_runs_sorted_by_wer(runs, capsys):
+    assert cli.main(["compare", *map(str, runs)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header[:13] == compare.COLUMNS
+    assert "wer[gender=female_feminine]" in header and not any(h.startswith("wer[age=") for h in header)
+    assert [line.split()[0] for line in lines[1:]] == ["large-v25", "small-v17", "crashed"]
+    best = lines[1].split()
+    assert best[1:6] == ["evaluated", "cv-corpus-25.0-2026-03-09-es", "large", "train", "2"]
+    assert "0.1200" in best and "1.5000" in best  # WER and wall hours, 4 decimals
+    assert lines[3].split()[1] == "trained"
+    assert lines[2].split()[2] == "cv-corpus-17.0-2024-03-15-es"  # an extracted release: <top>/<locale>
+
+
+def test_markdown_csv_json_and_plot(runs, tmp_path, capsys):
+    dsts = list(map(str, runs))
+    assert cli.main(["compare", *dsts, "--format", "markdown", "--groups", "gender,age"]) == 0
+    markdown = capsys.readouterr().out.splitlines()
+    header = [cell.strip() for cell in markdown[0].strip("|").split("|")]
+    assert header[:3] == ["run", "state", "release"] and re.fullmatch(r"(\|:?-+:?)+\|", markdown[1])
+    assert "wer[age=twenties]" in markdown[0] and len(markdown) == 5
+
+    assert cli.main(["compare", *dsts, "--format", "csv", "--groups", "none"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["run"] for r in rows] == ["large-v25", "small-v17", "crashed"]
+    assert rows[0]["wer"] == "0.12" and rows[0]["source"] == dsts[1] and rows[2]["wer"] == ""
+
+    png = tmp_path / "wer.png"
+    assert cli.main(["compare", *dsts, "--format", "json", "--plot", str(png)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["run"] == "large-v25" and data[0]["train_audio_h"] == 1.25 and data[0]["wall_h"] == 1.5
+    assert data[0]["wer[gender=male_masculine]"] == pytest.approx(0.11)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_runs_of_a_kfp_experiment(runs, tmp_path, capsys):
+    """Each KFP run's folder is read where the pipeline writes it: OUT/runs/<run_name parameter>, or
+    OUT/runs/<the KFP run's name> when the run_name parameter is empty."""
+    out = tmp_path / "out"
+    shutil.copytree(runs[0], out / "runs" / "small-v17")  # submitted with run_name=small-v17
+    shutil.copytree(runs[1], out / "runs" / "kfp-large-v25")  # submitted without: the KFP run's name
+    package = compile_fake_training_pipeline(str(tmp_path))
+    with KfpStandin() as kfp:
+        client = kfp_api.connect(kfp.url)
+        for name, params in (
+            ("kfp-small-v17", {"config": "small", "run_name": "small-v17"}),
+            ("kfp-large-v25", {"config": "large"}),
+        ):
+            params = {"release_uri": "s3://cv/x", "output_uri": str(out), **params}
+            kfp_api.submit_run(kfp.url, package, params, "cv-es", name, client=client)
+        kfp_api.submit_run(
+            kfp.url,
+            package,
+            {
+                "release_uri": "s3://cv/cv-corpus-9.0-2022-04-27-es.tar.gz",
+                "output_uri": str(tmp_path / "never-written"),
+            },
+            "cv-es",
+            "kfp-pending",
+            client=client,
+        )
+        assert cli.main(["compare", "--host", kfp.url, "--experiment", "cv-es", "--format", "json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert cli.main(["compare", "--host", kfp.url, "--experiment", "nope"]) == 2
+        assert "no experiment named 'nope'" in capsys.readouterr().err
+    assert [d["run"] for d in data] == ["kfp-large-v25", "kfp-small-v17", "kfp-pending"]
+    assert [d["wer"] for d in data] == [0.12, 0.31, None]
+    assert data[0]["state"] == "PENDING" and data[0]["source"].startswith(kfp.url)
+    # run.json wins over the run's parameters; without a run folder the parameters fill the row.
+    assert data[0]["release"] == "cv-corpus-25.0-2026-03-09-es"
+    assert data[2]["release"] == "cv-corpus-9.0-2022-04-27-es" and data[2]["steps"] == 1000
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["compare", str(tmp_path / "empty")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("not a habla run output (no run.json, model/train_summary.json or eval/metrics.json)")
+    )
+    assert cli.main(["compare"]) == 2
+    assert cli.main(["compare", "--host", "http://127.0.0.1:9", "--experiment", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "cannot reach Kubeflow Pipelines" in err[1]
+    with pytest.raises(HablaError, match="--groups"):
+        compare.parse_groups("gender,shoe_size")

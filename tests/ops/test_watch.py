@@ -1,0 +1,445 @@
+"""habla watch: version ordering, exactly-once submission (two watchers racing on S3), crash safety, MDC."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from kfp_standin import KfpStandin, compile_fake_training_pipeline
+
+from habla import cli
+from habla.core import storage
+from habla.core.errors import HablaError
+from habla.data.commonvoice import parse_release_name
+from habla.kubeflow import kfp_api
+from habla.ops import mdc, watch
+
+ES = "es"
+
+
+def _names(*versions: str) -> list[str]:
+    return [f"cv-corpus-{v}-es" for v in versions]
+
+
+def _archive(inbox: str, name: str) -> str:
+    uri = storage.join(inbox, f"{name}.tar.gz")
+    storage.write_bytes(uri, b"not a real archive: the fake training pipeline never opens it")
+    return uri
+
+
+def _folder(inbox: str, top: str, locale: str = ES) -> str:
+    storage.write_text(storage.join(inbox, top, locale, "validated.tsv"), "client_id\tpath\tsentence\n")
+    return storage.join(inbox, top)
+
+
+def _runs_by_release(server: KfpStandin) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in server.runs.values():
+        counts[run["display_name"]] = counts.get(run["display_name"], 0) + 1
+    return counts
+
+
+@pytest.fixture
+def kfp(monkeypatch, tmp_path):
+    """A stand-in KFP server, and the training pipeline replaced by a small one with the same interface."""
+    package_dir = tmp_path / "package"
+    package_dir.mkdir()
+    package = compile_fake_training_pipeline(str(package_dir))
+    monkeypatch.setattr(watch, "compile_training_pipeline", lambda out_dir, options: package)
+    with KfpStandin() as server:
+        yield server
+
+
+# ----------------------------------------------------------------------------------- ordering, finding
+
+
+def test_versions_order_numerically_not_as_text():
+    names = [
+        "cv-corpus-25.0-2026-03-09-es",
+        "cv-corpus-9.0-2022-04-27-es",
+        "cv-corpus-17.0-2024-03-15-es",
+        "cv-corpus-5.1-2020-06-22-es",
+        "cv-corpus-10.0-delta-2022-07-04-es",
+    ]
+    ordered = sorted(parse_release_name(n) for n in names)
+    assert [r.version_str for r in ordered] == ["5.1", "9.0", "10.0", "17.0", "25.0"]
+    assert parse_release_name("cv-corpus-9.0-2022-04-27-es") < parse_release_name("cv-corpus-17.0-2024-03-15-es")
+    assert ordered[2].delta
+
+
+def test_find_releases_reads_archives_and_extracted_folders(tmp_path):
+    inbox = str(tmp_path / "inbox")
+    _archive(inbox, "cv-corpus-17.0-2024-03-15-es")
+    _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
+    folder = _folder(inbox, "cv-corpus-25.0-2026-03-09")  # the same release extracted: preferred
+    _folder(inbox, "cv-corpus-9.0-2022-04-27-es")  # a folder named with its locale
+    _archive(inbox, "cv-corpus-25.0-2026-03-09-fr")  # another locale
+    _archive(inbox, "cv-corpus-10.0-delta-2022-07-04-es")
+    storage.write_text(storage.join(inbox, "cv-corpus-20.0-2024-12-06", "es", "clips", "x.mp3"), "")  # no TSV yet
+    storage.write_text(storage.join(inbox, ".cv-corpus-21.0-2025-03-14-es.tar.gz.part"), "")  # being copied
+    storage.write_text(storage.join(inbox, "notes.txt"), "")
+    found = watch.find_releases(inbox, ES)
+    assert [r.name.name for r in found] == [
+        "cv-corpus-9.0-2022-04-27-es",
+        "cv-corpus-10.0-delta-2022-07-04-es",
+        "cv-corpus-17.0-2024-03-15-es",
+        "cv-corpus-25.0-2026-03-09-es",
+    ]
+    assert found[-1].uri == folder
+
+
+# ------------------------------------------------------------------------------------ the decisions
+
+
+def test_watch_submits_each_new_release_once_in_version_order(kfp, tmp_path):
+    inbox, state, out = str(tmp_path / "inbox"), str(tmp_path / "state"), str(tmp_path / "out")
+    # Uploaded newest first: the order of arrival must not matter.
+    _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
+    time.sleep(0.01)
+    _archive(inbox, "cv-corpus-17.0-2024-03-15-es")
+    options = {"output_root": out, "host": kfp.url, "experiment": "cv-es", "params": {"nodes": 2}}
+
+    first = watch.watch(inbox, state, **options)
+    assert [(d.release, d.action) for d in first] == [
+        ("cv-corpus-17.0-2024-03-15-es", "submitted"),
+        ("cv-corpus-25.0-2026-03-09-es", "submitted"),
+    ]
+    runs = sorted(kfp.runs.values(), key=lambda r: r["display_name"])
+    assert [r["display_name"] for r in runs] == [
+        "habla-cv-corpus-17.0-2024-03-15-es",
+        "habla-cv-corpus-25.0-2026-03-09-es",
+    ]
+    params = runs[1]["runtime_config"]["parameters"]
+    assert params == {
+        "release_uri": storage.join(inbox, "cv-corpus-25.0-2026-03-09-es.tar.gz"),
+        "output_uri": out,
+        "run_name": "habla-cv-corpus-25.0-2026-03-09-es",
+        "locale": "es",
+        "nodes": 2,
+        "config": "small",
+        "max_steps": 1000,
+    }  # defaults passed explicitly too
+
+    # Nothing new: nothing submitted. A late, older release and a delta release show up.
+    _archive(inbox, "cv-corpus-20.0-2024-12-06-es")
+    _archive(inbox, "cv-corpus-26.0-delta-2026-06-10-es")
+    second = {d.release: d for d in watch.watch(inbox, state, **options)}
+    assert second["cv-corpus-25.0-2026-03-09-es"].action == "known"
+    assert second["cv-corpus-20.0-2024-12-06-es"].action == "older"
+    assert second["cv-corpus-26.0-delta-2026-06-10-es"].action == "refused"
+    assert "delta releases are not supported yet" in second["cv-corpus-26.0-delta-2026-06-10-es"].detail
+    # The refusal is recorded: reported once, not on every run.
+    third = {d.release: d for d in watch.watch(inbox, state, **options)}
+    assert third["cv-corpus-26.0-delta-2026-06-10-es"].action == "known"
+
+    _folder(inbox, "cv-corpus-27.0-2026-09-15")
+    fourth = {d.release: d.action for d in watch.watch(inbox, state, **options)}
+    assert fourth["cv-corpus-27.0-2026-09-15-es"] == "submitted"
+    assert set(_runs_by_release(kfp).values()) == {1} and len(kfp.runs) == 3
+
+    summary = json.loads(storage.read_text(storage.join(state, "summary.json")))
+    assert summary["last_processed"] == {"es": "cv-corpus-27.0-2026-09-15-es"}
+    assert {r["release"]: r["status"] for r in summary["releases"]} == {
+        "cv-corpus-17.0-2024-03-15-es": "submitted",
+        "cv-corpus-25.0-2026-03-09-es": "submitted",
+        "cv-corpus-26.0-delta-2026-06-10-es": "refused",
+        "cv-corpus-27.0-2026-09-15-es": "submitted",
+    }
+
+
+def test_dry_run_writes_and_submits_nothing(tmp_path):
+    inbox, state = str(tmp_path / "inbox"), str(tmp_path / "state")
+    _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
+    _archive(inbox, "cv-corpus-26.0-delta-2026-06-10-es")
+    decisions = watch.watch(inbox, state, dry_run=True)  # no KFP needed
+    assert [d.action for d in decisions] == ["would-submit", "would-refuse"]
+    assert not Path(state).exists()
+
+
+def test_a_failed_submission_is_retried_and_a_crashed_one_adopted(kfp, tmp_path, monkeypatch):
+    inbox, state, out = str(tmp_path / "inbox"), str(tmp_path / "state"), str(tmp_path / "out")
+    _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
+    name = "cv-corpus-25.0-2026-03-09-es"
+    claims = Path(state, "releases", name)
+
+    # 1. The API refuses the run: the claim is marked failed, nothing is recorded as submitted.
+    real_submit = kfp_api.submit_run
+    monkeypatch.setattr(kfp_api, "submit_run", lambda *a, **k: (_ for _ in ()).throw(HablaError("HTTP 503")))
+    [failed] = watch.watch(inbox, state, output_root=out, host=kfp.url)
+    assert (failed.action, failed.detail) == ("failed", "HTTP 503")
+    assert json.loads((claims / "claim-0001.json").read_text())["status"] == "failed"
+    assert not (claims / "result.json").exists()
+
+    # 2. The next run retries with a new attempt and succeeds.
+    monkeypatch.setattr(kfp_api, "submit_run", real_submit)
+    [done] = watch.watch(inbox, state, output_root=out, host=kfp.url)
+    assert done.action == "submitted"
+    assert json.loads((claims / "result.json").read_text())["attempt"] == 2
+
+    # 3. A watcher that died after creating the run but before recording it: its claim is still
+    #    "submitting". While the lease runs, others keep off; after it, the run is found and adopted.
+    (claims / "result.json").unlink()
+    crashed = {
+        "attempt": 3,
+        "owner": "pod-x",
+        "status": "submitting",
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "expires_at": "2999-01-01T00:00:00+00:00",
+    }
+    (claims / "claim-0003.json").write_text(json.dumps(crashed))
+    [busy] = watch.watch(inbox, state, output_root=out, host=kfp.url)
+    assert busy.action == "in-progress" and "pod-x" in busy.detail
+    crashed["expires_at"] = "2000-01-01T00:00:00+00:00"
+    (claims / "claim-0003.json").write_text(json.dumps(crashed))
+    [adopted] = watch.watch(inbox, state, output_root=out, host=kfp.url)
+    assert adopted.action == "adopted" and adopted.run_id == done.run_id
+    assert len(kfp.runs) == 1
+
+
+def test_unreachable_kfp_fails_in_one_line_and_leaves_no_claim(tmp_path, capsys):
+    inbox, state = str(tmp_path / "inbox"), str(tmp_path / "state")
+    _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    code = cli.main(
+        [
+            "watch",
+            "--inbox",
+            inbox,
+            "--state",
+            state,
+            "--output-root",
+            str(tmp_path / "o"),
+            "--host",
+            f"http://127.0.0.1:{port}",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "cannot reach Kubeflow Pipelines" in err
+    assert not Path(state, "releases").exists()
+    assert cli.main(["watch", "--inbox", str(tmp_path / "missing"), "--state", state, "--dry-run"]) == 2
+
+
+# -------------------------------------------------------------------------- two watchers, one S3 store
+
+
+def test_concurrent_watcher_threads_submit_each_release_exactly_once(s3_bucket, kfp, tmp_path):
+    inbox, state, out = f"{s3_bucket}/inbox", f"{s3_bucket}/state", f"{s3_bucket}/runs"
+    for version in ("17.0-2024-03-15", "20.0-2024-12-06", "25.0-2026-03-09"):
+        _archive(inbox, f"cv-corpus-{version}-es")
+    kfp.run_delay = 0.3  # a slow API widens the window in which the watchers overlap
+    for watcher_round in range(2):  # the second round finds everything processed
+        start = threading.Barrier(4)
+        decisions: list = []
+
+        errors: list = []
+
+        def one_watcher(start=start, decisions=decisions, errors=errors):
+            start.wait()
+            try:
+                decisions.extend(watch.watch(inbox, state, output_root=out, host=kfp.url))
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one_watcher) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        actions = [d.action for d in decisions]
+        assert actions.count("submitted") == (3 if watcher_round == 0 else 0), actions
+        assert "failed" not in actions
+    assert _runs_by_release(kfp) == {
+        f"habla-cv-corpus-{v}-es": 1 for v in ("17.0-2024-03-15", "20.0-2024-12-06", "25.0-2026-03-09")
+    }
+    results = watch.read_results(state)
+    assert sorted(r["run_id"] for r in results.values()) == sorted(kfp.runs)
+
+
+# ------------------------------------------------------------------------------ Mozilla Data Collective
+
+
+def test_mdc_requests_carry_the_key_only_where_needed(monkeypatch):
+    monkeypatch.delenv(mdc.API_URL_ENV, raising=False)
+    monkeypatch.delenv(mdc.API_KEY_ENV, raising=False)
+    catalog = mdc.catalog_request("es")
+    assert catalog.method == "GET"
+    assert catalog.url.startswith("https://mozilladatacollective.com/api/datasets?")
+    assert "locale=es" in catalog.url and "sort=newest" in catalog.url and "task=ASR" in catalog.url
+    assert "Authorization" not in catalog.headers
+    with pytest.raises(HablaError, match="MDC_API_KEY"):
+        mdc.download_request("abc123")
+    monkeypatch.setenv(mdc.API_KEY_ENV, "sekret-key")
+    session = mdc.download_request("abc123")
+    assert (session.method, session.url) == ("POST", "https://mozilladatacollective.com/api/datasets/abc123/download")
+    assert session.headers["Authorization"] == "Bearer sekret-key"
+    assert "sekret" not in mdc.describe(session)
+
+
+def test_mdc_catalog_entries_become_release_names():
+    catalog = {
+        "total": 4,
+        "items": [
+            {
+                "id": "a1",
+                "name": "Common Voice Scripted Speech 25.0 - Spanish",
+                "locale": "es",
+                "longDescription": "This datasheet is for cv-corpus-25.0-2026-03-09 of the Mozilla Common Voice ...",
+            },
+            {
+                "id": "a2",
+                "name": "Common Voice Scripted Speech 24.0 - Spanish",
+                "locale": "es",
+                "filename": "cv-corpus-24.0-2025-12-05-es.tar.gz",
+            },
+            {"id": "a3", "name": "Common Voice Spontaneous Speech 2.0 - Spanish", "locale": "es"},
+            {"id": "a4", "name": "Common Voice Scripted Speech 25.0 - Interlingua", "locale": "ia"},
+        ],
+    }
+    found = mdc.releases_in(catalog, "es")
+    assert [(r.name.name, r.dataset_id) for r in found] == [
+        ("cv-corpus-24.0-2025-12-05-es", "a2"),
+        ("cv-corpus-25.0-2026-03-09-es", "a1"),
+    ]
+
+
+class _MdcStandin(BaseHTTPRequestHandler):
+    """The three requests of an MDC download: catalog, download session, archive."""
+
+    archive = b"\x1f\x8b fake archive bytes"
+    seen: ClassVar[list] = []
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, body: bytes, ctype="application/json"):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.seen.append(("GET", self.path, self.headers.get("Authorization")))
+        if self.path.startswith("/api/datasets?"):
+            items = [
+                {
+                    "id": "es25",
+                    "name": "Common Voice Scripted Speech 25.0 - Spanish",
+                    "locale": "es",
+                    "shortDescription": "cv-corpus-25.0-2026-03-09",
+                }
+            ]
+            self._send(200, json.dumps({"items": items, "total": 1}).encode())
+        elif self.path == "/files/es25.tar.gz":
+            self._send(200, self.archive, "application/gzip")
+        else:
+            self._send(404, b"{}")
+
+    def do_POST(self):
+        self.seen.append(("POST", self.path, self.headers.get("Authorization")))
+        host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if self.path == "/api/datasets/es25/download" and self.headers.get("Authorization") == "Bearer sekret-key":
+            plan = {"downloadUrl": f"{host}/files/es25.tar.gz", "sizeBytes": len(self.archive), "checksum": "x"}
+            self._send(200, json.dumps(plan).encode())
+        else:
+            self._send(401, b'{"message": "bad key"}')
+
+
+def test_watch_downloads_a_new_release_from_mdc_then_submits_it(kfp, tmp_path, monkeypatch, caplog, capsys):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _MdcStandin)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _MdcStandin.seen = []
+    monkeypatch.setenv(mdc.API_URL_ENV, f"http://127.0.0.1:{server.server_address[1]}/api")
+    monkeypatch.setenv(mdc.API_KEY_ENV, "sekret-key")
+    inbox, state = str(tmp_path / "inbox"), str(tmp_path / "state")
+    _archive(inbox, "cv-corpus-17.0-2024-03-15-es")
+    caplog.set_level("DEBUG")
+    try:
+        code = cli.main(
+            [
+                "-v",
+                "watch",
+                "--inbox",
+                inbox,
+                "--state",
+                state,
+                "--output-root",
+                str(tmp_path / "o"),
+                "--host",
+                kfp.url,
+                "--mdc",
+            ]
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = capsys.readouterr()
+    assert code == 0
+    target = Path(inbox, "cv-corpus-25.0-2026-03-09-es.tar.gz")
+    assert target.read_bytes() == _MdcStandin.archive
+    assert "downloaded" in out.out and "submitted" in out.out
+    assert _runs_by_release(kfp) == {"habla-cv-corpus-17.0-2024-03-15-es": 1, "habla-cv-corpus-25.0-2026-03-09-es": 1}
+    # The key went only to the download-session request, and never to logs or output.
+    assert [(m, a is not None) for m, _, a in _MdcStandin.seen] == [("GET", False), ("POST", True), ("GET", False)]
+    assert "sekret" not in caplog.text + out.out + out.err
+    assert not any(p.name.endswith(".part") for p in Path(inbox).rglob("*"))
+    assert os.listdir(Path(inbox, ".incoming")) == []
+
+
+def test_two_watcher_processes_racing_on_s3_submit_each_release_once(s3_bucket, kfp, tmp_path):
+    inbox, state = f"{s3_bucket}/inbox", f"{s3_bucket}/state"
+    versions = ("24.0-2025-12-05", "25.0-2026-03-09")
+    for version in versions:
+        _archive(inbox, f"cv-corpus-{version}-es")
+    kfp.run_delay = 0.3
+    package = compile_fake_training_pipeline(str(tmp_path))
+    env = dict(os.environ)
+    command = [
+        sys.executable,
+        "-m",
+        "habla.cli",
+        "watch",
+        "--inbox",
+        inbox,
+        "--state",
+        state,
+        "--output-root",
+        f"{s3_bucket}/runs",
+        "--host",
+        kfp.url,
+        "--package",
+        package,
+        "--json",
+    ]
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    actions = [d["action"] for out, _ in outputs for d in json.loads(out)]
+    assert actions.count("submitted") == 2 and "failed" not in actions
+    assert _runs_by_release(kfp) == {f"habla-cv-corpus-{v}-es": 1 for v in versions}
+
+
+def test_an_unreachable_data_collective_does_not_hold_up_the_inbox(kfp, tmp_path, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv(mdc.API_URL_ENV, f"http://127.0.0.1:{s.getsockname()[1]}/api")
+    inbox = str(tmp_path / "inbox")
+    _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
+    decisions = watch.watch(inbox, str(tmp_path / "state"), output_root=str(tmp_path / "o"), host=kfp.url, mdc=True)
+    assert [(d.release, d.action) for d in decisions] == [
+        ("mdc:es", "failed"),
+        ("cv-corpus-25.0-2026-03-09-es", "submitted"),
+    ]
+    assert "Mozilla Data Collective unreachable" in decisions[0].detail
