@@ -139,7 +139,7 @@ def validate(launch: TrainLaunch) -> None:
     if len(launch.name) > MAX_NAME or not _DNS_LABEL.match(launch.name):
         raise HablaError(
             f"job name {launch.name!r} must be lower-case letters, digits and '-', start with a letter and have "
-            f"at most {MAX_NAME} characters (habla.launcher.job_name makes one)"
+            f"at most {MAX_NAME} characters (habla.kubeflow.jobs.job_name makes one)"
         )
     if not _DNS_LABEL.match(launch.namespace) or len(launch.namespace) > 63:
         raise HablaError(f"namespace {launch.namespace!r} is not a valid Kubernetes namespace name")
