@@ -109,15 +109,21 @@ class FlakyProxy(ThreadingHTTPServer):
 
     Every ``fail_before``-th request gets a 503 SlowDown without reaching the server; every
     ``fail_after``-th is forwarded and then answered with a 500, so the client retries a request that
-    already took effect (writes must be idempotent).
+    already took effect (writes must be idempotent); 0 turns either off. ``drop_conditions`` strips
+    ``If-None-Match`` and ``If-Match`` from every request: a store that ignores conditional writes (older MinIO,
+    S3 gateways, SeaweedFS before 2025), in front of one that enforces them.
     """
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, fail_before: int = 5, fail_after: int = 7) -> None:
+    def __init__(
+        self, upstream: str, fail_before: int = 5, fail_after: int = 7, *, drop_conditions: bool = False
+    ) -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.upstream = upstream.removeprefix("http://")
         self.fail_before, self.fail_after = fail_before, fail_after
+        self.drop_conditions = drop_conditions
+        self.dropped = 0
         self.requests = 0
         self.failed = 0
         self.lock = threading.Lock()
@@ -160,17 +166,22 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         with server.lock:
             server.requests += 1
             n = server.requests
-        if n % server.fail_before == 0:
+        if server.fail_before and n % server.fail_before == 0:
             with server.lock:
                 server.failed += 1
             return self._fail(503, "SlowDown")
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+        if server.drop_conditions and self.command == "PUT":
+            kept = {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "if-match")}
+            with server.lock:
+                server.dropped += len(headers) - len(kept)
+            headers = kept  # moto does not check SigV4 signatures, so the request goes through as sent minus these
         headers["Content-Length"] = str(len(body))
         conn = http.client.HTTPConnection(server.upstream, timeout=60)
         conn.request(self.command, self.path, body=body, headers=headers)
         response = conn.getresponse()
         data = response.read()
-        if n % server.fail_after == 0:
+        if server.fail_after and n % server.fail_after == 0:
             with server.lock:
                 server.failed += 1
             return self._fail(500, "InternalError")
@@ -193,6 +204,25 @@ def flaky_s3(moto_server, monkeypatch):
     _use_endpoint(monkeypatch, moto_server)
     bucket = _new_bucket()
     proxy = FlakyProxy(moto_server)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    _use_endpoint(monkeypatch, proxy.url)
+    try:
+        yield f"s3://{bucket}", proxy
+    finally:
+        proxy.shutdown()
+        from habla.core import storage
+
+        storage._client_for_pid.cache_clear()
+
+
+@pytest.fixture
+def lax_s3(moto_server, monkeypatch):
+    """A fresh bucket behind a :class:`FlakyProxy` that drops If-None-Match/If-Match and fails nothing: a store
+    that ignores conditional writes. Yields (bucket URI, proxy); AWS_* point this process and children at it."""
+    _use_endpoint(monkeypatch, moto_server)
+    bucket = _new_bucket()
+    proxy = FlakyProxy(moto_server, fail_before=0, fail_after=0, drop_conditions=True)
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
     _use_endpoint(monkeypatch, proxy.url)

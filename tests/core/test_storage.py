@@ -54,3 +54,77 @@ def test_s3_small_write_and_conditional_create(s3_bucket):
     assert storage.create_exclusive(f"{s3_bucket}/claim", b"a") is True
     assert storage.create_exclusive(f"{s3_bucket}/claim", b"b") is False
     assert [o.uri for o in storage.list_files(s3_bucket)] == [f"{s3_bucket}/claim", f"{s3_bucket}/small"]
+
+
+# ------------------------------------------------------------------------- compare-and-swap and the probe
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_compare_and_swap_refuses_a_stale_version(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    uri = storage.join(root, "models", "best.json")
+    assert storage.read_versioned(uri) is None
+    assert storage.write_if_match(uri, b"one", None) is True
+    assert storage.write_if_match(uri, b"two", None) is False, "None means: only if nothing is there"
+    first = storage.read_versioned(uri)
+    assert first.data == b"one"
+    assert storage.write_if_match(uri, b"two", first.etag) is True
+    assert storage.write_if_match(uri, b"three", first.etag) is False, "a stale version is refused"
+    assert storage.read_versioned(uri).data == b"two"
+
+
+def test_local_compare_and_swap_loses_no_update_between_threads(tmp_path):
+    """Eight threads add one to a counter by read / compare-and-swap / retry: every increment survives."""
+    import threading
+
+    uri = str(tmp_path / "counter")
+    storage.write_bytes(uri, b"0")
+    start = threading.Barrier(8)
+
+    def add_one() -> None:
+        start.wait()
+        while True:
+            current = storage.read_versioned(uri)
+            if storage.write_if_match(uri, str(int(current.data) + 1).encode(), current.etag):
+                return
+
+    threads = [threading.Thread(target=add_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert storage.read_bytes(uri) == b"8"
+
+
+def test_the_probe_passes_a_store_that_enforces_conditional_writes_and_caches_the_result(s3_bucket, tmp_path):
+    probe = storage.probe_conditional_writes(f"{s3_bucket}/state")
+    assert probe.ok and "412" in probe.detail, probe
+    assert list(storage.list_files(s3_bucket)) == [], "the probe key is deleted"
+    assert storage.probe_conditional_writes(f"{s3_bucket}/other-prefix") is probe, "cached per endpoint and bucket"
+    assert storage.probe_conditional_writes(f"{s3_bucket}/state", ttl=0) is not probe, "and only for the TTL"
+    local = storage.probe_conditional_writes(str(tmp_path))
+    assert local.ok and "link(2)" in local.detail
+
+
+def test_the_probe_catches_a_store_that_ignores_conditional_headers(lax_s3):
+    bucket, proxy = lax_s3
+    probe = storage.probe_conditional_writes(f"{bucket}/state")
+    assert not probe.conditional_create and not probe.compare_and_swap
+    assert probe.detail == "two concurrent PUTs with If-None-Match: * both answered 200 OK"
+    assert proxy.dropped >= 2 and probe.store.startswith(f"{bucket} at http://127.0.0.1:")
+    # Without the probe, a conditional create on this store silently overwrites.
+    assert storage.create_exclusive(f"{bucket}/k", b"a") and storage.create_exclusive(f"{bucket}/k", b"b")
+
+
+def test_the_probe_reports_a_store_it_cannot_reach_in_one_line(moto_server, monkeypatch):
+    from conftest import _use_endpoint, free_port
+
+    from habla.core.errors import HablaError
+
+    _use_endpoint(monkeypatch, f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage._client_for_pid.cache_clear()
+    with pytest.raises(HablaError, match=r"^cannot check conditional writes on s3://nowhere: ") as err:
+        storage.probe_conditional_writes("s3://nowhere/state")
+    assert "\n" not in str(err.value)
+    storage._client_for_pid.cache_clear()
