@@ -149,8 +149,9 @@ def test_two_promotions_racing_end_with_the_better_model(where, first_writer, tm
         assert [h["run"] for h in best["history"]] == ["worse", "old"]
     else:  # it lost the race and, compared again with the winner, stays out
         assert not outcomes["worse"].promoted and not worse["promoted"]
-        assert "re-compared on this run's test set with better" in worse["reason"] and "0.2000 against 0.1000" in (
-            worse["reason"]
+        assert (
+            "re-compared on this run's test set with better" in worse["reason"]
+            and "0.2000 against 0.1000" in (worse["reason"])
         )
         assert [h["run"] for h in best["history"]] == ["old"]
         assert not storage.exists(OutputLayout(out).promoted_model("worse")), "the loser's copy is removed"
