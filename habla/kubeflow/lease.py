@@ -25,7 +25,7 @@ import datetime as dt
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ class Held:
     duration_s: int
     acquired: dt.datetime
     renewed: dt.datetime
+    previous: dict = field(default_factory=dict)  # the annotations (habla.dev/ stripped) the Lease had before
 
     @property
     def expires(self) -> dt.datetime:
@@ -140,9 +141,10 @@ class LeaseClaims:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._error(exc, verb, name) from None
 
-    def _held(self, lease: Any) -> Held:
+    def _held(self, lease: Any, previous: dict | None = None) -> Held:
         spec, meta = lease.spec, lease.metadata
         return Held(
+            previous=previous or {},
             name=meta.name,
             namespace=meta.namespace or self.namespace,
             holder=spec.holder_identity or "",
@@ -201,7 +203,9 @@ class LeaseClaims:
         )
         if replaced is None:
             return None, "claimed by another watcher at the same moment"
-        return self._held(replaced), ""
+        before = current.metadata.annotations or {}
+        previous = {k[len(ANNOTATION_PREFIX) :]: v for k, v in before.items() if k.startswith(ANNOTATION_PREFIX)}
+        return self._held(replaced, previous), ""
 
     def renew(self, held: Held, annotations: dict) -> Held | None:
         """Renew a held Lease; None if it is no longer ours (another watcher adopted it after it expired)."""

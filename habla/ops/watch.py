@@ -282,7 +282,8 @@ class _LeaseClaims:
         self.leases.release(claim.held, {**claim.annotations, "status": "failed", "error": error[:1000]})
 
     def drop(self, claim: Claim) -> None:
-        self.leases.release(claim.held, {**claim.annotations, "status": "released"})
+        """Give back a claim that found the work done: the Lease keeps the outcome its last holder wrote."""
+        self.leases.release(claim.held, claim.held.previous or claim.annotations)
 
 
 CLAIM_MODES = ("s3", "lease", "auto")

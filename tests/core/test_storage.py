@@ -128,3 +128,47 @@ def test_the_probe_reports_a_store_it_cannot_reach_in_one_line(moto_server, monk
         storage.probe_conditional_writes("s3://nowhere/state")
     assert "\n" not in str(err.value)
     storage._client_for_pid.cache_clear()
+
+
+def test_seaweedfs_as_kfp_ships_it_enforces_conditional_writes_under_races(seaweedfs_bucket):
+    """The real SeaweedFS (KFP 2.17's pin, 4.34): the probe passes, and where seaweedfs#8800 saw three
+    concurrent If-None-Match PUTs all answer 200 (4.16), eight racing creates of each of 20 keys have exactly
+    one winner, whose body the key keeps; eight threads adding to a counter by If-Match lose no update."""
+    import threading
+
+    probe = storage.probe_conditional_writes(f"{seaweedfs_bucket}/state")
+    assert probe.ok, probe
+    for k in range(20):
+        uri = f"{seaweedfs_bucket}/race/{k}"
+        start, winners = threading.Barrier(8), []
+
+        def create(i: int, uri=uri, start=start, winners=winners) -> None:
+            start.wait(timeout=30)
+            if storage.create_exclusive(uri, f"writer {i}".encode()):
+                winners.append(i)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(winners) == 1 and storage.read_bytes(uri) == f"writer {winners[0]}".encode(), (k, winners)
+
+    counter = f"{seaweedfs_bucket}/counter"
+    storage.write_bytes(counter, b"0")
+    start = threading.Barrier(8)
+
+    def add_three() -> None:
+        start.wait(timeout=30)
+        for _ in range(3):
+            while True:
+                current = storage.read_versioned(counter)
+                if storage.write_if_match(counter, str(int(current.data) + 1).encode(), current.etag):
+                    break
+
+    threads = [threading.Thread(target=add_three) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert storage.read_bytes(counter) == b"24"

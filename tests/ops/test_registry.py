@@ -125,13 +125,14 @@ def _race(monkeypatch, out: str, names: list[str], first_writer: str) -> dict[st
     return outcomes
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", "s3", "seaweedfs"])
 @pytest.mark.parametrize("first_writer", ["worse", "better"])
 def test_two_promotions_racing_end_with_the_better_model(where, first_writer, tmp_path, request, monkeypatch):
     """Two runs evaluated against the same best model finish together. Whoever writes best.json first, the
     better model ends up the best: the loser of the compare-and-swap re-reads, compares again on its test set
     and promotes (the better one) or records why not (the worse one). A plain write would keep the last."""
-    out = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_bucket") + "/habla"
+    buckets = {"s3": "s3_bucket", "seaweedfs": "seaweedfs_bucket"}  # moto, or the real SeaweedFS KFP ships
+    out = str(tmp_path / "out") if where == "local" else request.getfixturevalue(buckets[where]) + "/habla"
     finished_run(out, "old", {**NEW, "wer": 0.30}, None, TEST_SET)
     old = registry.promote_run(out, OutputLayout(out).run("old").root, model_of(out, "old")).best
     compared = {"run": "old", "model": old["model"]}
