@@ -155,18 +155,25 @@ class FlakyProxy(ThreadingHTTPServer):
     ``fail_after``-th is forwarded and then answered with a 500, so the client retries a request that
     already took effect (writes must be idempotent); 0 turns either off. ``drop_conditions`` strips
     ``If-None-Match`` and ``If-Match`` from every request: a store that ignores conditional writes (older MinIO,
-    S3 gateways, SeaweedFS before 2025), in front of one that enforces them.
+    S3 gateways, SeaweedFS before 2025), in front of one that enforces them; ``refuse_conditions`` answers
+    such a PUT 501 NotImplemented, as AWS S3 did before 2024 (ceph/s3-tests#218).
     """
 
     daemon_threads = True
 
     def __init__(
-        self, upstream: str, fail_before: int = 5, fail_after: int = 7, *, drop_conditions: bool = False
+        self,
+        upstream: str,
+        fail_before: int = 5,
+        fail_after: int = 7,
+        *,
+        drop_conditions: bool = False,
+        refuse_conditions: bool = False,
     ) -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.upstream = upstream.removeprefix("http://")
         self.fail_before, self.fail_after = fail_before, fail_after
-        self.drop_conditions = drop_conditions
+        self.drop_conditions, self.refuse_conditions = drop_conditions, refuse_conditions
         self.dropped = 0
         self.requests = 0
         self.failed = 0
@@ -215,6 +222,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 server.failed += 1
             return self._fail(503, "SlowDown")
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+        conditional = {"if-none-match", "if-match"} & {k.lower() for k in headers}
+        if server.refuse_conditions and self.command == "PUT" and conditional:
+            return self._fail(501, "NotImplemented")
         if server.drop_conditions and self.command == "PUT":
             kept = {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "if-match")}
             with server.lock:

@@ -493,7 +493,8 @@ _probes: dict[tuple[str, str], StoreProbe] = {}
 
 
 def _put_outcome(bucket: str, key: str, body: bytes, **condition: str) -> str:
-    """ "200", "412" or "409" for one conditional PUT; other errors (access denied, endpoint down) raise."""
+    """The status of one conditional PUT: 200, 412, 409, or 501 (the store refuses the header). Other errors
+    (access denied, endpoint down) raise: they say nothing about conditional writes."""
     try:
         s3_client().put_object(Bucket=bucket, Key=key, Body=body, **condition)
         return "200"
@@ -503,6 +504,8 @@ def _put_outcome(bucket: str, key: str, body: bytes, **condition: str) -> str:
             return "412"
         if code in ("ConditionalRequestConflict", "409"):
             return "409"
+        if code in ("NotImplemented", "501"):
+            return "501"
         raise
 
 
@@ -522,6 +525,8 @@ def _probe_s3(bucket: str, key: str) -> tuple[bool, bool, str]:
     retry = _put_outcome(bucket, key, b"habla probe: sequential retry", IfNoneMatch="*")
     stored = read_versioned(f"{S3_PREFIX}{bucket}/{key}")
     winners = [body for body, outcome in zip(bodies, first) if outcome == "200"]
+    if "501" in first:
+        return False, False, "a PUT with If-None-Match: * answered 501 NotImplemented"
     if len(winners) > 1:
         return False, False, "two concurrent PUTs with If-None-Match: * both answered 200 OK"
     if retry not in refused:

@@ -15,6 +15,9 @@ Exactly once, crash-safe (the state store is a local folder or ``s3://…``)
   ``STATE/releases/<release>/claim-0001.json``   the Nth attempt at submitting a release, created with a
                                                  conditional write (``storage.create_exclusive``): of two
                                                  watchers racing, one creates it and submits, the other skips.
+                                                 With ``claims="lease"`` (or ``"auto"`` on a store whose
+                                                 conditional writes fail the probe) the claim is a Kubernetes
+                                                 Lease instead (:mod:`habla.kubeflow.lease`); see choose_claims.
   ``STATE/releases/<release>/result.json``       written once the run exists: submitted (or refused), run id.
   ``STATE/summary.json``                         a summary of all results, rewritten after each run.
   A claim carries a lease. A submission that fails marks its claim ``failed``: the next watcher run takes a

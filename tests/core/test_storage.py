@@ -116,6 +116,24 @@ def test_the_probe_catches_a_store_that_ignores_conditional_headers(lax_s3):
     assert storage.create_exclusive(f"{bucket}/k", b"a") and storage.create_exclusive(f"{bucket}/k", b"b")
 
 
+def test_the_probe_fails_a_store_that_refuses_conditional_headers(moto_server, monkeypatch):
+    import threading
+
+    from conftest import FlakyProxy, _new_bucket, _use_endpoint
+
+    _use_endpoint(monkeypatch, moto_server)
+    bucket = _new_bucket()
+    proxy = FlakyProxy(moto_server, fail_before=0, fail_after=0, refuse_conditions=True)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        _use_endpoint(monkeypatch, proxy.url)
+        probe = storage.probe_conditional_writes(f"s3://{bucket}/state")
+        assert not probe.ok and probe.detail == "a PUT with If-None-Match: * answered 501 NotImplemented"
+    finally:
+        proxy.shutdown()
+        storage._client_for_pid.cache_clear()
+
+
 def test_the_probe_reports_a_store_it_cannot_reach_in_one_line(moto_server, monkeypatch):
     from conftest import _use_endpoint, free_port
 
