@@ -442,10 +442,10 @@ def watch(
         raise HablaError(f"--param {', '.join(reserved)}: set by the watcher for each release")
     if not dry_run and not output_root:
         raise HablaError("--output-root is required (where each release's run writes its outputs)")
-    storage.check_readable_root(inbox)
-    _check_state(state, dry_run)
     if claims not in CLAIM_MODES:
         raise HablaError(f"--claims {claims!r}: expected one of {', '.join(CLAIM_MODES)}")
+    storage.check_readable_root(inbox)
+    _check_state(state, dry_run)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     chooser = _ClaimChooser(state, claims, lease_namespace, kube_client)
     decisions: list[Decision] = []
