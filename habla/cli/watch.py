@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease", type=float, help="claim lease in seconds (default: habla.ops.watch.LEASE_SECONDS)")
     parser.add_argument(
         "--claims",
-        choices=("s3", "lease", "auto"),
-        default="auto",
+        metavar="s3|lease|auto",
+        default="auto",  # checked by watch() in one line (a CronJob passes it through an env variable)
         help="how a release is claimed: s3 = conditional writes on the state store (checked first; a store that "
         "ignores them is refused), lease = a Kubernetes Lease, auto = s3 when the check passes, else the Lease "
         "(default auto)",

@@ -600,7 +600,7 @@ def check_writable_root(uri: str) -> None:
             raise HablaError(f"{uri}: exists and is not a folder")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".habla-write-probe-{os.getpid()}"
+            probe = path / f".habla-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # threads share a pid
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:

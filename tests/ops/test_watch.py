@@ -531,16 +531,21 @@ def test_lease_claims_keep_watcher_threads_apart_and_a_crashed_holder_off_until_
         options = {"output_root": out, "host": kfp.url, "claims": "lease", "lease_namespace": "ml"}
         start = threading.Barrier(3)
         decisions: list = []
+        errors: list = []
 
         def one_watcher():
             start.wait()
-            decisions.extend(watch.watch(inbox, state, kube_client=api.api_client(), **options))
+            try:
+                decisions.extend(watch.watch(inbox, state, kube_client=api.api_client(), **options))
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
 
         threads = [threading.Thread(target=one_watcher) for _ in range(3)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=60)
+        assert not errors, errors
         assert [d.action for d in decisions].count("submitted") == 2 and len(kfp.runs) == 2
 
         # A watcher that died after creating the run, before recording it, still holds its Lease: others keep
@@ -553,9 +558,10 @@ def test_lease_claims_keep_watcher_threads_apart_and_a_crashed_holder_off_until_
         [busy] = [d for d in watch.watch(inbox, state, kube_client=api.api_client(), **options) if d.release == name]
         assert busy.action == "in-progress" and "pod-x" in busy.detail
         api.leases[key]["spec"]["renewTime"] = "2000-01-01T00:00:00.000000Z"
+        transitions = api.leases[key]["spec"].get("leaseTransitions", 0)
         [adopted] = [d for d in watch.watch(inbox, state, kube_client=api.api_client(), **options) if d.release == name]
         assert adopted.action == "adopted" and len(kfp.runs) == 2
-        assert api.leases[key]["spec"]["leaseTransitions"] == 2
+        assert api.leases[key]["spec"]["leaseTransitions"] == transitions + 1
 
 
 def test_two_watcher_processes_racing_on_real_seaweedfs_submit_each_release_once(seaweedfs_bucket, kfp, tmp_path):
@@ -575,3 +581,12 @@ def test_two_watcher_processes_racing_on_real_seaweedfs_submit_each_release_once
     assert actions.count("submitted") == 2 and "failed" not in actions, actions
     assert _runs_by_release(kfp) == {f"habla-cv-corpus-{v}-es": 1 for v in versions}
     assert {r["claims"] for r in watch.read_results(state).values()} == {"s3"}
+
+
+def test_an_unknown_claims_mode_is_one_line(tmp_path, capsys):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    args = ["watch", "--inbox", str(inbox), "--state", str(tmp_path / "s"), "--dry-run", "--claims", "sometimes"]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.strip().endswith("--claims 'sometimes': expected one of s3, lease, auto")
+    assert not (tmp_path / "s").exists()
