@@ -211,7 +211,9 @@ class CtcRunner:
             decoding.strategy = "greedy_batch"
             decoding.compute_timestamps = bool(timestamps)
             if confidence:
-                decoding.confidence_cfg = {"preserve_frame_confidence": True, "preserve_word_confidence": True,
+                # Per-token confidence from NeMo, aggregated per word below: NeMo 3.0's own per-word path
+                # fails on character models (it joins token ids as strings).
+                decoding.confidence_cfg = {"preserve_frame_confidence": True, "preserve_token_confidence": True,
                                            "exclude_blank": True, "aggregation": "min",
                                            "method_cfg": {"name": "max_prob"}}  # fmt: skip
         if self.hybrid:
@@ -221,6 +223,12 @@ class CtcRunner:
             model.change_decoding_strategy(decoding, verbose=False)
             self.decoding = model.decoding
         self.timestamps, self.confidence = timestamps, confidence
+        # As NeMo's transcribe() does: no dither (random noise added to the features) and no padding of the
+        # features to a multiple of 16 frames.
+        featurizer = getattr(model.preprocessor, "featurizer", None)
+        if featurizer is not None:
+            featurizer.dither = 0.0
+            featurizer.pad_to = 0
         self.rate = int(model.cfg.sample_rate)
         self.window_stride = float(model.cfg.preprocessor.window_stride)
         self.subsampling = int(getattr(model.encoder, "subsampling_factor", 1))
@@ -239,6 +247,7 @@ class CtcRunner:
         batch = torch.zeros(len(windows), int(lengths.max()))
         for i, w in enumerate(windows):
             batch[i, : len(w)] = torch.from_numpy(w)
+        self.model.eval()  # NeMo's transcribe() leaves the encoder in training mode (its unfreeze() calls train())
         with torch.inference_mode():
             signal, signal_len = batch.to(self.device), lengths.to(self.device)
             if self.hybrid:
@@ -267,7 +276,11 @@ class CtcRunner:
                       "start_offset": int(w["start_offset"]), "end_offset": int(w["end_offset"])}
                      for w in hyp.timestamp.get("word", [])]  # fmt: skip
         if self.confidence:
-            confidence = [round(float(c), 4) for c in (hyp.word_confidence or [])]
+            if self.decoding.tokenizer_type == "char":
+                values = self.decoding._aggregate_token_confidence_chars(text.split(), hyp.token_confidence or [])
+            else:
+                values = self.decoding._aggregate_token_confidence(hyp)
+            confidence = [round(float(c), 4) for c in values]
         return text, words, confidence
 
 
@@ -343,8 +356,9 @@ def transcribe_inputs(
                 raise
             rejected.append({"audio_filepath": item.uri, "reason": "unreadable", "detail": one_line(exc)})
             continue
+        duration = len(samples) / runner.rate
         plans = plan_windows(len(samples), runner.frame_samples, window_s, context_s, runner.rate)
-        open_[index] = {"input": item, "duration": len(samples) / runner.rate, "pieces": [], "windows": len(plans)}
+        open_[index] = {"input": item, "duration": duration, "pieces": [], "windows": len(plans)}
         order.append(index)
         for start, end, skip, keep in plans:
             pending.append((index, samples[start:end], skip, keep))
