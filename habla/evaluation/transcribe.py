@@ -34,6 +34,7 @@ import fnmatch
 import glob
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -106,13 +107,25 @@ def _expand_glob(pattern: str) -> list[str]:
 
 
 def _manifest_inputs(uri: str) -> list[AudioInput]:
-    entries = manifests.read_manifest(uri)
+    """The lines of a NeMo manifest; only ``audio_filepath`` is required (relative to the manifest's folder)."""
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError:
+        raise HablaError(f"{uri}: manifest not found") from None
+    except UnicodeDecodeError:
+        raise HablaError(f"{uri}: manifest is not UTF-8 text") from None
     out = []
-    for entry in entries:
-        if not isinstance(entry.get("audio_filepath"), str):
-            raise HablaError(f"{uri} line {entry.get('_line')}: no audio_filepath")
-        fields = {k: v for k, v in entry.items() if k != "_line"}
-        out.append(AudioInput(manifests._resolve(entry["audio_filepath"], uri), fields))
+    for number, line in jsonl.lines(text):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HablaError(f"{uri}: line {number} is not JSON ({exc.msg})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("audio_filepath"), str):
+            raise HablaError(f"{uri}: line {number} has no audio_filepath")
+        audio_uri = manifests._resolve(entry["audio_filepath"], uri)
+        out.append(AudioInput(audio_uri if storage.is_s3(audio_uri) else os.path.normpath(audio_uri), entry))
+    if not out:
+        raise HablaError(f"{uri}: manifest is empty")
     return out
 
 
