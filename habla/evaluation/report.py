@@ -126,13 +126,13 @@ def _short(uri: str, keep: int = 3) -> str:
     return "/".join(parts[-keep:]) if len(parts) > keep else str(uri)
 
 
-def format_metrics(metrics: dict) -> str:
+def format_metrics(metrics: dict, breakdowns: Sequence[str] = PLOTTED) -> str:
     """A terminal summary: overall WER/CER with intervals, then a table per breakdown (gender, age, accent)."""
     lines = [
         f"WER {metrics['wer']:.4f} ({interval(metrics.get('wer_ci'))})  CER {metrics['cer']:.4f} "
         f"({interval(metrics.get('cer_ci'))})  on {metrics['utterances']} utterances ({metrics['hours']:.3f} h)"
     ]
-    for name in PLOTTED:
+    for name in breakdowns:
         rows = [{**r, TITLES[name]: r[TITLES[name]][:32]} for r in _group_rows(name, metrics)]
         if rows:
             lines += ["", render.table(rows, [TITLES[name], "utterances", "wer", "wer_95", "cer"], "table",

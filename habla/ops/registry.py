@@ -103,7 +103,13 @@ def verdict(
     if margin < 0:
         raise HablaError(f"the promotion margin must be >= 0, got {margin}")
     if best_record is None or best_metrics is None:
-        record = {"promote": True, "rule": "first model", "wer": new["wer"], "cer": new["cer"]}
+        record = {
+            "promote": True,
+            "rule": "first model",
+            "reason": "no model had been promoted yet",
+            "wer": new["wer"],
+            "cer": new["cer"],
+        }
         return Verdict(True, "No model has been promoted yet: this one becomes the best.\n", record)
     if new_rows is None or best_rows is None:
         raise HablaError("the promotion verdict needs both models' per-utterance scores (predictions manifests)")
