@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import MINI
 
-from habla.core import storage
+from habla.core import jsonl, storage
 from habla.core.layout import OutputLayout
 from habla.data.options import PrepareOptions
 from habla.data.prepare import prepare
@@ -30,6 +30,13 @@ def test_package_has_a_verified_onnx_export_and_a_model_card(tiny_model, tmp_pat
     run = registry.start_run(out, "r1", "kfp", params)
     shutil.copytree(tiny_model.parent, run.train.root)
     metrics = evaluate(str(tiny_model), str(dataset / "manifests" / "test.json"), run.eval.root)
+    assert metrics["device"] == "cpu" and metrics["rtfx"] > 1 and metrics["wer_ci"][0] <= metrics["wer"]
+    # NeMo's own scoring of the predictions manifest (text / pred_text) gives habla's WER.
+    from nemo.collections.asr.metrics.wer import word_error_rate
+
+    lines = jsonl.loads(storage.read_text(run.eval.predictions))
+    nemo_wer = word_error_rate([line["pred_text"] for line in lines], [line["text"] for line in lines])
+    assert nemo_wer == pytest.approx(metrics["wer"], abs=1e-6)
 
     done = package(run.root, str(dataset), str(tiny_model), out)
     target = OutputLayout(out).package("r1")

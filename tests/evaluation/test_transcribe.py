@@ -118,3 +118,19 @@ def test_a_ten_minute_recording_in_windows(tiny_model, train_clips, tmp_path, mo
     starts = [w["start"] for w in line["word"]]
     assert starts == sorted(starts)
     print(f"10-minute file: {summary['transcribe_seconds']:.1f} s, {summary['rtfx']}x real time")
+
+
+def test_inputs_from_s3_globs_folders_and_manifests(s3_bucket, mini_copy):
+    from habla.core import storage
+
+    clips = sorted((mini_copy / "clips").glob("*.mp3"))[:3]
+    for clip in clips:
+        storage.upload_file(clip, f"{s3_bucket}/in/clips/{clip.name}")
+    storage.write_text(f"{s3_bucket}/in/list.jsonl", json.dumps({"audio_filepath": f"clips/{clips[2].name}"}) + "\n")
+    found = tr.collect_inputs([f"{s3_bucket}/in/clips/*_4000000[12].mp3", f"{s3_bucket}/in/list.jsonl",
+                               f"{s3_bucket}/in/clips"])  # fmt: skip
+    assert [f.uri for f in found] == [f"{s3_bucket}/in/clips/{c.name}" for c in clips]
+    samples = tr.read_audio(found[0].uri, 16000)
+    assert samples.dtype == np.float32 and 0.5 < len(samples) / 16000 < 20
+    with pytest.raises(tr.HablaError, match="no audio file matches"):
+        tr.collect_inputs([f"{s3_bucket}/in/*.flac"])

@@ -92,12 +92,12 @@ def test_the_console_fits_on_a_screen_and_the_logs_hold_the_rest(two_runs):
     out, first, second = two_runs
     console = first.stdout.splitlines() + first.stderr.splitlines()
     assert len(console) <= 40, "\n".join(console)
-    assert "executorInput" not in first.stdout + first.stderr and "[NeMo" not in first.stdout + first.stderr
+    assert "executor_input" not in first.stdout + first.stderr and "[NeMo" not in first.stdout + first.stderr
     for step in ("start-run", "plan-dataset", "train-here", "evaluate-models", "package-model", "promote-model"):
         assert any(line.startswith(f"✓ {step} ") for line in console), step
         assert (out / "runs" / "first" / "logs" / f"{step}.log").stat().st_size > 0
     logs = (out / "runs" / "first" / "logs" / "pipeline.log").read_text()
-    assert "executorInput" in logs and "[NeMo" in logs  # silenced on the console, kept in the files
+    assert "Got executor_input" in logs and "[NeMo" in logs  # silenced on the console, kept in the files
     assert "promoted: no model had been promoted yet" in first.stdout
     assert "not promoted:" in second.stdout and "WER improvement over first" in second.stdout
     for report in ("evaluation report", "model card", "ONNX export", "dataset report", "step logs"):
