@@ -18,9 +18,30 @@ from habla.evaluation.evaluate import evaluate
 from habla.evaluation.package import package
 from habla.ops import registry
 
-pytestmark = pytest.mark.slow
+
+def test_the_pipeline_passes_dataset_and_model_artifacts_for_lineage(tmp_path):
+    """The compiled pipeline: register-dataset makes a Dataset, evaluate-models consumes it and makes a Model,
+    package-model consumes that Model and makes the packaged one (what the KFP UI draws as lineage)."""
+    from habla.pipelines.training_pipeline import compile_pipeline
+
+    spec = next(yaml.safe_load_all(open(compile_pipeline(str(tmp_path / "p.yaml")))))  # then platform specs
+    components = spec["components"]
+
+    def artifacts(component: str, side: str) -> dict:
+        section = components[component].get(side + "Definitions", {}).get("artifacts", {})
+        return {name: a["artifactType"]["schemaTitle"] for name, a in section.items()}
+
+    assert artifacts("comp-register-dataset", "output") == {"dataset": "system.Dataset"}
+    assert artifacts("comp-evaluate-models", "input") == {"dataset": "system.Dataset"}
+    assert artifacts("comp-evaluate-models", "output")["candidate"] == "system.Model"
+    assert artifacts("comp-package-model", "input") == {"candidate": "system.Model"}
+    assert artifacts("comp-package-model", "output")["packaged"] == "system.Model"
+    tasks = spec["root"]["dag"]["tasks"]
+    source = tasks["evaluate-models"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
+    assert source == {"outputArtifactKey": "dataset", "producerTask": "register-dataset"}
 
 
+@pytest.mark.slow
 def test_package_has_a_verified_onnx_export_and_a_model_card(tiny_model, tmp_path, one_thread):
     dataset = tmp_path / "data"
     prepare(str(MINI), str(dataset), PrepareOptions(shards=1, splits=("test",)), workers=1)
