@@ -154,6 +154,16 @@ _SKIPPED = re.compile(r"Skipping (?:conditional )?task '?([\w.-]+)'?")
 _PROGRESS = re.compile(r"\b(?:step )?(\d+)/(\d+)\b")
 
 
+_HABLA_ERROR = re.compile(r"habla [\w-]+: error: .*")
+
+
+def _why(log: Path, lines: int = 6) -> list[str]:
+    """What to show of a failed step's log: habla's own one-line errors if it printed any, else its last lines."""
+    text = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    errors = list(dict.fromkeys(m[0] for line in text if (m := _HABLA_ERROR.search(line))))
+    return errors[-3:] if errors else [line.strip() for line in text[-lines:]]
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
 
@@ -221,10 +231,10 @@ class StepConsole:
             mark = "✓" if state == "SUCCESS" else "✗"
             self._say(f"{mark} {name:<28} {state:<8} {_duration(seconds):>12}   log: {self.log_dir / name}.log")
             if state != "SUCCESS":
-                self.failed.append(name)
+                if name not in self.failed:
+                    self.failed.append(name)
                 self._files[name].flush()
-                tail = (self.log_dir / f"{name}.log").read_text(encoding="utf-8").splitlines()[-12:]
-                for text in tail:
+                for text in _why(self.log_dir / f"{name}.log"):
                     self._say(f"    | {text}")
             self._task = None
         elif skipped and self._task is None:  # a branch not taken (its KFP name, condition-N, says little)
