@@ -172,6 +172,7 @@ class StepConsole:
     """One console line per pipeline step; the steps' full output in files (see the module doc)."""
 
     PROGRESS_EVERY = 30.0  # seconds between progress lines of a long step when the console is not a terminal
+    LONG_STEP = 60.0  # seconds after which a step is long enough for progress lines (not on a terminal)
 
     def __init__(self, log_dir: Path, quiet: bool = False) -> None:
         self.log_dir = log_dir
@@ -207,7 +208,7 @@ class StepConsole:
         now = time.monotonic()
         if self._tty:
             self._say(text, live=True)
-        elif elapsed > 60 and now - self._last_progress > self.PROGRESS_EVERY:
+        elif elapsed > self.LONG_STEP and now - self._last_progress > self.PROGRESS_EVERY:
             self._last_progress = now
             self._say(text)
 
