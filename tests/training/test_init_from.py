@@ -122,3 +122,74 @@ def test_init_from_a_transducer_in_an_s3_store_gets_a_new_ctc_head(s3_bucket, tm
     with pytest.raises(HablaError, match="HABLA_MODEL_STORE"):
         init_from.resolve("stt_es_tiny_rnnt")
     shutil.rmtree(tmp_path / "model")
+
+
+def test_init_from_a_bpe_hybrid_keeps_its_head_with_its_tokenizer(tmp_path, clips30, cache, one_thread):
+    """NVIDIA's Spanish hybrid is BPE: with its own tokenizer (model.tokenizer.dir) its CTC head is kept."""
+    from conftest import read_jsonl
+    from nemo.collections.asr.models import EncDecHybridRNNTCTCBPEModel
+    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+    from omegaconf import OmegaConf
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(e["text"] + "\n" for e in read_jsonl(clips30)) * 3)
+    create_spt_model(str(text), vocab_size=40, sample_size=-1, do_lower_case=False, tokenizer_type="bpe",
+                     output_dir=str(tmp_path / "tok"), character_coverage=1.0)  # fmt: skip
+    cfg = {
+        "sample_rate": 16000,
+        "tokenizer": {"dir": str(tmp_path / "tok"), "type": "bpe"},
+        "preprocessor": {
+            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+            "sample_rate": 16000,
+            "features": 80,
+            "window_size": 0.025,
+            "window_stride": 0.01,
+        },  # fmt: skip
+        "encoder": {
+            "_target_": "nemo.collections.asr.modules.ConvASREncoder",
+            "feat_in": 80,
+            "activation": "relu",
+            "jasper": [
+                {
+                    "filters": 32,
+                    "repeat": 1,
+                    "kernel": [11],
+                    "stride": [2],
+                    "dilation": [1],
+                    "dropout": 0.0,
+                    "residual": False,
+                    "separable": True,
+                }
+            ],
+        },  # fmt: skip
+        "decoder": {
+            "_target_": "nemo.collections.asr.modules.RNNTDecoder",
+            "prednet": {"pred_hidden": 16, "pred_rnn_layers": 1},
+        },  # fmt: skip
+        "joint": {
+            "_target_": "nemo.collections.asr.modules.RNNTJoint",
+            "jointnet": {"joint_hidden": 16, "activation": "relu", "encoder_hidden": 32, "pred_hidden": 16},
+        },
+        "model_defaults": {"enc_hidden": 32, "pred_hidden": 16},
+        "decoding": {"strategy": "greedy_batch", "greedy": {"max_symbols": 5}},
+        "aux_ctc": {
+            "decoder": {
+                "_target_": "nemo.collections.asr.modules.ConvASRDecoder",
+                "feat_in": 32,
+                "num_classes": -1,
+                "vocabulary": [],
+            }
+        },  # fmt: skip
+        "optim": {"name": "adam", "lr": 0.001},
+    }
+    hybrid = EncDecHybridRNNTCTCBPEModel(cfg=OmegaConf.create(cfg))
+    hybrid.save_to(str(tmp_path / "hybrid.nemo"))
+    head = {k: v.clone() for k, v in hybrid.ctc_decoder.state_dict().items()}
+    overrides = ["trainer.max_steps=0", "trainer.precision=32", f"model.tokenizer.dir={tmp_path / 'tok'}"]
+    for split in ("train_ds", "validation_ds"):
+        overrides += [f"model.{split}.num_workers=0", f"model.{split}.pin_memory=false"]
+    train("fastconformer_ctc_bpe", str(clips30), str(clips30), str(tmp_path / "model"), overrides,
+          init_from=str(tmp_path / "hybrid.nemo"))  # fmt: skip
+    model = _restored(tmp_path / "model" / "model.nemo")
+    assert type(model).__name__ == "EncDecCTCModelBPE" and model.tokenizer.vocab_size == hybrid.tokenizer.vocab_size
+    assert all(model.decoder.state_dict()[k].equal(v) for k, v in head.items())  # the hybrid's own CTC head
