@@ -104,7 +104,7 @@ def build_pipeline(options: CompileOptions | None = None):
             max_duration: Longest clip kept, in seconds.
             config: Model config name (tiny_ctc_char, quartznet15x5_char, fastconformer_ctc_bpe) or a YAML path in the image.
             config_overrides: Space-separated dotted key=value overrides, e.g. "model.optim.lr=0.001 trainer.precision=bf16-mixed".
-            init_from: Optional .nemo to fine-tune from (local path in the image or s3://); the vocabulary is adapted.
+            init_from: Optional checkpoint to fine-tune from: a .nemo (path in the image or s3://) or a name in $HABLA_MODEL_STORE; CTC, hybrid RNNT/CTC (its CTC head) or transducer (its encoder).
             nodes: Training nodes (pods).
             gpus_per_node: GPUs per training node (one process per GPU).
             max_steps: Training steps; 0 keeps the config's.
