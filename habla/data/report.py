@@ -155,42 +155,61 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+#: Common Voice's age groups, youngest first ("fourties" is Common Voice's spelling); others sort after them.
+AGE_ORDER = ("teens", "twenties", "thirties", "fourties", "forties", "fifties", "sixties", "seventies", "eighties",
+             "nineties")  # fmt: skip
+
+
+def age_key(group: str) -> tuple[int, str]:
+    """Sort key putting age groups in age order, then anything else (``unknown``) by name."""
+    return (AGE_ORDER.index(group), "") if group in AGE_ORDER else (len(AGE_ORDER), group)
+
+
 def plot(report: dict, stats: dict[str, SplitStats]) -> bytes:
-    """A PNG: hours per split, gender and age shares, clip duration histogram."""
+    """A PNG: hours per split, gender and age shares (ages in age order), clip duration histogram.
+
+    Legends sit outside the axes and every bar is labelled with its value, so no legend hides data.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     splits = list(report["splits"])
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
     ax = axes[0][0]
-    ax.bar(splits, [report["splits"][s]["hours"] for s in splits], color="#4C72B0")
+    bars = ax.bar(splits, [report["splits"][s]["hours"] for s in splits], color="#4C72B0")
+    ax.bar_label(bars, fmt="%.2f h", fontsize=8, padding=2)
+    ax.margins(y=0.15)
     ax.set_title("Hours per split")
     ax.set_ylabel("hours")
     for ax, key in ((axes[0][1], "gender"), (axes[1][0], "age")):
         groups = sorted({g for s in splits for g in report["splits"][s][key]})
+        if key == "age":
+            groups.sort(key=age_key)
         width = 0.8 / max(len(splits), 1)
         for i, s in enumerate(splits):
             counts = report["splits"][s][key]
             total = max(sum(counts.values()), 1)
-            ax.bar(
+            bars = ax.bar(
                 [j + i * width for j in range(len(groups))],
                 [100 * counts.get(g, 0) / total for g in groups],
                 width=width,
                 label=s,
             )
+            ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
         ax.set_xticks(
             [j + width * (len(splits) - 1) / 2 for j in range(len(groups))], groups, rotation=30, ha="right", fontsize=8
         )
+        ax.margins(y=0.15)
         ax.set_title(f"{key.capitalize()} (% of clips)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="split", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax = axes[1][1]
     for s in splits:
         ax.hist(stats[s].durations, bins=30, alpha=0.6, label=s)
     ax.set_title("Clip duration")
     ax.set_xlabel("seconds")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="split", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{report['release']}: {report['accounting']['in_manifests']} clips")
     fig.tight_layout()
     buf = io.BytesIO()
