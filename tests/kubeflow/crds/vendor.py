@@ -1,0 +1,91 @@
+"""Vendor upstream CRD schemas for tests/kubeflow/test_crds.py, from a local clone of the upstream repository.
+
+    git clone https://github.com/kubeflow/trainer /tmp/trainer     # the Training Operator's repository, renamed
+    python tests/kubeflow/crds/vendor.py /tmp/trainer
+
+For each (tag, CRD file) in SOURCES it reads the file at that tag (``git show TAG:PATH``) and writes
+``<name>-<tag>/<crd name>.json``: the CRD's group, names, scope and versions with their ``openAPIV3Schema``,
+``description`` fields removed (they are 90 % of the bytes and change nothing that is validated), plus where
+it came from: repository, tag, commit, path and the SHA-256 of the upstream file. Data only, Apache-2.0 like
+its source; no upstream code is copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPOSITORY = "https://github.com/kubeflow/trainer"
+TRAINER_CRDS = (
+    "manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml",
+    "manifests/base/crds/trainer.kubeflow.org_clustertrainingruntimes.yaml",
+)
+# (folder prefix, tag, files): Kubeflow Trainer v2 releases, and the last Training Operator v1 release.
+SOURCES = [
+    *(("trainer", tag, TRAINER_CRDS) for tag in ("v2.0.0", "v2.1.0", "v2.2.0", "v2.3.0")),
+    ("training-operator", "v1.9.4", ("manifests/base/crds/kubeflow.org_pytorchjobs.yaml",)),
+]
+HERE = Path(__file__).resolve().parent
+
+
+def without_descriptions(node):
+    if isinstance(node, dict):
+        return {k: without_descriptions(v) for k, v in node.items() if k != "description"}
+    if isinstance(node, list):
+        return [without_descriptions(v) for v in node]
+    return node
+
+
+def git(clone: Path, *args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(clone), *args], capture_output=True, check=True).stdout
+
+
+def vendor(clone: Path) -> list[Path]:
+    written = []
+    for prefix, tag, paths in SOURCES:
+        commit = git(clone, "rev-parse", f"{tag}^{{commit}}").decode().strip()
+        for path in paths:
+            raw = git(clone, "show", f"{tag}:{path}")
+            (crd,) = [d for d in yaml.safe_load_all(raw) if d and d.get("kind") == "CustomResourceDefinition"]
+            spec = crd["spec"]
+            out = {
+                "source": {
+                    "repository": REPOSITORY,
+                    "tag": tag,
+                    "commit": commit,
+                    "path": path,
+                    "sha256": hashlib.sha256(raw).hexdigest(),
+                    "license": "Apache-2.0",
+                    "transform": "description fields removed",
+                },
+                "name": crd["metadata"]["name"],
+                "group": spec["group"],
+                "names": spec["names"],
+                "scope": spec["scope"],
+                "versions": [
+                    {
+                        "name": v["name"],
+                        "served": v["served"],
+                        "storage": v["storage"],
+                        "openAPIV3Schema": without_descriptions(v["schema"]["openAPIV3Schema"]),
+                    }
+                    for v in spec["versions"]
+                ],
+            }
+            target = HERE / f"{prefix}-{tag}" / f"{crd['metadata']['name']}.json"
+            target.parent.mkdir(exist_ok=True)
+            target.write_text(json.dumps(out, sort_keys=True, separators=(",", ":")) + "\n", encoding="utf-8")
+            written.append(target)
+    return written
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    for written_path in vendor(Path(sys.argv[1])):
+        print(written_path.relative_to(HERE))
