@@ -152,12 +152,13 @@ def keep_containers_until_waited(monkeypatch) -> Iterator[StartedContainers]:
     """The adapter kfp.local's DockerRunner needs on podman 4.3.
 
     The runner starts each task with ``containers.run(..., auto_remove=True)``, streams its log, then asks for
-    the exit code with ``container.wait()``. By then podman 4.3 may have removed the container, and its API
-    answers that ``wait`` in one of three ways (seen here): HTTP 500, HTTP 404 -- which kfp reads as exit
-    code 0 -- or 200 with ``StatusCode: 0`` and an error message; or ``containers.run`` itself fails with
-    404. A failed step could pass. Here every container is started with ``auto_remove=False`` instead, so
-    ``wait`` always reports the real exit code, and the containers are removed when the block ends. kfp's
-    runner itself is unchanged; only docker-py's ``ContainerCollection.run`` is wrapped, for this block.
+    the exit code with ``container.wait()``. The container may be gone by then, or even by the time docker-py
+    inspects it right after starting it, and podman 4.3's API answers 500 (kfp raises ``APIError``), 404
+    (kfp assumes exit code 0) or 200 with ``StatusCode: 0`` and an error message. Measured here: a step that
+    exits 3 was reported as a success in 2 of 4 runs and as an APIError in the others. Here every container
+    is started with ``auto_remove=False`` instead, so ``wait`` always reports the real exit code, and the
+    containers are removed when the block ends. kfp's runner itself is unchanged; only docker-py's
+    ``ContainerCollection.run`` is wrapped, for this block.
     """
     from docker.models.containers import ContainerCollection
 

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 HOST_ENV = "KF_PIPELINES_ENDPOINT"  # kfp.Client's own variable for the API address
 UI_ENV = "KF_PIPELINES_UI_ENDPOINT"
 PAGE_SIZE = 100
+# The account runs execute as (manifests/base/serviceaccount.yaml; its Roles let the train step launch jobs).
+PIPELINE_SERVICE_ACCOUNT = "habla-pipeline-runner"
 # Python types a value of each KFP parameter type may have (bool is an int in Python: refused for numbers).
 PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
     "STRING": (str,),
@@ -331,8 +333,12 @@ def submit_run(
     *,
     client: kfp.Client | None = None,
     namespace: str | None = None,
+    service_account: str = PIPELINE_SERVICE_ACCOUNT,
 ) -> RunRef:
     """Submit one run of a compiled pipeline package to the experiment (created if missing).
+
+    The run's steps run as ``service_account`` (manifests/ creates PIPELINE_SERVICE_ACCOUNT with the Roles a
+    step and the train step need); empty: the namespace's default (KFP's pipeline-runner or default-editor).
 
     The package is uploaded as a pipeline version once per content (:func:`ensure_pipeline_version`), and
     the run references that version. Every pipeline parameter is passed explicitly (defaults filled in), so
@@ -351,6 +357,7 @@ def submit_run(
             pipeline_id=version.pipeline_id, pipeline_version_id=version.version_id
         ),
         runtime_config=kfp_server_api.V2beta1RuntimeConfig(parameters=arguments),
+        service_account=service_account or None,
     )
     with _api_errors(f"submitting run {run_name!r}"):
         run = client.runs.run_service_create_run(run=body)

@@ -1,4 +1,4 @@
-"""Validate custom resources against the vendored upstream CRDs (tests/kubeflow/crds/) the way a strict
+"""Validate custom resources against the vendored upstream CRDs (tests/kubeflow/upstream/) the way a strict
 ``kubectl apply`` (``--validate=strict``, server-side field validation ``Strict``) does.
 
 A CRD's ``openAPIV3Schema`` is a *structural* schema: the API server prunes every field its schema does not
@@ -29,7 +29,7 @@ from typing import Any
 import jsonschema
 from kubernetes_validate import validate as k8s_validate
 
-CRDS = Path(__file__).resolve().parent / "crds"
+UPSTREAM = Path(__file__).resolve().parent / "upstream"
 K8S_VERSION = "1.33"
 TRAINER_VERSIONS = ("v2.0.0", "v2.1.0", "v2.2.0", "v2.3.0")
 TRAINING_OPERATOR_VERSIONS = ("v1.9.4",)
@@ -40,17 +40,18 @@ _IMPLIED = {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metad
 @functools.cache
 def load(release: str, crd: str) -> dict[str, Any]:
     """A vendored CRD: ``load("trainer-v2.3.0", "trainjobs.trainer.kubeflow.org")``."""
-    return json.loads((CRDS / release / f"{crd}.json").read_text(encoding="utf-8"))
+    return json.loads((UPSTREAM / release / f"{crd}.json").read_text(encoding="utf-8"))
 
 
 def releases() -> list[str]:
-    return sorted(p.name for p in CRDS.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    """The vendored releases with CRDs: ``trainer-v2.0.0`` ... ``training-operator-v1.9.4``."""
+    return sorted({p.parent.name for p in UPSTREAM.glob("*/*.kubeflow.org.json")})
 
 
 def crd_for(release: str, api_version: str, kind: str) -> dict[str, Any] | None:
     """The vendored CRD of ``release`` serving ``api_version``/``kind``, or None."""
     group, _, version = api_version.rpartition("/")
-    for path in sorted((CRDS / release).glob("*.json")):
+    for path in sorted((UPSTREAM / release).glob("*.kubeflow.org.json")):
         crd = load(release, path.stem)
         if crd["group"] == group and crd["names"]["kind"] == kind:
             if any(v["name"] == version and v["served"] for v in crd["versions"]):
