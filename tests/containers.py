@@ -9,6 +9,7 @@ and the session fails unless every one of them ran and none was skipped (tests/c
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "infra" / "podman" / "build-local.sh"
 CONTAINERS_CONF = ROOT / "infra" / "podman" / "containers.conf"
 REQUIRE = "HABLA_REQUIRE_CONTAINERS"
-TAG = "test"
+# Images of this checkout only: sessions of two checkouts on one machine never run each other's images.
+TAG = "test-" + hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]
 HOW_TO_RUN = (
     "to run them: as root, apt-get install -y podman runc debootstrap, then pytest -m containers "
     "(.ci/run does this and sets HABLA_REQUIRE_CONTAINERS=1, which fails instead of skipping)"

@@ -26,6 +26,9 @@ debian_image=localhost/debian:bookworm-minbase
 python_image=localhost/habla-python:3.11-bookworm
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(base prep train)
+# One build at a time on this machine: a second caller waits, then finds the layers in podman's cache.
+exec 9>"${TMPDIR:-/tmp}/habla-build-local.lock"
+flock 9
 
 log() { echo "build-local: $*" >&2; }
 die() { log "$*"; exit 2; }
