@@ -226,6 +226,8 @@ def explicit_params(package_path: str, params: dict[str, Any]) -> dict[str, Any]
         kind = declared[key]["parameterType"]
         if kind == "NUMBER_INTEGER" and isinstance(value, float) and value.is_integer():
             value = full[key] = int(value)  # the compiler writes integer defaults as 1.0
+        if kind == "STRING" and isinstance(value, int) and not isinstance(value, bool):
+            value = full[key] = str(value)  # a count KFP needs as a string (gpus_per_node=8 from habla watch --param)
         allowed = PARAMETER_TYPES.get(kind, (object,))
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise HablaError(f"pipeline parameter {key}={value!r} is not a {kind}")

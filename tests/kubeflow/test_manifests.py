@@ -39,11 +39,12 @@ def kustomize_bin() -> list[str]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    """Each overlay (and runtimes/) rendered from a copy of manifests/ whose credentials files are the examples."""
+    """Each overlay (and runtimes/, cronjob/) rendered from a copy of manifests/ whose credentials files are the
+    examples."""
     work = tmp_path_factory.mktemp("manifests") / "manifests"
     shutil.copytree(MANIFESTS, work, ignore=shutil.ignore_patterns("s3-credentials.env"))
     out = {}
-    for target in [f"overlays/{name}" for name in OVERLAYS] + ["runtimes"]:
+    for target in [f"overlays/{name}" for name in OVERLAYS] + ["runtimes", "cronjob"]:
         for example in (work / target).glob("*.env.example"):
             shutil.copy(example, example.with_suffix(""))
         result = subprocess.run(

@@ -88,6 +88,20 @@ def test_training_requests_gpus_only_where_training_runs(compiled):
     assert executor(ir, "convert-shard")["image"] == "registry.example/habla-prep:1"
 
 
+def test_a_whole_number_of_gpus_is_passed_as_the_string_kfp_needs(compiled, tmp_path):
+    text, _, _ = compiled
+    package = tmp_path / "habla.yaml"
+    package.write_text(text)
+    params = {
+        "release_uri": "s3://a/b",
+        "output_uri": "s3://c",
+        "gpus_per_node": 8,
+    }  # habla watch --param gpus_per_node=8
+    assert kfp_api.explicit_params(str(package), params)["gpus_per_node"] == "8"
+    with pytest.raises(HablaError, match="not a NUMBER_INTEGER"):
+        kfp_api.explicit_params(str(package), {**params, "nodes": "4"})
+
+
 def test_gpu_limits_come_from_string_parameters(compiled):
     """KFP's driver reads a parameter bound to a pod spec field with GetStringValue() (resolve.go,
     resolvePodSpecInputRuntimeParameter): a NUMBER_INTEGER gives "", and the pod gets no GPU limit."""
