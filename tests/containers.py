@@ -9,6 +9,7 @@ and the session fails unless every one of them ran and none was skipped (tests/c
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import shutil
@@ -161,11 +162,15 @@ def keep_containers_until_waited(monkeypatch) -> Iterator[StartedContainers]:
     is started with ``auto_remove=False`` instead, so ``wait`` always reports the real exit code, and the
     containers are removed when the block ends. kfp's runner itself is unchanged; only docker-py's
     ``ContainerCollection.run`` is wrapped, for this block.
+
+    It also puts back ``builtins.print``: kfp.local indents task logs by swapping it
+    (``kfp.local.logging_utils.indented_print``), and tasks of a ParallelFor running in threads can leave a
+    swapped one behind, which then breaks later code in the same process (numba, under NeMo, cannot type it).
     """
     from docker.models.containers import ContainerCollection
 
     seen = StartedContainers()
-    real_run = ContainerCollection.run
+    real_run, real_print = ContainerCollection.run, builtins.print
 
     def run_kept(self, image, command=None, **kwargs):
         kwargs["auto_remove"] = False
@@ -178,6 +183,7 @@ def keep_containers_until_waited(monkeypatch) -> Iterator[StartedContainers]:
         yield seen
     finally:
         monkeypatch.setattr(ContainerCollection, "run", real_run)
+        builtins.print = real_print
         ids = [cid for _, cid in seen.started]
         if ids:
             podman("rm", "--force", "--ignore", *ids, check=False)

@@ -17,7 +17,7 @@ from conftest import ROOT
 from crd_schemas import UPSTREAM, crd_for, errors, releases
 from kubernetes_validate import validate as k8s_validate
 
-from habla.kubeflow import follow, jobs, kfp_api
+from habla.kubeflow import follow, jobs, kfp_api, lease
 
 MANIFESTS = ROOT / "manifests"
 OVERLAYS = {"kfp-seaweedfs": "kubeflow", "aws-s3": "kubeflow-user-example-com"}
@@ -39,12 +39,11 @@ def kustomize_bin() -> list[str]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    """Each overlay (and runtimes/, cronjob/) rendered from a copy of manifests/ whose credentials files are the
-    examples."""
+    """Each overlay (and runtimes/) rendered from a copy of manifests/ whose credentials files are the examples."""
     work = tmp_path_factory.mktemp("manifests") / "manifests"
     shutil.copytree(MANIFESTS, work, ignore=shutil.ignore_patterns("s3-credentials.env"))
     out = {}
-    for target in [f"overlays/{name}" for name in OVERLAYS] + ["runtimes", "cronjob"]:
+    for target in [f"overlays/{name}" for name in OVERLAYS] + ["runtimes"]:
         for example in (work / target).glob("*.env.example"):
             shutil.copy(example, example.with_suffix(""))
         result = subprocess.run(
@@ -234,3 +233,44 @@ def test_no_secret_value_in_manifests(rendered):
                 continue
             text = yaml.safe_dump(doc)
             assert "REPLACE_ME" not in text and "stringData" not in text
+
+
+def _granted(role: dict) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_rbac_covers_the_watcher_leases(rendered, overlay):
+    """The Role habla-watcher grants what habla.kubeflow.lease calls (habla watch --claims lease|auto)."""
+    docs = rendered[f"overlays/{overlay}"]
+    role = by_kind(docs, "Role", "habla-watcher")
+    assert set(lease.REQUIRED_PERMISSIONS) <= _granted(role), f"habla-watcher lacks {set(lease.REQUIRED_PERMISSIONS)}"
+    assert {r for _, r, _ in _granted(role)} == {"leases"} and "delete" not in {v for *_, v in _granted(role)}
+    binding = by_kind(docs, "RoleBinding", "habla-watcher")
+    assert binding["roleRef"]["name"] == "habla-watcher"
+    assert {"kind": "ServiceAccount", "name": "habla-pipeline-runner", "namespace": OVERLAYS[overlay]} in (
+        binding["subjects"]
+    )
+
+
+def test_the_cronjob_runs_as_an_account_bound_to_the_watcher_role():
+    result = subprocess.run(
+        [*kustomize_bin(), str(MANIFESTS / "cronjob")], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    for doc in docs:
+        k8s_validate(doc, K8S_VERSION, strict=True)
+    cronjob = by_kind(docs, "CronJob", "habla-release-watcher")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    account = pod["serviceAccountName"]
+    by_kind(docs, "ServiceAccount", account)
+    binding = by_kind(docs, "RoleBinding", account)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "habla-watcher"}
+    assert {"kind": "ServiceAccount", "name": account} in binding["subjects"]
+    (container,) = pod["containers"]
+    assert "--claims=$(HABLA_CLAIMS)" in container["args"]
+    config = [d for d in docs if d["kind"] == "ConfigMap"][0]["data"]
+    assert config["HABLA_CLAIMS"] in ("s3", "lease", "auto")

@@ -5,6 +5,7 @@ Then what the KFP UI shows: its reports carry their plots as data URIs (it canno
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 import re
 from collections import Counter
@@ -54,6 +55,7 @@ def pipeline_run(prep_image, train_image, tmp_path_factory):
             started = list(seen.started)
     finally:
         monkeypatch.undo()
+    assert builtins.print.__module__ == "builtins"  # nothing of kfp.local's is left in this process
     return root, out, started
 
 
