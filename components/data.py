@@ -76,10 +76,13 @@ def assemble_dataset(
 
     summary = prepare.assemble(dataset_uri)
     layout = DatasetLayout(dataset_uri)
+    png = storage.read_bytes(layout.report_png)
+    # The KFP UI cannot follow report.md's relative link to the plot: the artifact carries the image itself.
+    markdown = storage.read_text(layout.report_md)
     with open(report.path, "w", encoding="utf-8") as f:
-        f.write(storage.read_text(layout.report_md))
+        f.write(markdown.replace(f"]({storage.name(layout.report_png)})", f"]({render.png_data_uri(png)})"))
     with open(plots.path, "w", encoding="utf-8") as f:
-        f.write(render.png_html(storage.read_bytes(layout.report_png), "dataset report"))
+        f.write(render.png_html(png, "dataset report"))
     for split, stats in summary["splits"].items():
         hours.log_metric(f"{split}_hours", stats["hours"])
         hours.log_metric(f"{split}_clips", stats["clips"])

@@ -55,10 +55,15 @@ def evaluate_models(
     if "wer_improvement" in decision.record:
         scores.log_metric("wer_improvement", decision.record["wer_improvement"])
         scores.log_metric("wer_improvement_ci_low", decision.record["wer_improvement_ci"][0])
+    png = storage.read_bytes(run.eval.plot)
+    # The KFP UI cannot follow report.md's relative link to the plot: the artifact carries the image itself.
+    markdown = storage.read_text(run.eval.report).replace(
+        f"]({storage.name(run.eval.plot)})", f"]({render.png_data_uri(png)})"
+    )
     with open(report.path, "w", encoding="utf-8") as f:
-        f.write(storage.read_text(run.eval.report) + "\n\n" + decision.markdown)
+        f.write(markdown + "\n\n" + decision.markdown)
     with open(plots.path, "w", encoding="utf-8") as f:
-        f.write(render.png_html(storage.read_bytes(run.eval.plot), "WER by group"))
+        f.write(render.png_html(png, "WER by group"))
     with open(candidate.path, "w", encoding="utf-8") as f:
         f.write(storage.read_text(run.eval.metrics))
     candidate.metadata.update(

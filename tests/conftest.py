@@ -410,3 +410,59 @@ def tiny_model(clips30, tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return out / "model" / "model.nemo"
+
+
+# ------------------------------------------------------------------------------------------- containers
+# Images built from infra/ with podman, shared by the tests of a session (built once; podman's layer cache
+# makes a rebuild of unchanged sources quick). Helpers: tests/containers.py.
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "containers: builds or runs habla's images with podman (tests/containers.py)")
+
+
+@pytest.fixture(scope="session")
+def container_logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("containers")
+
+
+@pytest.fixture(scope="session")
+def prep_image(container_logs) -> str:
+    import containers
+
+    return containers.build("prep", container_logs).image
+
+
+@pytest.fixture(scope="session")
+def train_image(container_logs) -> str:
+    import containers
+
+    return containers.build("train", container_logs).image
+
+
+_container_outcomes: dict[str, list[str]] = {"passed": [], "not run": []}
+
+
+def pytest_runtest_logreport(report):
+    if "containers" not in report.keywords:
+        return
+    if report.when == "call" and report.passed:
+        _container_outcomes["passed"].append(report.nodeid)
+    elif report.skipped:
+        _container_outcomes["not run"].append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under HABLA_REQUIRE_CONTAINERS=1 (CI), a session in which the container tests did not all run fails."""
+    import containers
+
+    if not containers.required() or exitstatus not in (0, 1):
+        return
+    passed, skipped = _container_outcomes["passed"], _container_outcomes["not run"]
+    if passed and not skipped:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    why = f"{len(skipped)} skipped: {', '.join(skipped)}" if skipped else "none ran"
+    if reporter:
+        reporter.write_line(f"{containers.REQUIRE}=1 but the container tests did not all run ({why})", red=True)
+    session.exitstatus = 1

@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--out", required=True, metavar="DST", help="output prefix (s3://...)")
     submit.add_argument("--experiment", default="habla", help="KFP experiment (default %(default)s)")
     submit.add_argument("--run-name", help="KFP run name (default: habla-<release>-<time>)")
+    submit.add_argument(
+        "--service-account",
+        help="account the run's steps run as (default: habla-pipeline-runner, from manifests/; '' for the namespace's)",
+    )
     add_compile_arguments(submit)
     submit.add_argument("settings", nargs="*", metavar="key=value", help="pipeline parameters and config overrides")
 
@@ -75,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         experiment=args.experiment,
         run_name=args.run_name,
         compile_options=compile_options(args),
+        service_account=args.service_account,
     )
     print(ref.url)
     return 0

@@ -28,9 +28,13 @@ def slug(text: str, limit: int = 80) -> str:
     return clean or "run"
 
 
-def run_name(name: str, job_name: str) -> str:
-    """The name of a pipeline run's folder: the ``run_name`` parameter, else the KFP run's own name."""
-    return name or job_name
+def run_name(name: str, run_id: str) -> str:
+    """The name of a pipeline run's folder: the ``run_name`` parameter, else the KFP run's id.
+
+    Never the run's display name, which two runs may share. A named folder belongs to the first run that
+    claims it (habla.ops.registry.start_run), so no two runs ever share one either.
+    """
+    return name or run_id
 
 
 @dataclass(frozen=True)

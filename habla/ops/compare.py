@@ -161,14 +161,14 @@ def rows_from_folders(dsts: list[str]) -> list[dict]:
 
 def rows_from_kfp(host: str | None, experiment: str, namespace: str | None = None) -> list[dict]:
     """Rows for the runs of a KFP experiment; metrics from each run's folder under its ``output_uri``, when
-    readable (``runs/<run_name>/``, or ``runs/<the KFP run's name>/`` when no run_name was given)."""
+    readable (``runs/<run_name>/``, or ``runs/<the KFP run's id>/`` when no run_name was given)."""
     from habla.kubeflow import kfp_api
 
     client = kfp_api.connect(host, namespace=namespace)
     rows = []
     for run in kfp_api.list_runs(client, experiment):
         output_uri = run.params.get("output_uri") or ""
-        name = layout.run_name(run.params.get("run_name") or "", run.name)
+        name = layout.run_name(run.params.get("run_name") or "", run.run_id)
         dst = OutputLayout(output_uri).run(name).root if output_uri else ""
         try:
             row = make_row(dst, name=run.name, state=run.state, params=run.params, source=run.url, strict=False)

@@ -36,7 +36,7 @@ from habla.kubeflow.compile import CompileOptions
 # What run-local changes from the cluster defaults: CPU training inside the pipeline, a small model.
 LOCAL_DEFAULTS = {
     "launcher": "local",
-    "gpus_per_node": 0,
+    "gpus_per_node": "0",
     "nodes": 1,
     "num_shards": 2,
     "workers_per_shard": os.cpu_count() or 1,
@@ -94,6 +94,8 @@ def run_local(
     arguments = {**LOCAL_DEFAULTS, **({"config": config} if config else {}), **params}
     arguments.update(release_uri=release or BUNDLED_RELEASE, output_uri=storage.absolute(out), run_name=run_name)
     storage.check_writable_root(out)
+    if storage.exists(OutputLayout(out).run(run_name).record):  # start_run would refuse it after the data steps
+        raise HablaError(f"{OutputLayout(out).run(run_name).root} belongs to an earlier run: choose another --run-name")
     if storage.is_s3(out):
         pipeline_root = tempfile.mkdtemp(prefix="habla-kfp-")
     else:
@@ -289,8 +291,10 @@ def submit(
     experiment: str = "habla",
     run_name: str | None = None,
     compile_options: CompileOptions | None = None,
+    service_account: str | None = None,
 ):
-    """Compile the pipeline with ``compile_options`` and submit one run of it; returns its RunRef."""
+    """Compile the pipeline with ``compile_options`` and submit one run of it, its steps running as
+    ``service_account`` (default: kfp_api.PIPELINE_SERVICE_ACCOUNT); returns its RunRef."""
     from habla.kubeflow import kfp_api
     from habla.pipelines import training_pipeline
 
@@ -300,4 +304,5 @@ def submit(
     run_name = run_name or f"habla-{release_label(release)}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:
         package = training_pipeline.compile_pipeline(str(Path(tmp, "habla-train.yaml")), options)
-        return kfp_api.submit_run(host, package, params, experiment, run_name)
+        account = kfp_api.PIPELINE_SERVICE_ACCOUNT if service_account is None else service_account
+        return kfp_api.submit_run(host, package, params, experiment, run_name, service_account=account)

@@ -35,16 +35,37 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def start_run(output_uri: str, name: str, job_name: str, params: dict) -> RunLayout:
-    """Write ``run.json`` (the run's parameters and when it started); returns the run's folder.
+def start_run(output_uri: str, name: str, run_id: str, params: dict) -> RunLayout:
+    """Claim the run's folder for the KFP run ``run_id`` and write ``run.json`` (parameters, run id, start time).
 
-    ``name`` is the pipeline's ``run_name`` parameter, ``job_name`` the KFP run's name (the folder's name
-    when ``name`` is empty).
+    ``name`` is the pipeline's ``run_name`` parameter; the folder is ``runs/<name>``, else ``runs/<run_id>``
+    (layout.run_name). run.json is created only if absent, then read back: a folder that belongs to another run
+    is refused (HablaError), so a run can never resume from another run's checkpoints; the same run again (a
+    retried step) keeps its first record.
     """
-    run_name = layout.run_name(name, job_name)
+    if not run_id:
+        raise HablaError("start_run needs the KFP run id")
+    run_name = layout.run_name(name, run_id)
     run = OutputLayout(output_uri).run(run_name)
-    record = {**params, "run_name": run_name, "run_dir": storage.absolute(run.root), "started": _now()}
-    storage.write_text(run.record, json.dumps(record, indent=1, ensure_ascii=False))
+    record = {
+        **params,
+        "run_name": run_name,
+        "run_id": run_id,
+        "run_dir": storage.absolute(run.root),
+        "started": _now(),
+    }
+    if not storage.exists(run.record):
+        data = json.dumps(record, indent=1, ensure_ascii=False).encode()
+        try:  # atomic where the store enforces conditional writes (docs/operations.md)
+            storage.create_exclusive(run.record, data)
+        except Exception:  # noqa: BLE001 - a store that refuses the condition (501): write; the read decides
+            storage.write_bytes(run.record, data)
+    owner = json.loads(storage.read_text(run.record)).get("run_id")  # read back: a store may ignore the condition
+    if owner != run_id:
+        raise HablaError(
+            f"{storage.absolute(run.root)} belongs to another run ({owner or 'one from before run ids'}): "
+            "give this run another run_name"
+        )
     return run
 
 

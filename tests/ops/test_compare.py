@@ -130,19 +130,19 @@ def test_markdown_csv_json_and_plot(runs, tmp_path, capsys):
 
 def test_compare_runs_of_a_kfp_experiment(runs, tmp_path, capsys):
     """Each KFP run's folder is read where the pipeline writes it: OUT/runs/<run_name parameter>, or
-    OUT/runs/<the KFP run's name> when the run_name parameter is empty."""
+    OUT/runs/<the KFP run's id> when the run_name parameter is empty."""
     out = tmp_path / "out"
-    shutil.copytree(runs[0], out / "runs" / "small-v17")  # submitted with run_name=small-v17
-    shutil.copytree(runs[1], out / "runs" / "kfp-large-v25")  # submitted without: the KFP run's name
     package = compile_fake_training_pipeline(str(tmp_path))
     with KfpStandin() as kfp:
         client = kfp_api.connect(kfp.url)
-        for name, params in (
-            ("kfp-small-v17", {"config": "small", "run_name": "small-v17"}),
-            ("kfp-large-v25", {"config": "large"}),
+        for run, name, params in (
+            (runs[0], "kfp-small-v17", {"config": "small", "run_name": "small-v17"}),
+            (runs[1], "kfp-large-v25", {"config": "large"}),
         ):
             params = {"release_uri": "s3://cv/x", "output_uri": str(out), **params}
-            kfp_api.submit_run(kfp.url, package, params, "cv-es", name, client=client)
+            ref = kfp_api.submit_run(kfp.url, package, params, "cv-es", name, client=client)
+            # where the pipeline would have written it: runs/small-v17, and runs/<run id> for the unnamed run
+            shutil.copytree(run, out / "runs" / (params.get("run_name") or ref.run_id))
         kfp_api.submit_run(
             kfp.url,
             package,

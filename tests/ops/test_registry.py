@@ -118,9 +118,32 @@ def test_promotion_keeps_history_and_points_at_a_copied_model(where, tmp_path, r
     assert again.promoted and registry.read_best(out) == best
 
 
-def test_a_run_without_a_name_is_named_after_the_kfp_run(tmp_path):
-    run = registry.start_run(str(tmp_path), "", "habla-train-run-7", {})
-    assert run.root == str(tmp_path / "runs" / "habla-train-run-7")
+def test_a_run_without_a_name_is_named_after_the_kfp_run_id(tmp_path):
+    run = registry.start_run(str(tmp_path), "", "3f2a9c1e-run-id", {})
+    assert run.root == str(tmp_path / "runs" / "3f2a9c1e-run-id")
+    assert json.loads(storage.read_text(run.record))["run_id"] == "3f2a9c1e-run-id"
+
+
+@pytest.mark.parametrize("where", ["local", "s3", "s3-ignoring-conditions"])
+def test_no_two_runs_share_a_run_folder(where, tmp_path, request):
+    """A folder belongs to the run that created its run.json: a second run of the same name (a cloned KFP run,
+    a reused --run-name) fails before it could resume from the first one's checkpoints; a retry of the same
+    run (same run id) goes on in its own folder. Also on a store that ignores conditional writes."""
+    if where == "local":
+        out = str(tmp_path / "out")
+    else:
+        out = request.getfixturevalue("s3_bucket" if where == "s3" else "lax_s3")
+        out = (out if isinstance(out, str) else out[0]) + "/habla"
+    first = registry.start_run(out, "nightly es", "run-id-1", {"config": "tiny"})
+    record = storage.read_text(first.record)
+    assert registry.start_run(out, "nightly es", "run-id-1", {"config": "changed"}) == first  # a retried step
+    assert storage.read_text(first.record) == record
+    for name in ("nightly es", "nightly-es"):  # the same folder, whatever the spelling
+        with pytest.raises(HablaError, match="belongs to another run \\(run-id-1\\)"):
+            registry.start_run(out, name, "run-id-2", {"config": "tiny"})
+    assert storage.read_text(first.record) == record
+    with pytest.raises(HablaError, match="run id"):
+        registry.start_run(out, "x", "", {})
 
 
 # ------------------------------------------------------------------------------------- racing promotions
