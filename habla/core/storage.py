@@ -13,12 +13,17 @@ a response body that break half-way are retried here.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,9 @@ from habla.core.errors import HablaError, one_line
 
 S3_PREFIX = "s3://"
 _READ_ATTEMPTS = 5
+PART_SUFFIX = ".part"  # temporary files of atomic local writes
+# A temporary file (or S3 multipart upload) this old is a killed writer's, whoever wrote it.
+STALE_PART_SECONDS = 6 * 3600
 
 
 def is_s3(uri: str) -> bool:
@@ -178,8 +186,8 @@ def list_files(prefix: str) -> Iterator[ObjectInfo]:
 def download_file(uri: str, local_path: str | Path) -> None:
     """Copy an object to a local file, atomically."""
     local_path = Path(local_path)
-    local_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_path.with_name(f".{local_path.name}.{os.getpid()}.part")
+    fd, tmp = _local_tmp(local_path)
+    os.close(fd)
     try:
         if is_s3(uri):
             bucket, key = split_s3(uri)
@@ -193,15 +201,29 @@ def download_file(uri: str, local_path: str | Path) -> None:
             shutil.copyfile(uri, tmp)
         os.replace(tmp, local_path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------- writes
 
 
 def _local_tmp(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path``: ``.<name, cut to 80 bytes>.<host>-<pid>-<random>.part``.
+
+    The name stays far below the 255-byte limit of a file name whatever ``path`` is, names the writer (so
+    :func:`remove_stale_parts` can tell a killed writer's leftovers from a live one's), and gets the mode
+    a plain ``open()`` would give (``mkstemp`` makes files ``0600`` whatever the umask).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    short = path.name.encode("utf-8", "surrogateescape")[:80].decode("utf-8", "ignore")
+    fd, tmp = tempfile.mkstemp(prefix=f".{short}.{_host_tag()}-{os.getpid()}-", suffix=PART_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -413,10 +435,178 @@ def check_writable_root(uri: str) -> None:
             raise HablaError(f"{uri}: exists and is not a folder")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".habla-write-probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            fd, probe = _local_tmp(path / "habla-write-probe")
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise HablaError(f"{uri}: cannot write ({exc.strerror})") from None
         return
     check_readable_root(uri)
+
+
+# ----------------------------------------------------------------------------- untrusted files, leftovers
+
+
+class NotAFile(Exception):
+    """The location is not a regular file (a FIFO, a device, a folder, a socket, a symlink loop)."""
+
+
+class TooLarge(Exception):
+    """The file is larger than the caller's cap."""
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFDIR: "a folder", stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
+def _open_regular(path: str) -> tuple[int, int]:
+    """``(fd, size)`` of a regular file, opened without blocking on a FIFO; :class:`NotAFile` otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotAFile("a symbolic link loop") from None
+        if exc.errno == errno.ENXIO:
+            raise NotAFile("a socket") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotAFile(_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file"))
+    return fd, info.st_size
+
+
+def open_regular(uri: str) -> BinaryIO:
+    """:func:`open_stream` for untrusted locations: a local FIFO, device or folder raises :class:`NotAFile`."""
+    if is_s3(uri):
+        return open_stream(uri)
+    fd, _ = _open_regular(uri)
+    return os.fdopen(fd, "rb")
+
+
+def read_capped(uri: str, limit: int) -> bytes:
+    """The whole content of a regular file of at most ``limit`` bytes, in bounded memory and time.
+
+    For data whose files are untrusted: a FIFO is opened without blocking and refused, so is a device
+    (a symlink to ``/dev/zero`` would never end) or a folder (:class:`NotAFile`); a file over ``limit``
+    raises :class:`TooLarge` before it is read. FileNotFoundError if absent; other OSErrors as they come.
+    """
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limit}")
+        except Exception as exc:
+            if _is_not_found(exc):
+                raise FileNotFoundError(uri) from None
+            if _s3_error_code(exc) == "InvalidRange":  # a range on an empty object
+                return b""
+            raise
+        total = int(str(response.get("ContentRange", "")).rpartition("/")[2] or response["ContentLength"])
+        if total > limit:
+            raise TooLarge(f"{total} bytes, more than {limit}")
+        return response["Body"].read()
+    fd, size = _open_regular(uri)
+    if size > limit:
+        os.close(fd)
+        raise TooLarge(f"{size} bytes, more than {limit}")
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = f.read(limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    if size > limit:  # it grew while being read
+        raise TooLarge(f"more than {limit} bytes")
+    return b"".join(chunks)
+
+
+def stamp(uri: str) -> dict:
+    """What changes when a file's content changes, cheaply: size and mtime (local), size and ETag (S3)."""
+    if not is_s3(uri):
+        info = os.stat(uri)
+        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    bucket, key = split_s3(uri)
+    try:
+        head = s3_client().head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if _is_not_found(exc):
+            raise FileNotFoundError(uri) from None
+        raise
+    return {"size": head["ContentLength"], "etag": head.get("ETag", "")}
+
+
+@functools.cache
+def _host_tag() -> str:
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+@functools.cache
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux allows (os.umask is a write)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_PART_NAME = re.compile(r"^\..*\.([0-9a-f]{8})-(\d+)-[^./]*" + re.escape(PART_SUFFIX) + "$")
+
+
+def _writer_is_dead(host: str, pid: int) -> bool:
+    if host != _host_tag():
+        return False  # another machine's: only its age tells
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_parts(root: str) -> int:
+    """Delete what killed writers left under ``root``; returns how many. Live writers' files are kept.
+
+    Local: temporary files of :func:`write_bytes` & co. whose process on this machine is gone, or older
+    than :data:`STALE_PART_SECONDS` (another machine's). S3: multipart uploads under the prefix started
+    more than :data:`STALE_PART_SECONDS` ago (an upload in progress cannot be told from a dead one sooner).
+    """
+    removed = 0
+    if is_s3(root):
+        bucket, key = split_s3(root)
+        prefix = key.rstrip("/") + "/" if key else ""
+        cutoff = time.time() - STALE_PART_SECONDS
+        for page in s3_client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() < cutoff:
+                    s3_client().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    removed += 1
+        return removed
+    if not os.path.isdir(root):
+        return 0
+    cutoff = time.time() - STALE_PART_SECONDS
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(PART_SUFFIX):
+                continue
+            match = _PART_NAME.match(name)
+            path = os.path.join(folder, name)
+            try:
+                stale = (match is not None and _writer_is_dead(match[1], int(match[2]))) or (
+                    os.lstat(path).st_mtime < cutoff
+                )
+                if stale:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                pass  # its writer finished meanwhile
+    return removed

@@ -11,7 +11,7 @@ import json
 from array import array
 from collections import Counter
 
-from habla.core import render, storage
+from habla.core import jsonl, render, storage
 from habla.core.layout import DatasetLayout
 
 UNKNOWN = "unknown"
@@ -204,7 +204,7 @@ def write_report(out: str, summary: dict, stats: dict[str, SplitStats], rejected
     report = build_report(summary, stats, rejected, tarred, out)
     storage.write_bytes(layout.report_png, plot(report, stats))
     storage.write_text(layout.report_md, markdown(report))
-    storage.write_text(layout.report_json, json.dumps(report, indent=1, ensure_ascii=False))
+    storage.write_text(layout.report_json, jsonl.dump(report))
     return report
 
 
