@@ -8,6 +8,7 @@ line in two. NaN and infinities are not JSON: they are refused when writing and 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -47,3 +48,15 @@ def dumps(records: Iterable[Any]) -> str:
 def dump(value: Any, indent: int | None = 1) -> str:
     """One JSON document (``report.json``, ``metrics.json`` ...): UTF-8 kept as is, NaN and infinities refused."""
     return json.dumps(value, indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: for summaries, where a diverged loss or a
+    validation that never ran means "no number", and JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value

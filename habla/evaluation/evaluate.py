@@ -11,7 +11,6 @@ utterances) and ``wer_by_group.png``. Scoring: habla.evaluation.scoring.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -50,6 +49,10 @@ def evaluate(model: str, manifest: str, out: str, batch_size: int = 16, worst: i
     Returns the metrics. Raises HablaError for a missing model, manifest or audio file, before transcribing.
     """
     started = time.time()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HablaError(f"--batch-size must be a positive integer (got {batch_size!r})")
+    if worst < 0:
+        raise HablaError(f"--worst must be >= 0 (got {worst})")
     storage.check_writable_root(out)
     entries = manifests.read_manifest(manifest)
     local = manifests.localize(entries, manifest)
@@ -62,7 +65,7 @@ def evaluate(model: str, manifest: str, out: str, batch_size: int = 16, worst: i
     metrics, rows = compute_metrics(local, hypotheses)
 
     layout = EvalLayout(out)
-    storage.write_text(layout.metrics, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    storage.write_text(layout.metrics, jsonl.dump(metrics, indent=2) + "\n")  # NaN is refused: not JSON
     storage.write_text(layout.errors, jsonl.dumps(rows))
     storage.write_text(layout.report, render_report(metrics, rows, model, manifest, worst))
     storage.write_bytes(layout.plot, render_plot(metrics))
