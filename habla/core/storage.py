@@ -16,12 +16,12 @@ from __future__ import annotations
 import errno
 import functools
 import io
+import itertools
 import os
 import re
 import shutil
 import socket
 import stat
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -208,22 +208,28 @@ def download_file(uri: str, local_path: str | Path) -> None:
 
 
 def _local_tmp(path: Path) -> tuple[int, str]:
-    """A temporary file beside ``path``: ``.<name, cut to 80 bytes>.<host>-<pid>-<random>.part``.
+    """A new temporary file beside ``path``: ``.<name, cut to 80 bytes>.<host>-<pid>-<n>.part``, open for writing.
 
-    The name stays far below the 255-byte limit of a file name whatever ``path`` is, names the writer (so
-    :func:`remove_stale_parts` can tell a killed writer's leftovers from a live one's), and gets the mode
-    a plain ``open()`` would give (``mkstemp`` makes files ``0600`` whatever the umask).
+    The name stays far below the 255-byte limit of a file name whatever ``path`` is, and names its writer,
+    so :func:`remove_stale_parts` can tell a killed writer's leftovers from a live one's. The file gets the
+    mode a plain ``open()`` gives (0666 less the umask; ``mkstemp`` would make it 0600 whatever the umask,
+    unreadable to a pod running as another user). The folder is created when missing.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     short = path.name.encode("utf-8", "surrogateescape")[:80].decode("utf-8", "ignore")
-    fd, tmp = tempfile.mkstemp(prefix=f".{short}.{_host_tag()}-{os.getpid()}-", suffix=PART_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    return fd, tmp
+    prefix = f".{short}.{_host_tag()}-{os.getpid()}-"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f"{prefix}{next(_tmp_counter)}{PART_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # left by an earlier process with the same pid
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+_tmp_counter = itertools.count()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -540,20 +546,6 @@ def stamp(uri: str) -> dict:
 @functools.cache
 def _host_tag() -> str:
     return f"{zlib.crc32(socket.gethostname().encode()):08x}"
-
-
-@functools.cache
-def _umask() -> int:
-    """This process's umask, read without changing it where Linux allows (os.umask is a write)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 _PART_NAME = re.compile(r"^\..*\.([0-9a-f]{8})-(\d+)-[^./]*" + re.escape(PART_SUFFIX) + "$")
