@@ -23,8 +23,8 @@ TARGET_RATE = 16_000
 # How much shorter than the release's stated duration a decoded clip may be before it counts as truncated.
 # MP3 encoder padding and frame rounding are a few tens of milliseconds.
 TRUNCATION_TOLERANCE_S = 0.25
-#: The largest clip file read (a Common Voice clip is tens of kB; 20 s of 8-channel 192 kHz PCM is ~120 MB).
-MAX_CLIP_BYTES = 128 * 1024 * 1024
+#: The largest clip file read: a Common Voice clip is tens of kB, 20 s of 4-channel 96 kHz 24-bit PCM 23 MB.
+MAX_CLIP_BYTES = 32 * 1024 * 1024
 #: Sample rates and channel counts accepted as speech recordings.
 MIN_RATE, MAX_RATE, MAX_CHANNELS = 8_000, 192_000, 8
 #: A clip whose RMS level (DC removed) is below this holds no speech: digital silence or a dead microphone.

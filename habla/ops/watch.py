@@ -493,7 +493,7 @@ def _claim_and_submit(
     if claim_uri is None:
         return Decision(name, "in-progress", why)
     result_uri = storage.join(folder, "result.json")
-    if storage.exists(result_uri):  # finished by another watcher since this one read the results
+    if read_state(result_uri, ("release",)) is not None:  # finished by another watcher since this one read the results
         storage.delete(claim_uri)
         return Decision(name, "known", "processed by another watcher meanwhile")
     claim = json.loads(storage.read_text(claim_uri))
@@ -528,5 +528,8 @@ def _claim_and_submit(
         "experiment": submitter.experiment,
     }
     if not storage.create_exclusive(result_uri, _json(record)):
-        log.warning("%s: a result was already recorded; keeping it", name)
+        if read_state(result_uri, ("release",)) is None:  # a damaged file, not another watcher's result
+            storage.write_bytes(result_uri, _json(record))
+        else:
+            log.warning("%s: a result was already recorded; keeping it", name)
     return Decision(name, action, release.uri, ref.run_id, ref.url)
