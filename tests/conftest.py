@@ -336,3 +336,13 @@ def make_launch(**overrides):
 def env_map(env: list[dict]) -> dict[str, dict]:
     """A container's env list by variable name."""
     return {e["name"]: e for e in env}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``hostile_long`` (the long hypothesis profile) run only when asked: ``-m hostile_long``."""
+    if "hostile_long" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="the long property profile: run with -m hostile_long")
+    for item in items:
+        if "hostile_long" in item.keywords:
+            item.add_marker(skip)

@@ -439,6 +439,10 @@ def check_writable_root(uri: str) -> None:
         path = Path(uri)
         if path.exists() and not path.is_dir():
             raise HablaError(f"{uri}: exists and is not a folder")
+        if path.is_dir():  # asked without writing: a re-run must not touch the folder (access(2) knows EROFS)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise HablaError(f"{uri}: cannot write (permission denied or read-only file system)")
+            return
         try:
             path.mkdir(parents=True, exist_ok=True)
             fd, probe = _local_tmp(path / "habla-write-probe")

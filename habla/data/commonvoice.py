@@ -380,24 +380,44 @@ def stage_archive(archive: str, staging: str, locale: str, max_clip_bytes: int) 
     not unpacked (listed in ``skipped``). The archive must end with tar's end-of-archive blocks (an archive
     cut short is refused) and match ``<archive>.sha256`` when there is one.
 
-    A staging is tied to the archive's content, not its path: ``_STAGED.json`` records the archive's size,
-    mtime (ETag on S3) and a hash of its index; a changed archive at the same path is staged afresh.
-    An interrupted staging of the same archive resumes, skipping files already written whole.
+    A staging is tied to the archive's content, not its path: ``staging/<locale>/_STAGED.json`` records the
+    archive's size, mtime (ETag on S3) and a hash of its index; a changed archive at the same path is staged
+    afresh. An interrupted staging of the same archive resumes, skipping files already written whole.
     """
-    import tarfile
 
     stamp = archive_stamp(archive)
-    done = _read_json(storage.join(staging, STAGED))
-    if done and done.get("stamp") == stamp and done.get("locale") == locale:
+    folder = storage.join(staging, locale)  # one folder per locale: runs for two locales never meet
+    done = _read_json(storage.join(folder, STAGED))
+    if done and done.get("stamp") == stamp:
         return StagedArchive(**{k: done[k] for k in ("root", "stamp", "index_sha256", "skipped")})
-    progress = {"archive": archive, "stamp": stamp, "locale": locale}
-    if done or _read_json(storage.join(staging, STAGING)) != progress:
-        for info in storage.list_files(staging):  # another archive's (or an older version's) files
-            storage.delete(info.uri)
-        storage.write_text(storage.join(staging, STAGING), json.dumps(progress))
-    already = {info.uri: info.size for info in storage.list_files(staging)}
-
     expected_sha256 = _sidecar_sha256(archive)
+    progress = {"archive": archive, "stamp": stamp, "sha256": expected_sha256}
+    marker = _read_json(storage.join(folder, STAGING)) or {}
+    same = {k: marker.get(k) for k in progress} == progress
+    if same and marker.get("failed"):  # this very archive was found unusable before: not read again
+        raise HablaError(marker["failed"])
+    if done or not same:
+        for info in storage.list_files(folder):  # another archive's (or an older version's) files
+            storage.delete(info.uri)
+        storage.write_text(storage.join(folder, STAGING), json.dumps(progress))
+    try:
+        staged = _unpack(archive, stamp, folder, locale, max_clip_bytes, expected_sha256)
+    except HablaError as exc:
+        storage.write_text(storage.join(folder, STAGING), json.dumps({**progress, "failed": str(exc)}))
+        raise
+    storage.write_text(storage.join(folder, STAGED), json.dumps({"archive": archive, **staged.as_json()}))
+    storage.delete(storage.join(folder, STAGING))
+    return staged
+
+
+def _unpack(
+    archive: str, stamp: dict, folder: str, locale: str, max_clip_bytes: int, expected_sha256: str | None
+) -> StagedArchive:
+    """The streaming read of :func:`stage_archive`. HablaError for an archive that is not a whole release;
+    OSError (a storage fault) as it comes."""
+    import tarfile
+
+    already = {info.uri: info.size for info in storage.list_files(folder)}
     index = hashlib.sha256()
     skipped: dict[str, list[str]] = {}
     root = top = None
@@ -428,17 +448,22 @@ def stage_archive(archive: str, staging: str, locale: str, max_clip_bytes: int) 
                         f"{archive}: holds two corpus folders with a '{locale}' locale ({top}, {parts[0]})"
                     )
                 top = parts[0]
-                root = storage.join(staging, locale)
+                root = folder
                 if is_clip and member.size > max_clip_bytes:
                     skipped[parts[3]] = ["too_large", f"{member.size} bytes in the archive, more than {max_clip_bytes}"]
                     continue
-                target = storage.join(staging, *parts[1:])
+                target = storage.join(folder, *parts[2:])
                 if already.get(target) == member.size:
                     continue
+                source = tar.extractfile(member)
+                if member.size <= _CHUNK:  # read whole first: a member cut short leaves no trace
+                    data = source.read()
+                    storage.write_bytes(target, data)
+                    continue
                 with storage.AtomicWriter(target) as out:
-                    shutil.copyfileobj(tar.extractfile(member), out, 1 << 20)
+                    shutil.copyfileobj(source, out, _CHUNK)
             problem = _end_of_archive(tar)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError) as exc:
         raise HablaError(f"{archive}: cannot read the archive ({exc})") from None
     if problem:
         raise HablaError(f"{archive}: incomplete archive: {problem}; nothing was prepared from it")
@@ -446,12 +471,7 @@ def stage_archive(archive: str, staging: str, locale: str, max_clip_bytes: int) 
         raise HablaError(f"{archive}: its SHA-256 differs from {archive}.sha256 (damaged or still arriving)")
     if root is None:
         raise HablaError(f"{archive}: holds no '{locale}' locale folder (<top>/{locale}/*.tsv)")
-    staged = StagedArchive(storage.absolute(root), stamp, index.hexdigest(), skipped)
-    storage.write_text(
-        storage.join(staging, STAGED), json.dumps({"archive": archive, "locale": locale, **staged.as_json()})
-    )
-    storage.delete(storage.join(staging, STAGING))
-    return staged
+    return StagedArchive(storage.absolute(root), stamp, index.hexdigest(), skipped)
 
 
 def check_archive_end(archive: str) -> str | None:

@@ -391,6 +391,8 @@ def plan(release: str, out: str, options: PrepareOptions) -> dict:
     """Step 1: locate (or unpack) the release, plan the shards, write ``<out>/plan``. Returns plan.json.
 
     If ``<out>`` already holds a plan made with the same release and options, it is returned unchanged.
+    The release is checked before ``<out>`` is claimed, so bad input leaves ``<out>`` as it was (an archive
+    leaves what it unpacked, in ``staging/``, to resume from).
     """
     options.validate()
     label = commonvoice.release_label(release)
@@ -405,30 +407,45 @@ def plan(release: str, out: str, options: PrepareOptions) -> dict:
         return existing
 
     storage.check_writable_root(out)
+    skipped: dict = {}
+    if commonvoice.is_archive(release):
+        log.info("unpacking %s (one streaming read) into %s", release, layout.staging)
+        storage.remove_stale_parts(storage.join(layout.staging, options.locale))
+        staged = commonvoice.stage_archive(release, layout.staging, options.locale, audio.MAX_CLIP_BYTES)
+        root, skipped, inputs = staged.root, staged.skipped, {".": staged.stamp}
+    else:
+        root, inputs = commonvoice.locate_release(release, options.locale), None
+    if not _has_clips(root):
+        raise HablaError(f"{root}: no clips/ folder (the release's audio); is the release complete?")
+    for name in _tsvs_read(root, options):
+        try:
+            commonvoice.read_tsv(storage.join(root, name))  # the header; the rows are read when planning
+        except FileNotFoundError:
+            raise HablaError(f"{storage.join(root, name)}: no such TSV in the release") from None
+
     created = _claim(out, release, options)
     try:
-        return _make_plan(release, label, out, options)
+        return _make_plan(release, label, root, inputs, skipped, out, options)
     except HablaError:
         if created:  # nothing binding was written (plan.json is written last): free the folder again
             storage.delete(layout.claim)
         raise
 
 
-def _make_plan(release: str, label: str, out: str, options: PrepareOptions) -> dict:
+def _tsvs_read(root: str, options: PrepareOptions) -> list[str]:
+    """The TSVs planning reads: each split's, and dev/test when they guard another split and exist."""
+    names = ["validated.tsv" if s == "train" and options.train_source == "validated" else f"{s}.tsv"
+             for s in options.splits]  # fmt: skip
+    guards = set(EVAL_SPLITS) if "train" in options.splits else {"dev"} if "test" in options.splits else set()
+    return names + [f"{s}.tsv" for s in sorted(guards) if s not in options.splits
+                    and storage.exists(storage.join(root, f"{s}.tsv"))]  # fmt: skip
+
+
+def _make_plan(
+    release: str, label: str, root: str, inputs: dict | None, skipped: dict, out: str, options: PrepareOptions
+) -> dict:
     layout = DatasetLayout(out)
     storage.remove_stale_parts(storage.join(out, "plan"))
-    skipped: dict = {}
-    if commonvoice.is_archive(release):
-        log.info("unpacking %s (one streaming read) into %s", release, layout.staging)
-        storage.remove_stale_parts(layout.staging)
-        staged = commonvoice.stage_archive(release, layout.staging, options.locale, audio.MAX_CLIP_BYTES)
-        root, skipped, inputs = staged.root, staged.skipped, {".": staged.stamp}
-    else:
-        root = commonvoice.locate_release(release, options.locale)
-        inputs = None
-    if not _has_clips(root):
-        raise HablaError(f"{root}: no clips/ folder (the release's audio); is the release complete?")
-
     started = time.monotonic()
     result = build_plan(release, root, options, skipped)
     if inputs is None:

@@ -160,6 +160,12 @@ _COLORS = ((76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82))
 _INK, _GRID = (40, 40, 40), (225, 225, 225)
 
 
+def _label(text: str, limit: int) -> str:
+    """Metadata from the TSVs, made drawable: one line of printable characters, at most ``limit`` long."""
+    text = "".join(c if c.isprintable() else " " for c in str(text)).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _nice_step(top: float, ticks: int = 5) -> float:
     """A round tick step (1, 2 or 5 x 10^k) that splits ``[0, top]`` into at most about ``ticks`` parts."""
     raw = max(top, 1e-9) / ticks
@@ -188,14 +194,14 @@ def _panel(draw, font, box: tuple[int, int, int, int], title: str, labels: list[
             height = (y1 - y0) * values[j] / ceiling
             draw.rectangle([bar_left, y1 - height, bar_left + max(width - 1, 1), y1], fill=_COLORS[i % len(_COLORS)])
         if len(labels) <= 12 or j % (len(labels) // 12 + 1) == 0:
-            draw.text((x0 + (j + 0.5) * slot, y1 + 4), label[:14], fill=_INK, font=font, anchor="mt")
+            draw.text((x0 + (j + 0.5) * slot, y1 + 4), _label(label, 14), fill=_INK, font=font, anchor="mt")
     draw.line([(x0, y0), (x0, y1), (x1, y1)], fill=_INK)
     if len(series) > 1:
         draw.rectangle([x1 - 76, y0, x1, y0 + 8 + 15 * len(series)], fill="white", outline=_GRID)
         for i, name in enumerate(series):
             y = y0 + 4 + 15 * i
             draw.rectangle([x1 - 70, y, x1 - 60, y + 10], fill=_COLORS[i % len(_COLORS)])
-            draw.text((x1 - 56, y + 5), name, fill=_INK, font=font, anchor="lm")
+            draw.text((x1 - 56, y + 5), _label(name, 10), fill=_INK, font=font, anchor="lm")
 
 
 def plot(report: dict, stats: dict[str, SplitStats]) -> bytes:
@@ -212,7 +218,7 @@ def plot(report: dict, stats: dict[str, SplitStats]) -> bytes:
     image = Image.new("RGB", (990, 630), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)
-    title = f"{report['release']}: {report['accounting']['in_manifests']} clips"
+    title = f"{_label(report['release'], 90)}: {report['accounting']['in_manifests']} clips"
     draw.text((495, 8), title, fill=_INK, font=ImageFont.load_default(size=15), anchor="mt")
     boxes = [(10, 35, 495, 330), (505, 35, 985, 330), (10, 335, 495, 625), (505, 335, 985, 625)]
     _panel(draw, font, boxes[0], "Hours per split", splits, {"hours": [report["splits"][s]["hours"] for s in splits]})

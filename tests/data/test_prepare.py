@@ -306,7 +306,7 @@ def test_archive_input_is_read_once_and_staged(tmp_path):
     for name in ("train.json", "dev.json", "test.json"):
         a = (from_archive / "manifests" / name).read_text().replace(str(from_archive), "@")
         assert a == (from_folder / "manifests" / name).read_text().replace(str(from_folder), "@")
-    assert (from_archive / "staging" / "_STAGED.json").exists()
+    assert (from_archive / "staging" / "es" / "_STAGED.json").exists()
 
 
 def test_archive_members_cannot_escape_staging(tmp_path):
