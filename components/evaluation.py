@@ -38,6 +38,7 @@ def evaluate_models(
     if best_scores:
         scores.log_metric("best_model_wer", best_scores["wer"])
     decision = registry.verdict(new, best, best_scores, promotion_margin)
+    registry.record_comparison(run_dir, best, test_manifest, decision)  # promote_model re-compares if best moves
     with open(report.path, "w", encoding="utf-8") as f:
         f.write(storage.read_text(run.eval.report) + "\n\n" + decision.markdown)
     with open(plots.path, "w", encoding="utf-8") as f:
@@ -47,9 +48,14 @@ def evaluate_models(
 
 @dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
 def promote_model(output_uri: str, run_dir: str, model_uri: str) -> str:
-    """Copy the model under ``<output_uri>/models/<run>/`` and record it in ``models/best.json``."""
+    """Copy the model under ``<output_uri>/models/<run>/`` and record it in ``models/best.json`` (compare-and-swap:
+    if another run was promoted meanwhile, compare again; the outcome is in ``<run>/eval/promotion.json``)."""
     from habla.ops import registry
 
-    best = registry.promote_run(output_uri, run_dir, model_uri)
-    print(f"promoted {best['model']} (WER {best['metrics']['wer']:.4f})")
-    return best["model"]
+    outcome = registry.promote_run(output_uri, run_dir, model_uri)
+    best = outcome.best or {}
+    if outcome.promoted:
+        print(f"promoted {best['model']} (WER {best['metrics']['wer']:.4f})")
+    else:
+        print(f"not promoted: {outcome.reason}")
+    return best.get("model", "")

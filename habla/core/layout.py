@@ -92,6 +92,11 @@ class EvalLayout:
     def plot(self) -> str:
         return storage.join(self.root, "wer_by_group.png")
 
+    @property
+    def promotion(self) -> str:
+        """``promotion.json``: the best model this evaluation compared against, and whether it was replaced."""
+        return storage.join(self.root, "promotion.json")
+
 
 @dataclass(frozen=True)
 class RunLayout:

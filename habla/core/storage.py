@@ -13,6 +13,7 @@ a response body that break half-way are retried here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
@@ -22,7 +23,9 @@ import re
 import shutil
 import socket
 import stat
+import threading
 import time
+import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -417,6 +420,190 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         Path(tmp).unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------------------ compare-and-swap, probe
+
+_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes and the version a compare-and-swap must name: the S3 ETag, or locally a content hash."""
+
+    data: bytes
+    etag: str
+
+
+def _content_tag(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``.<name>.lock`` beside ``path``: local compare-and-swaps of one file take turns."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_versioned(uri: str) -> Versioned | None:
+    """The object and its version (for :func:`write_if_match`), or None when there is none."""
+    if not is_s3(uri):
+        try:
+            data = Path(uri).read_bytes()
+        except FileNotFoundError:
+            return None
+        return Versioned(data, _content_tag(data))
+    bucket, key = split_s3(uri)
+    try:
+        response = s3_client().get_object(Bucket=bucket, Key=key)
+        return Versioned(response["Body"].read(), response["ETag"])
+    except Exception as exc:
+        if _is_not_found(exc):
+            return None
+        raise
+
+
+def write_if_match(uri: str, data: bytes, etag: str | None) -> bool:
+    """Replace ``uri`` only if it is still at version ``etag`` (None: only if nothing is there).
+
+    False when another writer changed it first: re-read and decide again. S3: a ``PUT`` with ``If-Match: <etag>``
+    (``If-None-Match: *`` for None); a store must enforce these (:func:`probe_conditional_writes`). Local: the
+    version is checked and the new file renamed into place under a lock file, so two writers cannot interleave.
+    """
+    if etag is None:
+        return create_exclusive(uri, data)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=etag)
+            return True
+        except Exception as exc:
+            if _s3_error_code(exc) in _CONFLICT_CODES or _is_not_found(exc):
+                return False
+            raise
+    path = Path(uri)
+    with _folder_lock(path):
+        try:
+            current = _content_tag(path.read_bytes())
+        except FileNotFoundError:
+            return False
+        if current != etag:
+            return False
+        write_bytes(uri, data)
+        return True
+
+
+@dataclass(frozen=True)
+class StoreProbe:
+    """What a store showed about conditional writes, checked by writing to it (:func:`probe_conditional_writes`)."""
+
+    store: str  # "s3://bucket at http://endpoint" or "local folder /path"
+    conditional_create: bool  # PUT If-None-Match: * refuses an existing key (also when two race)
+    compare_and_swap: bool  # PUT If-Match: <etag> refuses a stale ETag and accepts the current one
+    detail: str  # what the store answered, one line
+    checked: float  # time.monotonic() of the check
+
+    @property
+    def ok(self) -> bool:
+        return self.conditional_create and self.compare_and_swap
+
+
+PROBE_TTL_SECONDS = 3600.0
+_probes: dict[tuple[str, str], StoreProbe] = {}
+
+
+def _put_outcome(bucket: str, key: str, body: bytes, **condition: str) -> str:
+    """The status of one conditional PUT: 200, 412, 409, or 501 (the store refuses the header). Other errors
+    (access denied, endpoint down) raise: they say nothing about conditional writes."""
+    try:
+        s3_client().put_object(Bucket=bucket, Key=key, Body=body, **condition)
+        return "200"
+    except Exception as exc:
+        code = _s3_error_code(exc)
+        if code in ("PreconditionFailed", "412"):
+            return "412"
+        if code in ("ConditionalRequestConflict", "409"):
+            return "409"
+        if code in ("NotImplemented", "501"):
+            return "501"
+        raise
+
+
+def _probe_s3(bucket: str, key: str) -> tuple[bool, bool, str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    refused = {"412", "409"}  # 409 ConditionalRequestConflict: AWS's answer to a PUT that raced another
+    bodies = [b"habla probe: writer A", b"habla probe: writer B"]
+    start = threading.Barrier(2)
+
+    def racer(body: bytes) -> str:
+        start.wait(timeout=30)
+        return _put_outcome(bucket, key, body, IfNoneMatch="*")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = list(pool.map(racer, bodies))
+    retry = _put_outcome(bucket, key, b"habla probe: sequential retry", IfNoneMatch="*")
+    stored = read_versioned(f"{S3_PREFIX}{bucket}/{key}")
+    winners = [body for body, outcome in zip(bodies, first) if outcome == "200"]
+    if "501" in first:
+        return False, False, "a PUT with If-None-Match: * answered 501 NotImplemented"
+    if len(winners) > 1:
+        return False, False, "two concurrent PUTs with If-None-Match: * both answered 200 OK"
+    if retry not in refused:
+        return False, False, f"a PUT with If-None-Match: * onto an existing key answered {retry} and overwrote it"
+    if stored is None or stored.data not in (winners or bodies):  # none won: a success retried after a dropped reply
+        answers = f"{'/'.join(first)}, then {retry}"
+        return False, False, f"conditional PUTs answered {answers}, but the key holds another writer's body"
+    # Compare-and-swap: the current ETag is accepted, a stale one refused.
+    swapped = _put_outcome(bucket, key, b"habla probe: swapped", IfMatch=stored.etag)
+    if swapped != "200":
+        return True, False, f"a PUT with If-Match: <the current ETag> answered {swapped}"
+    stale = _put_outcome(bucket, key, b"habla probe: stale writer", IfMatch=stored.etag)
+    after = read_versioned(f"{S3_PREFIX}{bucket}/{key}")
+    if stale not in refused or after is None or after.data != b"habla probe: swapped":
+        return True, False, f"a PUT with a stale If-Match ETag answered {stale} and overwrote the object"
+    return True, True, f"If-None-Match: * answered {'/'.join(sorted(first))} then {retry}; stale If-Match {stale}"
+
+
+def probe_conditional_writes(root: str, *, ttl: float = PROBE_TTL_SECONDS) -> StoreProbe:
+    """Check, by writing, that the store under ``root`` enforces conditional creates and compare-and-swap.
+
+    S3: two concurrent ``PUT``s with ``If-None-Match: *`` to a fresh probe key (one must win, the other get 412,
+    409 accepted), one more sequential ``PUT`` (412), then ``If-Match`` with the current ETag (200) and with the
+    stale one (412), each checked against what the key holds afterwards; the probe key is deleted. The result is
+    cached per endpoint and bucket for ``ttl`` seconds. A local folder needs no probe: the OS gives the same
+    guarantees (``link(2)`` refuses an existing name; a rename under an ``flock`` lock file).
+    A store that answers with an error (no access, unreachable) raises HablaError; nothing is cached then.
+    """
+    if not is_s3(root):
+        detail = "a local folder: link(2) refuses an existing name; compare-and-swap renames under a lock file"
+        return StoreProbe(f"local folder {root}", True, True, detail, time.monotonic())
+    bucket, prefix = split_s3(root)
+    endpoint = s3_client().meta.endpoint_url
+    cached = _probes.get((endpoint, bucket))
+    if cached is not None and time.monotonic() - cached.checked < ttl:
+        return cached
+    key = f"{prefix.strip('/') + '/' if prefix.strip('/') else ''}.habla-probe/{uuid.uuid4().hex}"
+    try:
+        try:
+            create, swap, detail = _probe_s3(bucket, key)
+        finally:
+            s3_client().delete_object(Bucket=bucket, Key=key)
+    except Exception as exc:  # noqa: BLE001 - botocore errors: the probe could not run, which is no verdict
+        raise HablaError(f"cannot check conditional writes on s3://{bucket}: {one_line(exc, with_type=True)}") from None
+    probe = StoreProbe(f"s3://{bucket} at {endpoint}", create, swap, detail, time.monotonic())
+    _probes[(endpoint, bucket)] = probe
+    return probe
+
+
 # ------------------------------------------------------------------------------------------ preflights
 
 
@@ -445,7 +632,7 @@ def check_writable_root(uri: str) -> None:
             return
         try:
             path.mkdir(parents=True, exist_ok=True)
-            fd, probe = _local_tmp(path / "habla-write-probe")
+            fd, probe = _local_tmp(path / "habla-write-probe")  # a name of its own per process and thread
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:

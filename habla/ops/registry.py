@@ -1,24 +1,34 @@
 """Run records and the model registry: ``runs/<run>/run.json``, ``models/best.json`` and the promotion verdict.
 
 A run records its parameters when it starts (:func:`start_run`). After evaluation, the new model is compared
-with the current best one on the same test set (:func:`verdict`); a model that wins is copied under
-``models/<run>/`` and recorded in ``models/best.json`` (:func:`promote_run`), whose ``history`` keeps the
-models it replaced.
+with the current best one on the same test set (:func:`verdict`) and the comparison is noted in the run
+(:func:`record_comparison`); a model that wins is copied under ``models/<run>/`` and recorded in
+``models/best.json`` (:func:`promote_run`), whose ``history`` keeps the models it replaced.
+
+``best.json`` is only ever replaced by a compare-and-swap on the version that was read (S3: ``If-Match`` on its
+ETag; local: a rename under a lock file). Two runs that finish together cannot lose a promotion: the loser
+re-reads, compares again on its own test set against the model that just won, and either promotes or records
+why not in ``runs/<run>/eval/promotion.json``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from habla.core import layout, render, storage
 from habla.core.errors import HablaError
 from habla.core.layout import OutputLayout, RunLayout
 
+log = logging.getLogger(__name__)
+
 #: Metrics copied into the registry record.
 RECORD_METRICS = ("wer", "cer", "utterances", "hours")
 HISTORY_KEPT = 20
+CAS_ATTEMPTS = 20  # compare-and-swap rounds before giving up (each lost round means another run promoted)
 
 
 def _now() -> str:
@@ -79,36 +89,168 @@ def verdict(new: dict, best_record: dict | None, best_metrics: dict | None, marg
     return Verdict(promote, text)
 
 
-def promote(output_uri: str, model_uri: str, run_name: str, record: dict) -> dict:
-    """Copy the model under ``models/<run>/`` and make it the best in ``models/best.json``.
+def record_comparison(run_dir: str, best: dict | None, test_set: str, decision: Verdict) -> None:
+    """Note in the run which best model its evaluation compared against, on which test set, and the outcome:
+    the promotion step re-compares if the best model changed in between."""
+    note = {
+        "compared_with": {"run": best.get("run"), "model": best.get("model")} if best else None,
+        "test_set": test_set,
+        "verdict": "promote" if decision.promote else "keep",
+        "decided": _now(),
+    }
+    storage.write_text(RunLayout(run_dir).eval.promotion, json.dumps(note, indent=1, ensure_ascii=False))
 
-    ``record`` carries what users want to see about the model (release, config, metrics). The previous
-    best is kept in the record's ``history``. The model is copied first: best.json never points at a
-    model that is not there.
+
+@dataclass(frozen=True)
+class Promotion:
+    """The outcome of a promotion: whether this run's model is now the best, the best record, and why not."""
+
+    promoted: bool
+    best: dict | None
+    reason: str = ""
+
+
+#: Decides whether a run still beats ``best`` (a best.json record) given that model's metrics on the run's test
+#: set; None when it cannot tell (see :func:`promote_run`).
+StillBetter = Callable[[dict | None], str | None]
+
+
+def _history(previous: dict | None) -> list:
+    if not previous:
+        return []
+    return [{k: v for k, v in previous.items() if k != "history"}, *previous.get("history", [])][:HISTORY_KEPT]
+
+
+def require_compare_and_swap(output_uri: str) -> None:
+    """Refuse, in one line, to update best.json on a store that does not enforce If-Match (it would be a plain
+    overwrite: a promotion could be lost without anyone noticing)."""
+    probe = storage.probe_conditional_writes(output_uri)
+    if not probe.compare_and_swap:
+        raise HablaError(
+            f"cannot update models/best.json safely: {probe.store} does not enforce If-Match ({probe.detail}); "
+            "the model stays where it is; keep output_uri on a store that enforces conditional writes "
+            "(docs/operations.md, 'Object stores')"
+        )
+
+
+def promote(
+    output_uri: str, model_uri: str, run_name: str, record: dict, still_better: StillBetter | None = None
+) -> Promotion:
+    """Copy the model under ``models/<run>/`` and make it the best in ``models/best.json`` by compare-and-swap.
+
+    ``record`` carries what users want to see about the model (release, config, metrics). The previous best is
+    kept in the record's ``history``. ``still_better(best)`` is asked before each write with the best record
+    just read: a reason string keeps that best (nothing is written), None goes ahead. When another promotion
+    lands between the read and the write, the write is refused and the loop reads and asks again. The model
+    is copied before best.json names it: best.json never points at a model that is not there.
     """
     layout = OutputLayout(output_uri)
     target = layout.promoted_model(run_name)
-    storage.copy(model_uri, target)
-    previous = read_best(output_uri)
-    history = (previous or {}).get("history", [])
-    if previous:
-        history = [{k: v for k, v in previous.items() if k != "history"}, *history][:HISTORY_KEPT]
-    best = {**record, "run": run_name, "model": storage.absolute(target), "promoted": _now(), "history": history}
-    storage.write_text(layout.best, json.dumps(best, indent=1, ensure_ascii=False))
-    return best
+    require_compare_and_swap(output_uri)
+    copied = False
+    for _ in range(CAS_ATTEMPTS):
+        current = storage.read_versioned(layout.best)
+        previous = json.loads(current.data) if current else None
+        if previous and previous.get("run") == run_name:
+            return Promotion(True, previous, "already the best model (an earlier attempt promoted it)")
+        why_not = still_better(previous) if still_better else None
+        if why_not:
+            if copied:  # nothing names the copy: best.json was never pointed at it
+                storage.delete(target)
+            return Promotion(False, previous, why_not)
+        if not copied:
+            storage.copy(model_uri, target)
+            copied = True
+        best = {**record, "run": run_name, "model": storage.absolute(target), "promoted": _now()}
+        best["history"] = _history(previous)
+        data = json.dumps(best, indent=1, ensure_ascii=False).encode("utf-8")
+        if storage.write_if_match(layout.best, data, current.etag if current else None):
+            return Promotion(True, best)
+        log.info("models/best.json changed while %s was being promoted: reading it again", run_name)
+    raise HablaError(f"models/best.json kept changing: {run_name} not promoted after {CAS_ATTEMPTS} attempts")
 
 
-def promote_run(output_uri: str, run_dir: str, model_uri: str) -> dict:
-    """Promote a run's model with the record users see: release, config, overrides and test metrics."""
+Decide = Callable[[dict, dict], Verdict]
+
+
+def promote_run(
+    output_uri: str,
+    run_dir: str,
+    model_uri: str,
+    *,
+    decide: Decide | None = None,
+    score_best: Callable[[str], dict] | None = None,
+) -> Promotion:
+    """Promote a run's model with the record users see: release, config, overrides, test set and metrics.
+
+    The run's evaluation compared its model with the best one of that moment (``eval/promotion.json``, written
+    by :func:`record_comparison`). If best.json names another model now — a run that finished meanwhile, or one
+    that wins the compare-and-swap race — this run compares again, on its own test set, before replacing it:
+    ``score_best(model_uri)`` scores that model on the run's test set when given (it needs the model's
+    runtime); otherwise the winner's recorded metrics are used when they were measured on the same test set.
+    ``decide(best_record, best_metrics)`` makes the call (default: :func:`verdict` with the run's
+    ``promotion_margin``). When no comparison on the same test set is possible, the best model stays and the
+    reason is recorded. The outcome is written to ``eval/promotion.json``.
+    """
     run = RunLayout(run_dir)
     params = json.loads(storage.read_text(run.record))
     metrics = json.loads(storage.read_text(run.eval.metrics))
+    try:
+        note = json.loads(storage.read_text(run.eval.promotion))
+    except FileNotFoundError:
+        note = {}
+    test_set = note.get("test_set", "")
+    compared = note.get("compared_with") if "compared_with" in note else "unknown"
+    margin = float(params.get("promotion_margin") or 0.0)
+    if decide is None:
+
+        def decide(best: dict, best_metrics: dict) -> Verdict:
+            return verdict(metrics, best, best_metrics, margin)
+
+    def still_better(best: dict | None) -> str | None:
+        nonlocal compared
+        if best is None:
+            return None
+        if compared == "unknown":  # no note from the evaluation: it compared against the best of this moment
+            compared = {"run": best.get("run"), "model": best.get("model")}
+        if compared and compared.get("model") == best.get("model"):
+            return None  # the evaluation's comparison stands
+        if score_best is not None:
+            best_metrics = score_best(best["model"])
+        elif test_set and best.get("test_set") == test_set:
+            best_metrics = best.get("metrics")
+        else:
+            return (
+                f"the best model changed to {best.get('run')} after this run's evaluation, and it was measured on "
+                f"another test set ({best.get('test_set') or 'not recorded'}), so the two cannot be compared here; "
+                f"{best.get('run')} stays the best (evaluate this run again to compare)"
+            )
+        outcome = decide(best, best_metrics)
+        if outcome.promote:
+            compared = {"run": best.get("run"), "model": best.get("model")}
+            return None
+        return (
+            f"re-compared on this run's test set with {best.get('run')}, promoted meanwhile: WER "
+            f"{metrics['wer']:.4f} against {best_metrics['wer']:.4f} (margin {margin}); "
+            f"{best.get('run')} stays the best"
+        )
+
     record = {
         "release": params["release"],
         "release_uri": params["release_uri"],
         "config": params["config"],
         "config_overrides": params["config_overrides"],
         "run_dir": params["run_dir"],
+        "test_set": test_set,
         "metrics": {k: metrics[k] for k in RECORD_METRICS},
     }
-    return promote(output_uri, model_uri, params["run_name"], record)
+    outcome = promote(output_uri, model_uri, params["run_name"], record, still_better)
+    outcome_note = {
+        **note,
+        "promoted": outcome.promoted,
+        "reason": outcome.reason,
+        "best": (outcome.best or {}).get("run"),
+        "recorded": _now(),
+    }
+    storage.write_text(run.eval.promotion, json.dumps(outcome_note, indent=1, ensure_ascii=False))
+    return outcome

@@ -15,6 +15,9 @@ Exactly once, crash-safe (the state store is a local folder or ``s3://…``)
   ``STATE/releases/<release>/claim-0001.json``   the Nth attempt at submitting a release, created with a
                                                  conditional write (``storage.create_exclusive``): of two
                                                  watchers racing, one creates it and submits, the other skips.
+                                                 With ``claims="lease"`` (or ``"auto"`` on a store whose
+                                                 conditional writes fail the probe) the claim is a Kubernetes
+                                                 Lease instead (:mod:`habla.kubeflow.lease`); see choose_claims.
   ``STATE/releases/<release>/result.json``       written once the run exists: submitted (or refused), run id.
   ``STATE/summary.json``                         a summary of all results, rewritten after each run.
   ``STATE/arrivals/<release>.json``              an archive's size and mtime/ETag when first seen (below).
@@ -250,6 +253,129 @@ def _release_claim(claim_uri: str, error: str) -> None:
     _update_claim(claim_uri, status="failed", error=error)
 
 
+@dataclass
+class Claim:
+    """One attempt at a release (or a download) that this watcher holds until ``expires``."""
+
+    attempt: int
+    expires: dt.datetime
+    uri: str = ""  # a claim file (store claims)
+    held: Any = None  # a habla.kubeflow.lease.Held (Lease claims)
+    annotations: dict = dataclasses.field(default_factory=dict)
+
+
+class _StoreClaims:
+    """Claims as files created with a conditional write in the state store (S3 If-None-Match, local link)."""
+
+    mode = "s3"
+
+    def take(self, folder: str, owner: str, lease: float) -> tuple[Claim | None, str]:
+        uri, why = _claim(folder, owner, lease)
+        if uri is None:
+            return None, why
+        record = json.loads(storage.read_text(uri))
+        return Claim(record["attempt"], dt.datetime.fromisoformat(record["expires_at"]), uri=uri), ""
+
+    def still_ours(self, claim: Claim) -> bool:
+        return _now() < claim.expires
+
+    def finish(self, claim: Claim, status: str, **fields: Any) -> None:
+        if status != "submitted":  # a submitted release is known by its result.json; its claim stays as it is
+            _update_claim(claim.uri, status=status, **fields)
+
+    def fail(self, claim: Claim, error: str) -> None:
+        _release_claim(claim.uri, error)
+
+    def drop(self, claim: Claim) -> None:
+        storage.delete(claim.uri)
+
+
+class _LeaseClaims:
+    """Claims as Kubernetes Leases, one per release (or download) and state store: habla.kubeflow.lease."""
+
+    mode = "lease"
+
+    def __init__(self, state: str, namespace: str | None, api_client: Any) -> None:
+        from habla.kubeflow.lease import LeaseClaims
+
+        self.state = state
+        self.leases = LeaseClaims(namespace, api_client)
+
+    def take(self, folder: str, owner: str, lease: float) -> tuple[Claim | None, str]:
+        from habla.kubeflow.lease import lease_name
+
+        kind, name = folder.rstrip("/").split("/")[-2:]  # STATE/releases/<name>, STATE/downloads/<name>
+        annotations = {"state": self.state, "release": name, "status": "submitting"}
+        held, why = self.leases.acquire(lease_name(self.state, kind, name), owner, lease, annotations)
+        if held is None:
+            return None, why
+        return Claim(held.transitions + 1, held.expires, held=held, annotations=annotations), ""
+
+    def still_ours(self, claim: Claim) -> bool:
+        renewed = self.leases.renew(claim.held, claim.annotations)
+        if renewed is None:
+            return False
+        claim.held, claim.expires = renewed, renewed.expires
+        return True
+
+    def finish(self, claim: Claim, status: str, **fields: Any) -> None:
+        self.leases.release(claim.held, {**claim.annotations, "status": status, **fields})
+
+    def fail(self, claim: Claim, error: str) -> None:
+        self.leases.release(claim.held, {**claim.annotations, "status": "failed", "error": error[:1000]})
+
+    def drop(self, claim: Claim) -> None:
+        """Give back a claim that found the work done: the Lease keeps the outcome its last holder wrote."""
+        self.leases.release(claim.held, claim.held.previous or claim.annotations)
+
+
+CLAIM_MODES = ("s3", "lease", "auto")
+
+
+@dataclass
+class _ClaimChooser:
+    """Picks the claim store on first use (a poll with nothing to claim neither probes nor writes)."""
+
+    state: str
+    mode: str
+    lease_namespace: str | None = None
+    kube_client: Any = None
+    chosen: Any = None
+
+    def get(self) -> _StoreClaims | _LeaseClaims:
+        if self.chosen is None:
+            self.chosen = choose_claims(self.state, self.mode, self.lease_namespace, self.kube_client)
+        return self.chosen
+
+
+def choose_claims(state: str, mode: str, lease_namespace: str | None = None, kube_client: Any = None):
+    """The claim store for ``--claims`` ``s3`` (the state store's conditional writes, refused unless the probe
+    passes), ``lease`` (a Kubernetes Lease) or ``auto`` (s3 when the probe passes, else the Lease)."""
+    if mode not in CLAIM_MODES:
+        raise HablaError(f"--claims {mode!r}: expected one of {', '.join(CLAIM_MODES)}")
+    if mode == "lease":
+        return _LeaseClaims(state, lease_namespace, kube_client)
+    probe = storage.probe_conditional_writes(state)
+    if probe.ok:
+        log.info("claims: conditional writes on %s (%s)", probe.store, probe.detail)
+        return _StoreClaims()
+    refusal = (
+        f"the state store {probe.store} does not enforce conditional writes: {probe.detail}; two watchers could "
+        "both submit a release"
+    )
+    if mode == "s3":
+        raise HablaError(
+            f"{refusal}: use --claims lease (a Kubernetes Lease, in a cluster) or a store that enforces them "
+            "(docs/operations.md, 'Object stores')"
+        )
+    try:
+        claims = _LeaseClaims(state, lease_namespace, kube_client)
+    except HablaError as exc:
+        raise HablaError(f"{refusal}, and --claims auto found no Kubernetes API for a Lease: {exc}") from None
+    log.warning("%s; claiming through Kubernetes Leases in namespace %s instead", refusal, claims.leases.namespace)
+    return claims
+
+
 def _write_summary(state: str, locale: str) -> None:
     # Rebuilt from the result files (the source of truth) by every run, so concurrent writers converge.
     results = read_results(state)
@@ -380,6 +506,9 @@ def watch(
     package: str | None = None,
     compile_options: CompileOptions | None = None,
     client: Any = None,
+    claims: str = "auto",
+    lease_namespace: str | None = None,
+    kube_client: Any = None,
 ) -> list[Decision]:
     """Look at the inbox once and submit the training pipeline for every new release (see module doc).
 
@@ -387,8 +516,9 @@ def watch(
     pipeline keeps datasets/, runs/<run>/ and the model registry models/ under it, so a new release's model
     competes with the best one so far), ``run_name`` = ``habla-<release>``, ``locale`` and ``params``.
     ``package`` is a compiled training pipeline to submit instead of compiling habla's own with
-    ``compile_options`` (images, conversion fan-out; default: CompileOptions()). Returns one decision per
-    release seen.
+    ``compile_options`` (images, conversion fan-out; default: CompileOptions()). ``claims`` is how a release is
+    claimed (:func:`choose_claims`: ``s3``, ``lease`` or ``auto``; Leases in ``lease_namespace`` through
+    ``kube_client``, default: the pod's or kubeconfig's). Returns one decision per release seen.
     """
     params = dict(params or {})
     reserved = sorted({"release_uri", "output_uri", "locale", "run_name"} & set(params))
@@ -396,16 +526,19 @@ def watch(
         raise HablaError(f"--param {', '.join(reserved)}: set by the watcher for each release")
     if not dry_run and not output_root:
         raise HablaError("--output-root is required (where each release's run writes its outputs)")
+    if claims not in CLAIM_MODES:
+        raise HablaError(f"--claims {claims!r}: expected one of {', '.join(CLAIM_MODES)}")
     storage.check_readable_root(inbox)
     _check_state(state, dry_run)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    chooser = _ClaimChooser(state, claims, lease_namespace, kube_client)
     decisions: list[Decision] = []
     results = read_results(state)
     newest_done = last_processed(results, locale)
 
     if mdc:
         try:
-            decisions.append(_fetch_from_mdc(inbox, state, locale, newest_done, owner, dry_run))
+            decisions.append(_fetch_from_mdc(inbox, state, locale, newest_done, owner, dry_run, chooser))
         except HablaError as exc:  # the Data Collective being down must not hold up what is in the inbox
             decisions.append(Decision(f"mdc:{locale}", "failed", str(exc)))
 
@@ -427,7 +560,9 @@ def watch(
             else:
                 submitter.ready()  # before claiming: an unreachable KFP or a broken pipeline leaves no claims
                 decisions.append(
-                    _claim_and_submit(release, state, submitter, owner, lease_seconds, output_root, locale, params)
+                    _claim_and_submit(
+                        release, state, submitter, owner, lease_seconds, output_root, locale, params, chooser.get()
+                    )
                 )
     if not dry_run:
         _write_summary(state, locale)
@@ -435,7 +570,13 @@ def watch(
 
 
 def _fetch_from_mdc(
-    inbox: str, state: str, locale: str, newest_done: ReleaseName | None, owner: str, dry_run: bool
+    inbox: str,
+    state: str,
+    locale: str,
+    newest_done: ReleaseName | None,
+    owner: str,
+    dry_run: bool,
+    chooser: _ClaimChooser,
 ) -> Decision:
     """Ask the Data Collective for the newest release; download it into the inbox if it is new."""
     from habla.ops import mdc
@@ -450,15 +591,16 @@ def _fetch_from_mdc(
         return Decision(name, "known", f"newest on the Data Collective; {newest_here.name} is here already")
     if dry_run:
         return Decision(name, "would-download", f"dataset {offer.dataset_id} into {inbox}")
-    claim_uri, why = _claim(storage.join(state, "downloads", name), owner, DOWNLOAD_LEASE_SECONDS)
-    if claim_uri is None:
+    claims = chooser.get()
+    claim, why = claims.take(storage.join(state, "downloads", name), owner, DOWNLOAD_LEASE_SECONDS)
+    if claim is None:
         return Decision(name, "in-progress", f"download {why}")
     try:
         uri = mdc.download(offer, inbox)
     except HablaError as exc:
-        _release_claim(claim_uri, str(exc))
+        claims.fail(claim, str(exc))
         raise
-    _update_claim(claim_uri, status="downloaded", uri=uri)
+    claims.finish(claim, "downloaded", uri=uri)
     _mark_complete(state, name, uri)
     return Decision(name, "downloaded", uri)
 
@@ -486,18 +628,17 @@ def _claim_and_submit(
     output_root: str,
     locale: str,
     params: dict,
+    claims: _StoreClaims | _LeaseClaims,
 ) -> Decision:
     name = release.name.name
     folder = _release_dir(state, name)
-    claim_uri, why = _claim(folder, owner, lease)
-    if claim_uri is None:
+    claim, why = claims.take(folder, owner, lease)
+    if claim is None:
         return Decision(name, "in-progress", why)
     result_uri = storage.join(folder, "result.json")
     if read_state(result_uri, ("release",)) is not None:  # finished by another watcher since this one read the results
-        storage.delete(claim_uri)
+        claims.drop(claim)
         return Decision(name, "known", "processed by another watcher meanwhile")
-    claim = json.loads(storage.read_text(claim_uri))
-    expires = dt.datetime.fromisoformat(claim["expires_at"])
     arguments = {
         "release_uri": release.uri,
         "output_uri": output_root,
@@ -506,12 +647,12 @@ def _claim_and_submit(
         **params,
     }
     try:
-        if _now() > expires:
+        if not claims.still_ours(claim):
             raise HablaError("the claim's lease expired before the submission started")
         action, ref = submitter.submit(run_name_for(release.name), arguments)
     except Exception as exc:
         message = one_line(exc, first_line=True)
-        _release_claim(claim_uri, message)
+        claims.fail(claim, message)
         if not isinstance(exc, HablaError):
             raise
         return Decision(name, "failed", message)
@@ -523,7 +664,8 @@ def _claim_and_submit(
         "uri": release.uri,
         "output_uri": arguments["output_uri"],
         "submitted_at": _iso(_now()),
-        "attempt": claim["attempt"],
+        "attempt": claim.attempt,
+        "claims": claims.mode,
         "adopted": action == "adopted",
         "experiment": submitter.experiment,
     }
@@ -532,4 +674,5 @@ def _claim_and_submit(
             storage.write_bytes(result_uri, _json(record))
         else:
             log.warning("%s: a result was already recorded; keeping it", name)
+    claims.finish(claim, "submitted", run_id=ref.run_id)
     return Decision(name, action, release.uri, ref.run_id, ref.url)

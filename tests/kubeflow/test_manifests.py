@@ -14,7 +14,7 @@ import yaml
 from conftest import ROOT
 from kubernetes_validate import validate as k8s_validate
 
-from habla.kubeflow import follow, jobs
+from habla.kubeflow import follow, jobs, lease
 
 MANIFESTS = ROOT / "manifests"
 OVERLAYS = {"kfp-seaweedfs": "kubeflow", "aws-s3": "kubeflow-user-example-com"}
@@ -191,3 +191,44 @@ def test_no_secret_value_in_manifests(rendered):
                 continue
             text = yaml.safe_dump(doc)
             assert "REPLACE_ME" not in text and "stringData" not in text
+
+
+def _granted(role: dict) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_rbac_covers_the_watcher_leases(rendered, overlay):
+    """The Role habla-watcher grants what habla.kubeflow.lease calls (habla watch --claims lease|auto)."""
+    docs = rendered[f"overlays/{overlay}"]
+    role = by_kind(docs, "Role", "habla-watcher")
+    assert set(lease.REQUIRED_PERMISSIONS) <= _granted(role), f"habla-watcher lacks {set(lease.REQUIRED_PERMISSIONS)}"
+    assert {r for _, r, _ in _granted(role)} == {"leases"} and "delete" not in {v for *_, v in _granted(role)}
+    binding = by_kind(docs, "RoleBinding", "habla-watcher")
+    assert binding["roleRef"]["name"] == "habla-watcher"
+    assert {"kind": "ServiceAccount", "name": "habla-pipeline-runner", "namespace": OVERLAYS[overlay]} in (
+        binding["subjects"]
+    )
+
+
+def test_the_cronjob_runs_as_an_account_bound_to_the_watcher_role():
+    result = subprocess.run(
+        [*kustomize_bin(), str(MANIFESTS / "cronjob")], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    for doc in docs:
+        k8s_validate(doc, K8S_VERSION, strict=True)
+    cronjob = by_kind(docs, "CronJob", "habla-release-watcher")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    account = pod["serviceAccountName"]
+    by_kind(docs, "ServiceAccount", account)
+    binding = by_kind(docs, "RoleBinding", account)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "habla-watcher"}
+    assert {"kind": "ServiceAccount", "name": account} in binding["subjects"]
+    (container,) = pod["containers"]
+    assert "--claims=$(HABLA_CLAIMS)" in container["args"]
+    config = [d for d in docs if d["kind"] == "ConfigMap"][0]["data"]
+    assert config["HABLA_CLAIMS"] in ("s3", "lease", "auto")

@@ -1,8 +1,10 @@
-"""habla.ops.registry: run records, the promotion verdict and models/best.json (local and on a real S3 server)."""
+"""habla.ops.registry: run records, the promotion verdict and models/best.json (local and on a real S3 server),
+and promotions racing each other: best.json is replaced only by compare-and-swap."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -14,13 +16,20 @@ from habla.ops import registry
 NEW = {"wer": 0.20, "cer": 0.08, "utterances": 30, "hours": 0.05}
 
 
-def finished_run(out: str, name: str, metrics: dict) -> str:
-    """A run as the pipeline leaves it before promotion: run.json, a model and eval/metrics.json."""
+def finished_run(out: str, name: str, metrics: dict, compared: dict | None = None, test_set: str = "") -> str:
+    """A run as the pipeline leaves it before promotion: run.json, a model, eval/metrics.json and, when its
+    evaluation compared it with a best model (``compared``, None: none yet), eval/promotion.json."""
     run = registry.start_run(out, name, "kfp-run-name", {"release": "cv-25", "release_uri": "s3://cv/25",
                                                         "config": "tiny", "config_overrides": ""})  # fmt: skip
     storage.write_bytes(run.train.model, b"model weights of " + name.encode())
     storage.write_text(run.eval.metrics, json.dumps(metrics))
+    if test_set:
+        registry.record_comparison(run.root, compared, test_set, registry.Verdict(True, ""))
     return run.root
+
+
+def model_of(out: str, name: str) -> str:
+    return OutputLayout(out).run(name).train.model
 
 
 def test_the_verdict_and_its_markdown():
@@ -43,17 +52,154 @@ def test_promotion_keeps_history_and_points_at_a_copied_model(where, tmp_path, r
     run = json.loads(storage.read_text(OutputLayout(out).run("first try").record))
     assert run["run_name"] == "first try" and run["run_dir"] == storage.absolute(first) and run["started"]
 
-    best = registry.promote_run(out, first, OutputLayout(out).run("first try").train.model)
-    assert best["run"] == "first try" and best["metrics"] == NEW and best["history"] == []
+    outcome = registry.promote_run(out, first, OutputLayout(out).run("first try").train.model)
+    best = outcome.best
+    assert outcome.promoted and best["run"] == "first try" and best["metrics"] == NEW and best["history"] == []
     assert best["model"] == storage.absolute(OutputLayout(out).promoted_model("first try"))
     assert storage.read_bytes(best["model"]) == b"model weights of first try"
 
     second = finished_run(out, "second", {**NEW, "wer": 0.1})
-    best = registry.promote_run(out, second, OutputLayout(out).run("second").train.model)
+    best = registry.promote_run(out, second, OutputLayout(out).run("second").train.model).best
     assert registry.read_best(out) == best and best["run"] == "second"
     assert [h["run"] for h in best["history"]] == ["first try"] and "history" not in best["history"][0]
+    # A retried promote step changes nothing.
+    again = registry.promote_run(out, second, OutputLayout(out).run("second").train.model)
+    assert again.promoted and registry.read_best(out) == best
 
 
 def test_a_run_without_a_name_is_named_after_the_kfp_run(tmp_path):
     run = registry.start_run(str(tmp_path), "", "habla-train-run-7", {})
     assert run.root == str(tmp_path / "runs" / "habla-train-run-7")
+
+
+# ------------------------------------------------------------------------------------- racing promotions
+
+TEST_SET = "s3://cv/datasets/cv-25-abc/manifests/test.json"
+
+
+def _race(monkeypatch, out: str, names: list[str], first_writer: str) -> dict[str, registry.Promotion]:
+    """Promote ``names`` in threads that all read best.json before any of them writes it, ``first_writer``'s
+    write first: the others' writes then name a stale version, as when pipelines finish at the same moment."""
+    real_read, real_write = storage.read_versioned, storage.write_if_match
+    everyone_read = threading.Barrier(len(names))
+    first_done = threading.Event()
+    rounds: dict[str, int] = {}
+
+    def read_versioned(uri):
+        got = real_read(uri)
+        me = threading.current_thread().name
+        if uri.endswith("best.json") and rounds.setdefault(me, 0) == 0:
+            everyone_read.wait(timeout=30)
+        return got
+
+    def write_if_match(uri, data, etag):
+        me = threading.current_thread().name
+        if uri.endswith("best.json") and rounds[me] == 0:
+            rounds[me] += 1
+            if me != first_writer:
+                first_done.wait(timeout=30)
+            try:
+                return real_write(uri, data, etag)
+            finally:
+                if me == first_writer:
+                    first_done.set()
+        return real_write(uri, data, etag)
+
+    monkeypatch.setattr(storage, "read_versioned", read_versioned)
+    monkeypatch.setattr(storage, "write_if_match", write_if_match)
+    outcomes: dict[str, registry.Promotion] = {}
+    errors: list = []
+
+    def promote(name: str) -> None:
+        try:
+            outcomes[name] = registry.promote_run(out, OutputLayout(out).run(name).root, model_of(out, name))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(n,), name=n) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return outcomes
+
+
+@pytest.mark.parametrize("where", ["local", "s3", "seaweedfs"])
+@pytest.mark.parametrize("first_writer", ["worse", "better"])
+def test_two_promotions_racing_end_with_the_better_model(where, first_writer, tmp_path, request, monkeypatch):
+    """Two runs evaluated against the same best model finish together. Whoever writes best.json first, the
+    better model ends up the best: the loser of the compare-and-swap re-reads, compares again on its test set
+    and promotes (the better one) or records why not (the worse one). A plain write would keep the last."""
+    buckets = {"s3": "s3_bucket", "seaweedfs": "seaweedfs_bucket"}  # moto, or the real SeaweedFS KFP ships
+    out = str(tmp_path / "out") if where == "local" else request.getfixturevalue(buckets[where]) + "/habla"
+    finished_run(out, "old", {**NEW, "wer": 0.30}, None, TEST_SET)
+    old = registry.promote_run(out, OutputLayout(out).run("old").root, model_of(out, "old")).best
+    compared = {"run": "old", "model": old["model"]}
+    finished_run(out, "worse", {**NEW, "wer": 0.20}, compared, TEST_SET)
+    finished_run(out, "better", {**NEW, "wer": 0.10}, compared, TEST_SET)
+
+    outcomes = _race(monkeypatch, out, ["worse", "better"], first_writer)
+
+    best = registry.read_best(out)
+    assert best["run"] == "better" and best["metrics"]["wer"] == 0.10
+    assert outcomes["better"].promoted
+    worse = json.loads(storage.read_text(OutputLayout(out).run("worse").eval.promotion))
+    if first_writer == "worse":  # it won the race, then lost the best place to a better model: nothing lost
+        assert outcomes["worse"].promoted and worse["promoted"]
+        assert [h["run"] for h in best["history"]] == ["worse", "old"]
+    else:  # it lost the race and, compared again with the winner, stays out
+        assert not outcomes["worse"].promoted and not worse["promoted"]
+        assert (
+            "re-compared on this run's test set with better" in worse["reason"]
+            and "0.2000 against 0.1000" in (worse["reason"])
+        )
+        assert [h["run"] for h in best["history"]] == ["old"]
+        assert not storage.exists(OutputLayout(out).promoted_model("worse")), "the loser's copy is removed"
+    assert storage.read_bytes(best["model"]) == b"model weights of better"
+
+
+def test_a_best_model_that_changed_on_another_test_set_is_kept_with_the_reason(tmp_path):
+    out = str(tmp_path / "out")
+    finished_run(out, "other-release", {**NEW, "wer": 0.25}, None, "s3://cv/datasets/cv-24/manifests/test.json")
+    registry.promote_run(out, OutputLayout(out).run("other-release").root, model_of(out, "other-release"))
+    # This run's evaluation saw no best model; one on another release's test set was promoted meanwhile.
+    run = finished_run(out, "mine", {**NEW, "wer": 0.05}, None, TEST_SET)
+    outcome = registry.promote_run(out, run, model_of(out, "mine"))
+    assert not outcome.promoted and registry.read_best(out)["run"] == "other-release"
+    assert "measured on another test set" in outcome.reason and "evaluate this run again" in outcome.reason
+    # Given a way to score that model on this run's test set, it compares and promotes.
+    scored: list[str] = []
+
+    def score_best(model: str) -> dict:
+        scored.append(model)
+        return {"wer": 0.30, "cer": 0.1}
+
+    outcome = registry.promote_run(out, run, model_of(out, "mine"), score_best=score_best)
+    assert outcome.promoted and registry.read_best(out)["run"] == "mine"
+    assert scored == [storage.absolute(OutputLayout(out).promoted_model("other-release"))]
+
+
+def test_the_decision_is_pluggable(tmp_path):
+    """promote_run re-decides with the function it is given (the verdict's rule belongs to registry.verdict)."""
+    out = str(tmp_path / "out")
+    finished_run(out, "a", {**NEW, "wer": 0.25}, None, TEST_SET)
+    registry.promote_run(out, OutputLayout(out).run("a").root, model_of(out, "a"))
+    run = finished_run(out, "b", {**NEW, "wer": 0.05}, None, TEST_SET)  # saw no best: "a" came meanwhile
+    calls: list = []
+
+    def never(best: dict, best_metrics: dict) -> registry.Verdict:
+        calls.append((best["run"], best_metrics["wer"]))
+        return registry.Verdict(False, "")
+
+    outcome = registry.promote_run(out, run, model_of(out, "b"), decide=never)
+    assert not outcome.promoted and calls == [("a", 0.25)]
+
+
+def test_promotion_is_refused_on_a_store_that_ignores_if_match(lax_s3):
+    bucket, proxy = lax_s3
+    out = f"{bucket}/habla"
+    run = finished_run(out, "first", NEW)
+    with pytest.raises(HablaError, match=r"cannot update models/best.json safely: .* does not enforce If-Match"):
+        registry.promote_run(out, run, model_of(out, "first"))
+    assert registry.read_best(out) is None and proxy.dropped > 0
