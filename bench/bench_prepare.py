@@ -320,7 +320,7 @@ def synthesize_release(root: Path, rows: int) -> None:
     speakers = [f"{rng.getrandbits(512):0128x}" for _ in range(100_000)]
     genders, ages = ["male_masculine", "female_feminine", ""], ["twenties", "thirties", "fourties", ""]
     accents = ["México", "Andino-Pacífico", "España: Norte peninsular", "Caribe", ""]
-    root.mkdir(parents=True)
+    (root / "clips").mkdir(parents=True)  # empty: planning reads no audio
     columns = (
         "client_id path sentence_id sentence sentence_domain up_votes down_votes age gender accents variant "
         "locale segment"

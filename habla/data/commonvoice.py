@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -253,7 +254,7 @@ def read_durations(root: str) -> dict[str, float] | None:
             continue
         durations: dict[str, float] = {}
         ignored = 0
-        for line in [first, *lines] if first is not None else []:
+        for line in itertools.chain([first], lines):
             if not line:
                 continue
             parts = line.split("\t") if "\t" in line else line.split()
