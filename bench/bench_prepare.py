@@ -351,7 +351,7 @@ def fake_convert(out: Path) -> None:
     for k in range(plan["num_shards"]):
         entries: dict[str, list[dict]] = {}
         for clip in jsonl.loads(storage.read_text(layout.plan_shard(k))):
-            record = prep._entry(clip, layout.wav(clip["split"], clip["audio"]), clip["duration"])
+            record = prep._entry(clip, layout.wav(clip["split"], prep.audio_name(clip)), clip["duration"])
             entries.setdefault(record["split"], []).append(record["entry"])
         for split, items in entries.items():
             items.sort(key=lambda e: e["path"])

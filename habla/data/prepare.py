@@ -69,7 +69,7 @@ class Clip:
     locale: str
     line: int
     duration: float | None = None  # from the release's duration table; None: measured when decoding
-    audio: str = ""  # the WAV (or tar member) name, unique in its split: see _name_audio
+    audio: str = ""  # the WAV (or tar member) name when not the default one: see audio_name, _name_audio
 
 
 @dataclass(slots=True)
@@ -196,7 +196,7 @@ def _check_row(
 
     if not is_safe_clip_name(path):
         return reject("unsafe_path", "clip path must be a plain, printable file name inside clips/")
-    if commonvoice.name_too_long(path):
+    if len(path) > NAME_MAX // 4 and commonvoice.name_too_long(path):  # 4 bytes at most per character
         return reject("name_too_long", f"clip name over {commonvoice.NAME_MAX} bytes")
     if "\ufffd" in sentence:
         return reject("undecodable_text", "sentence is not valid UTF-8")
@@ -239,21 +239,46 @@ def _check_row(
     )
 
 
+def audio_name(clip: dict | Clip) -> str:
+    """The WAV (or tar member) name of a planned clip: ``x.mp3`` -> ``x.wav`` unless the plan chose another."""
+    audio, path = (clip["audio"], clip["path"]) if isinstance(clip, dict) else (clip.audio, clip.path)
+    if audio:
+        return audio
+    head, dot, _ = path.rpartition(".")
+    return f"{head if dot and head else path}.wav"
+
+
+def _plain(path: str) -> bool:
+    """A Common Voice style name (``common_voice_es_123.mp3``): two such names never share a WAV name."""
+    return path.endswith(".mp3") and path.isascii() and path.islower()
+
+
 def _name_audio(clips: list[Clip]) -> None:
-    """Give every clip of a split its own WAV name: ``<stem>.wav``, unless another clip of the split already
-    has that name (``x.mp3`` and ``x.wav``; names that differ only in case, for case-insensitive disks) or it
-    would exceed the file-name limit; then ``<stem, cut>.<hash of the clip name>.wav``. Deterministic."""
+    """Give every clip of a split its own WAV name (``Clip.audio``; "" means :func:`audio_name`'s default).
+
+    ``<stem>.wav`` unless another clip of the split already has that name (``x.mp3`` and ``x.wav``; names that
+    differ only in case, for case-insensitive disks) or it would exceed the file-name limit; then
+    ``<stem, cut>.<hash of the clip name>.wav``. Deterministic. Lower-case ASCII ``.mp3`` names (every Common
+    Voice clip) keep their default and cost nothing: only the other names are checked, against them.
+    """
+    odd = [c for c in clips if not _plain(c.path)]
+    if not odd:
+        return
+    plain = {c.path for c in clips if _plain(c.path)}
+
+    def taken_by_plain(key: str) -> bool:
+        return key.endswith(".wav") and f"{key[:-4]}.mp3" in plain
+
     taken: set[str] = set()
-    for clip in sorted(clips, key=lambda c: c.path):
-        head, dot, _ = clip.path.rpartition(".")
-        stem = head if dot and head else clip.path  # PurePosixPath(path).stem, 10x faster
-        name = f"{stem}.wav"
-        if name.casefold() in taken or (len(name) > NAME_MAX // 4 and commonvoice.name_too_long(name)):
+    for clip in sorted(odd, key=lambda c: c.path):
+        name = audio_name(clip)
+        if name.casefold() in taken or taken_by_plain(name.casefold()) or commonvoice.name_too_long(name):
+            stem = name[: -len(".wav")]
             short = stem.encode("utf-8")[:200].decode("utf-8", "ignore")
             digest = hashlib.sha256(clip.path.encode("utf-8")).hexdigest()
-            name = f"{short}.{digest[:12]}.wav"
             n = 12
-            while name.casefold() in taken:  # only if someone named clips after these hashes
+            name = f"{short}.{digest[:n]}.wav"
+            while name.casefold() in taken or taken_by_plain(name.casefold()):  # only for names made to collide
                 n += 1
                 name = f"{short}.{digest[:n]}.wav"
         taken.add(name.casefold())
@@ -556,7 +581,7 @@ def _convert_one(task: _Task, options: PrepareOptions) -> tuple[dict, bytes | No
 
 def _entry(clip: dict, target: str | None, duration: float) -> dict:
     entry = {
-        "audio_filepath": storage.absolute(target) if target else clip["audio"],
+        "audio_filepath": storage.absolute(target) if target else audio_name(clip),
         "duration": round(duration, 4),
         "text": clip["text"],
         "sentence": clip["sentence"],
@@ -608,7 +633,7 @@ def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
         _Task(
             clip,
             storage.join(summary["root"], "clips", clip["path"]),
-            None if clip["split"] in tarred else layout.wav(clip["split"], clip["audio"]),
+            None if clip["split"] in tarred else layout.wav(clip["split"], audio_name(clip)),
             resume,
         )
         for clip in clips
