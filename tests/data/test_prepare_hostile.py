@@ -14,6 +14,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 from collections import Counter
@@ -494,3 +495,43 @@ def test_kill_at_a_random_moment_resumes_to_the_same_result(tmp_path):
             str(reference), "@"
         )
     assert not list(out.rglob("*.part"))
+
+
+_KILLED_PARENT = r"""
+import os, signal, sys, time
+from habla.data import prepare
+
+def work(seconds):
+    time.sleep(seconds)
+    return seconds
+
+for n, _ in enumerate(prepare._map(work, [0, 0, 0, 30], 2)):
+    if n == 2:  # one worker sleeps, the other waits for work: the parent is killed now
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_killed_parent_leaves_no_worker_processes(tmp_path):
+    """Idle pool workers waited for work for ever once their parent was SIGKILLed (each holds the task pipe
+    open, so none sees it close)."""
+    marker = tmp_path / "marker"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_PARENT, str(marker)], env=cli_env(), check=False)
+    assert killed.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while _processes_naming(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = _processes_naming(marker)
+    for pid in left:  # do not leave them behind even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "worker processes outlived their parent"
+
+
+def _processes_naming(path: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(path).encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found

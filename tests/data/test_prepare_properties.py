@@ -518,3 +518,17 @@ def test_a_killed_run_resumes_to_the_identical_result(clips, broken, chosen, arc
         assert _comparable(out) == _comparable(where / "reference")
         assert not list(out.rglob("*.part")) and not list(out.rglob("*.started"))
         assert not list(tmp.iterdir()), "a killed run's temporary folder was not cleaned up"
+        deadline = time.monotonic() + 10
+        while _processes_naming(out) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _processes_naming(out), "a killed run's worker processes outlived it"
+
+
+def _processes_naming(path: Path) -> list[int]:
+    """Processes whose command line names ``path`` (a killed run's orphaned workers would)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and str(path).encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+    return found
