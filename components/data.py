@@ -3,7 +3,7 @@
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import HTML, Markdown, Metrics, Output
+from kfp.dsl import HTML, Dataset, Markdown, Metrics, Output
 
 from habla.kubeflow.compile import DEFAULT_PREP_IMAGE
 
@@ -85,4 +85,26 @@ def assemble_dataset(
         hours.log_metric(f"{split}_clips", stats["clips"])
     hours.log_metric("rejected_rows", summary["accounting"]["rejected"])
     print(f"converted {sum(shard_hours):.2f} h of audio in {len(shard_hours)} shards")
+    return dataset_uri
+
+
+@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
+def register_dataset(dataset_uri: str, dataset: Output[Dataset]) -> str:
+    """The prepared dataset as a KFP Dataset artifact (its report.json; metadata: where it is, release, hours),
+    so the UI's lineage leads from the data to the models trained and evaluated on it. The audio stays where
+    it is: only the report travels as the artifact. Returns the dataset folder."""
+    import json
+
+    from habla.core import storage
+    from habla.core.layout import DatasetLayout
+
+    report = storage.read_text(DatasetLayout(dataset_uri).report_json)
+    with open(dataset.path, "w", encoding="utf-8") as f:
+        f.write(report)
+    parsed = json.loads(report)
+    dataset.metadata.update(
+        {"uri": dataset_uri, "release": parsed["release"], "release_uri": parsed["release_uri"],
+         **{f"{split}_hours": stats["hours"] for split, stats in parsed["splits"].items()},
+         **{f"{split}_clips": stats["clips"] for split, stats in parsed["splits"].items()}}
+    )  # fmt: skip
     return dataset_uri

@@ -2,15 +2,15 @@
 
     start_run → plan_dataset → convert_dataset [list_shards → ParallelFor(convert_shard) → assemble_dataset]
       → train_here (launcher "local") | train_on_cluster (TrainJob / PyTorchJob)
-      → evaluate_models (new and current best, same test set) → If better: promote_model
+      → evaluate_models (new and current best, same test set) → If better: package_model (card, ONNX) → promote_model
 
 :func:`build_pipeline` draws the graph for the images and conversion fan-out chosen at compile time
 (:class:`~habla.kubeflow.compile.CompileOptions`); :func:`compile_pipeline` writes it as IR YAML. Compile with
 ``habla pipeline compile``, run locally with ``habla pipeline run-local``, submit with ``habla pipeline submit``.
 """
 
-from habla.components.data import assemble_dataset, convert_shard, list_shards, plan_dataset
-from habla.components.evaluation import evaluate_models, promote_model
+from habla.components.data import assemble_dataset, convert_shard, list_shards, plan_dataset, register_dataset
+from habla.components.evaluation import evaluate_models, package_model, promote_model
 from habla.components.training import start_run, train_here, train_on_cluster
 from kfp import compiler, dsl, kubernetes
 
@@ -104,14 +104,14 @@ def build_pipeline(options: CompileOptions | None = None):
             max_duration: Longest clip kept, in seconds.
             config: Model config name (tiny_ctc_char, quartznet15x5_char, fastconformer_ctc_bpe) or a YAML path in the image.
             config_overrides: Space-separated dotted key=value overrides, e.g. "model.optim.lr=0.001 trainer.precision=bf16-mixed".
-            init_from: Optional .nemo to fine-tune from (local path in the image or s3://); the vocabulary is adapted.
+            init_from: Optional checkpoint to fine-tune from: a .nemo (path in the image or s3://) or a name in $HABLA_MODEL_STORE; CTC, hybrid RNNT/CTC (its CTC head) or transducer (its encoder).
             nodes: Training nodes (pods).
             gpus_per_node: GPUs per training node (one process per GPU).
             max_steps: Training steps; 0 keeps the config's.
             max_epochs: Training epochs; 0 keeps the config's.
             launcher: "trainjob" (Kubeflow Trainer v2), "pytorchjob" (Training Operator) or "local" (inside this pipeline's pod).
             train_image: Image of the training pods (CUDA + NeMo + habla).
-            promotion_margin: Promote only when the new WER is lower than the best model's by more than this (absolute).
+            promotion_margin: Promote only when the new WER is lower than the best model's by more than this (absolute), with 95 % confidence (paired bootstrap over test utterances).
             run_name: Name of the run's folder under output_uri/runs/; empty: the pipeline run's name.
         """
         run = start_run(
@@ -181,6 +181,7 @@ def build_pipeline(options: CompileOptions | None = None):
             _step(job, prep).set_cpu_request("500m").set_memory_request("1Gi")
         model = dsl.OneOf(here.outputs["Output"], job.outputs["Output"])
 
+        registered = _step(register_dataset(dataset_uri=dataset.output).set_caching_options(False), prep)
         evaluation = (
             evaluate_models(
                 run_dir=run.output,
@@ -188,6 +189,7 @@ def build_pipeline(options: CompileOptions | None = None):
                 model_uri=model,
                 output_uri=output_uri,
                 promotion_margin=promotion_margin,
+                dataset=registered.outputs["dataset"],
             )
             .set_caching_options(False)
             .set_retry(num_retries=1)
@@ -196,8 +198,18 @@ def build_pipeline(options: CompileOptions | None = None):
         evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
 
         with dsl.If(evaluation.outputs["Output"] == True, name="beats-best-model"):  # noqa: E712 - a KFP condition, not Python
+            packaged = package_model(
+                run_dir=run.output,
+                dataset_uri=dataset.output,
+                model_uri=model,
+                output_uri=output_uri,
+                candidate=evaluation.outputs["candidate"],
+            ).set_caching_options(False)
+            _step(packaged, train).set_cpu_request("2").set_memory_request("8Gi")
             _step(
-                promote_model(output_uri=output_uri, run_dir=run.output, model_uri=model).set_caching_options(False),
+                promote_model(output_uri=output_uri, run_dir=run.output, model_uri=model)
+                .set_caching_options(False)
+                .after(packaged),
                 prep,
             )
 

@@ -422,6 +422,27 @@ def env_map(env: list[dict]) -> dict[str, dict]:
     return {e["name"]: e for e in env}
 
 
+# ------------------------------------------------------------------------------------------ a trained model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(clips30, tmp_path_factory) -> Path:
+    """``tiny_ctc_char`` trained on the 30 shortest clips (WER 0 on them after its 400 steps): a real .nemo for
+    transcription, evaluation and export tests (about 40 s on 2 cores)."""
+    import torch
+
+    from habla.training.train import train
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train("tiny_ctc_char", str(clips30), str(clips30), str(out / "model"))
+    finally:
+        torch.set_num_threads(threads)
+    return out / "model" / "model.nemo"
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``hostile_long`` (the long hypothesis profile) run only when asked: ``-m hostile_long``."""
     if "hostile_long" in (config.option.markexpr or ""):

@@ -51,8 +51,21 @@ def run(args: argparse.Namespace) -> int:
         result = pipeline_runs.run_local(
             args.out, args.settings, release=args.release, config=args.config, run_name=args.run_name
         )
-        print(f"\nrun {result['run_dir']}\n")
-        print(format_metrics(result["metrics"]))
+        seconds = sum(step["seconds"] for step in result["steps"])
+        print(f"\nrun {result['run_dir']} ({len(result['steps'])} steps, {seconds / 60:.1f} min)\n")
+        print(format_metrics(result["metrics"], breakdowns=("by_gender",)))
+        promotion = result.get("promotion") or {}
+        if promotion:
+            verdict = "promoted" if promotion.get("promote") else "not promoted"
+            print(f"\n{verdict}: {promotion.get('reason') or promotion.get('rule')}")
+            if "wer_improvement" in promotion:
+                low, high = promotion["wer_improvement_ci"]
+                print(f"  WER improvement over {promotion.get('best_run')}: {promotion['wer_improvement']:.4f} "
+                      f"(95 % interval {low:.4f} to {high:.4f}), margin {promotion.get('margin')}")  # fmt: skip
+        print()
+        width = max(map(len, result["reports"]), default=0)
+        for what, uri in result["reports"].items():
+            print(f"  {what:<{width}}  {uri}")
         return 0
     ref = pipeline_runs.submit(
         args.host,

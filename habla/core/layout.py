@@ -7,7 +7,7 @@ The pipeline's output location ``OUT`` (:class:`OutputLayout`)::
 
     OUT/datasets/<release>-<fingerprint>/   a prepared dataset (DatasetLayout), shared by runs with the same inputs
     OUT/runs/<run>/                         a run (RunLayout): run.json, model/ (TrainLayout), eval/ (EvalLayout)
-    OUT/models/<run>/model.nemo             promoted models
+    OUT/models/<run>/model.nemo             promoted models (ModelPackage: + README.md model card, model.onnx)
     OUT/models/best.json                    the current best model (the registry)
 """
 
@@ -81,8 +81,9 @@ class EvalLayout:
         return storage.join(self.root, "metrics.json")
 
     @property
-    def errors(self) -> str:
-        return storage.join(self.root, "errors.jsonl")
+    def predictions(self) -> str:
+        """A NeMo manifest: ``text`` (reference) and ``pred_text`` (hypothesis), normalized, per utterance."""
+        return storage.join(self.root, "predictions.json")
 
     @property
     def report(self) -> str:
@@ -96,6 +97,49 @@ class EvalLayout:
     def promotion(self) -> str:
         """``promotion.json``: the best model this evaluation compared against, and whether it was replaced."""
         return storage.join(self.root, "promotion.json")
+
+
+@dataclass(frozen=True)
+class TranscribeLayout:
+    """``habla transcribe --out DST``."""
+
+    root: str
+
+    @property
+    def transcripts(self) -> str:
+        return storage.join(self.root, "transcripts.json")
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.root, "summary.json")
+
+    @property
+    def rejected(self) -> str:
+        return storage.join(self.root, "rejected.jsonl")
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """What a promoted model is handed on with: ``OUT/models/<run>/`` (the model card is its README)."""
+
+    root: str
+
+    @property
+    def model(self) -> str:
+        return storage.join(self.root, "model.nemo")
+
+    @property
+    def card(self) -> str:
+        return storage.join(self.root, "README.md")
+
+    @property
+    def onnx(self) -> str:
+        return storage.join(self.root, "model.onnx")
+
+    @property
+    def onnx_check(self) -> str:
+        """How the ONNX export was verified against the .nemo (transcripts compared on the test split)."""
+        return storage.join(self.root, "onnx_check.json")
 
 
 @dataclass(frozen=True)
@@ -116,6 +160,14 @@ class RunLayout:
     @property
     def eval(self) -> EvalLayout:
         return EvalLayout(storage.join(self.root, "eval"))
+
+    @property
+    def logs(self) -> str:
+        """``habla pipeline run-local``: one log file per step, everything the steps printed."""
+        return storage.join(self.root, "logs")
+
+    def step_log(self, task: str) -> str:
+        return storage.join(self.root, "logs", f"{slug(task)}.log")
 
     @property
     def best_eval(self) -> EvalLayout:
@@ -221,7 +273,11 @@ class OutputLayout:
         return RunLayout(storage.join(self.root, "runs", slug(name)))
 
     def promoted_model(self, run_name: str) -> str:
-        return storage.join(self.root, "models", slug(run_name), "model.nemo")
+        return self.package(run_name).model
+
+    def package(self, run_name: str) -> ModelPackage:
+        """``models/<run>/``: the promoted model, its model card and its verified ONNX export."""
+        return ModelPackage(storage.join(self.root, "models", slug(run_name)))
 
     @property
     def best(self) -> str:

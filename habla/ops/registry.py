@@ -17,11 +17,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from habla.core import layout, render, storage
+from habla.core import jsonl, layout, render, storage
 from habla.core.errors import HablaError
-from habla.core.layout import OutputLayout, RunLayout
+from habla.core.layout import EvalLayout, OutputLayout, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,10 @@ def read_best(output_uri: str) -> dict | None:
 
 
 def beats(new_wer: float, best_wer: float | None, margin: float) -> bool:
-    """True when the new model should replace the best one: better by more than ``margin`` (absolute WER)."""
+    """True when the new model should replace the best one: better by more than ``margin`` (absolute WER).
+
+    The point comparison only; :func:`verdict` decides promotions with a paired bootstrap.
+    """
     if margin < 0:
         raise HablaError(f"the promotion margin must be >= 0, got {margin}")
     return best_wer is None or new_wer < best_wer - margin
@@ -65,28 +68,119 @@ def beats(new_wer: float, best_wer: float | None, margin: float) -> bool:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Whether the new model replaces the best one, and the Markdown that explains it (for the KFP UI)."""
+    """Whether the new model replaces the best one, the Markdown that explains it (for the KFP UI) and the
+    numbers behind it (for run.json)."""
 
     promote: bool
     markdown: str
+    record: dict = field(default_factory=dict)
 
 
-def verdict(new: dict, best_record: dict | None, best_metrics: dict | None, margin: float) -> Verdict:
-    """Compare the new model's metrics with the best model's, both measured on the same test set."""
+def _paired_counts(new_rows: list[dict], best_rows: list[dict]) -> tuple[list, list]:
+    """Both models' per-utterance rows in the same order; HablaError unless they cover the same utterances."""
+    best_by_clip = {r["audio_filepath"]: r for r in best_rows}
+    new_clips = [r["audio_filepath"] for r in new_rows]
+    duplicates = len(best_by_clip) != len(best_rows) or len(set(new_clips)) != len(new_clips)
+    if duplicates or set(new_clips) != set(best_by_clip):
+        raise HablaError(
+            f"the new model ({len(new_rows)} utterances) and the best one ({len(best_rows)}) were not scored on the "
+            "same test set: they cannot be compared"
+        )
+    return new_rows, [best_by_clip[c] for c in new_clips]
+
+
+def verdict(
+    new: dict,
+    best_record: dict | None,
+    best_metrics: dict | None,
+    margin: float,
+    new_rows: list[dict] | None = None,
+    best_rows: list[dict] | None = None,
+) -> Verdict:
+    """Decide whether the new model replaces the best one, both scored on the same test set.
+
+    The rule (a paired bootstrap over utterances, habla.evaluation.scoring.paired_improvement):
+
+    * the WER improvement (best WER - new WER) must exceed ``margin`` with 95 % confidence: the lower end of
+      its 95 % interval is above ``margin`` (so the interval excludes 0 too);
+    * and the CER must not be significantly worse: the upper end of the CER improvement's interval is >= 0.
+
+    A difference the interval cannot tell from noise keeps the best model. ``new_rows``/``best_rows`` are
+    the predictions manifests' lines (``word_errors``, ``words``, ``char_errors``, ``chars`` per utterance).
+    """
+    from habla.evaluation.scoring import CONFIDENCE, paired_improvement
+
+    if margin < 0:
+        raise HablaError(f"the promotion margin must be >= 0, got {margin}")
     if best_record is None or best_metrics is None:
-        return Verdict(True, "No model has been promoted yet: this one becomes the best.\n")
-    promote = beats(new["wer"], best_metrics["wer"], margin)
+        record = {
+            "promote": True,
+            "rule": "first model",
+            "reason": "no model had been promoted yet",
+            "wer": new["wer"],
+            "cer": new["cer"],
+        }
+        return Verdict(True, "No model has been promoted yet: this one becomes the best.\n", record)
+    if new_rows is None or best_rows is None:
+        raise HablaError("the promotion verdict needs both models' per-utterance scores (predictions manifests)")
+    new_rows, best_rows = _paired_counts(list(new_rows), list(best_rows))
+    words = [r["words"] for r in new_rows]
+    wer = paired_improvement([r["word_errors"] for r in new_rows], [r["word_errors"] for r in best_rows], words)
+    cer = paired_improvement(
+        [r["char_errors"] for r in new_rows], [r["char_errors"] for r in best_rows], [r["chars"] for r in new_rows]
+    )
+    wer_clear = wer["interval"][0] > margin
+    cer_worse = cer["interval"][1] < 0
+    promote = wer_clear and not cer_worse
+    pct = f"{round(CONFIDENCE * 100)} %"
+    if promote:
+        why = f"its WER is lower by more than the margin {margin} with {pct} confidence"
+    elif cer_worse:
+        why = f"its CER is significantly worse ({pct} interval of the CER improvement below 0)"
+    else:
+        why = f"its WER improvement is not above the margin {margin} with {pct} confidence (it may be noise)"
+    record = {
+        "promote": promote,
+        "rule": f"paired bootstrap over utterances: lower end of the {pct} interval of the WER improvement > margin, "
+        "and CER not significantly worse",
+        "margin": margin,
+        "best_run": best_record.get("run"),
+        "best_model": best_record.get("model"),
+        "wer": new["wer"],
+        "cer": new["cer"],
+        "best_wer": best_metrics["wer"],
+        "best_cer": best_metrics["cer"],
+        "wer_improvement": wer["improvement"],
+        "wer_improvement_ci": wer["interval"],
+        "cer_improvement": cer["improvement"],
+        "cer_improvement_ci": cer["interval"],
+        "utterances": wer["utterances"],
+        "reason": why,
+    }
     rows = [
         {"model": "this run", "WER": new["wer"], "CER": new["cer"]},
         {"model": f"best ({best_record.get('run', '?')})", "WER": best_metrics["wer"], "CER": best_metrics["cer"]},
     ]
+    lo, hi = wer["interval"]
+    clo, chi = cer["interval"]
     outcome = "promoted: it replaces the best model" if promote else "kept: the best model stays"
     text = (
         "## Against the current best model\n\n"
         + render.table(rows)
-        + f"\n\nMargin {margin}: the new model is **{outcome}**.\n"
+        + f"\n\nOn the same {wer['utterances']} utterances, the new model's WER is lower by "
+        f"{wer['improvement']:.4f} ({pct} interval {lo:.4f} to {hi:.4f}) and its CER by {cer['improvement']:.4f} "
+        f"({clo:.4f} to {chi:.4f}), paired bootstrap over utterances.\n\n"
+        f"Margin {margin}: **{outcome}** — {why}.\n"
     )
-    return Verdict(promote, text)
+    return Verdict(promote, text, record)
+
+
+def record_decision(run_dir: str, decision: Verdict) -> None:
+    """Add the promotion decision and its numbers to the run's ``run.json`` (key ``promotion``)."""
+    run = RunLayout(run_dir)
+    params = json.loads(storage.read_text(run.record))
+    params["promotion"] = {**decision.record, "decided": _now()}
+    storage.write_text(run.record, json.dumps(params, indent=1, ensure_ascii=False))
 
 
 def record_comparison(run_dir: str, best: dict | None, test_set: str, decision: Verdict) -> None:
@@ -136,7 +230,8 @@ def require_compare_and_swap(output_uri: str) -> None:
 def promote(
     output_uri: str, model_uri: str, run_name: str, record: dict, still_better: StillBetter | None = None
 ) -> Promotion:
-    """Copy the model under ``models/<run>/`` and make it the best in ``models/best.json`` by compare-and-swap.
+    """Copy the model under ``models/<run>/`` and make it the best in ``models/best.json`` by compare-and-swap
+    (a run that does not win leaves nothing under ``models/<run>/``: not the copy, not its card or ONNX).
 
     ``record`` carries what users want to see about the model (release, config, metrics). The previous best is
     kept in the record's ``history``. ``still_better(best)`` is asked before each write with the best record
@@ -145,7 +240,7 @@ def promote(
     is copied before best.json names it: best.json never points at a model that is not there.
     """
     layout = OutputLayout(output_uri)
-    target = layout.promoted_model(run_name)
+    target = layout.package(run_name).model
     require_compare_and_swap(output_uri)
     copied = False
     for _ in range(CAS_ATTEMPTS):
@@ -155,8 +250,9 @@ def promote(
             return Promotion(True, previous, "already the best model (an earlier attempt promoted it)")
         why_not = still_better(previous) if still_better else None
         if why_not:
-            if copied:  # nothing names the copy: best.json was never pointed at it
-                storage.delete(target)
+            # Nothing names this run's package (model copy, card, ONNX): best.json was never pointed at it.
+            for leftover in list(storage.list_files(layout.package(run_name).root)):
+                storage.delete(leftover.uri)
             return Promotion(False, previous, why_not)
         if not copied:
             storage.copy(model_uri, target)
@@ -170,7 +266,13 @@ def promote(
     raise HablaError(f"models/best.json kept changing: {run_name} not promoted after {CAS_ATTEMPTS} attempts")
 
 
-Decide = Callable[[dict, dict], Verdict]
+#: Re-decides a promotion against a best model, given where that model was scored on this run's test set.
+Decide = Callable[[dict, EvalLayout], Verdict]
+
+
+def _scores(where: EvalLayout) -> tuple[dict, list[dict]]:
+    """An evaluation's metrics and per-utterance predictions."""
+    return json.loads(storage.read_text(where.metrics)), jsonl.loads(storage.read_text(where.predictions))
 
 
 def promote_run(
@@ -179,18 +281,19 @@ def promote_run(
     model_uri: str,
     *,
     decide: Decide | None = None,
-    score_best: Callable[[str], dict] | None = None,
+    score_best: Callable[[str], str] | None = None,
 ) -> Promotion:
     """Promote a run's model with the record users see: release, config, overrides, test set and metrics.
 
     The run's evaluation compared its model with the best one of that moment (``eval/promotion.json``, written
     by :func:`record_comparison`). If best.json names another model now — a run that finished meanwhile, or one
     that wins the compare-and-swap race — this run compares again, on its own test set, before replacing it:
-    ``score_best(model_uri)`` scores that model on the run's test set when given (it needs the model's
-    runtime); otherwise the winner's recorded metrics are used when they were measured on the same test set.
-    ``decide(best_record, best_metrics)`` makes the call (default: :func:`verdict` with the run's
-    ``promotion_margin``). When no comparison on the same test set is possible, the best model stays and the
-    reason is recorded. The outcome is written to ``eval/promotion.json``.
+    ``score_best(model_uri)`` scores that model on the run's test set when given (it needs the model's runtime)
+    and returns the evaluation folder; otherwise the winner's own evaluation is used when it was measured on
+    the same test set. ``decide(best_record, best_evaluation)`` makes the call (default: :func:`verdict`, the
+    paired bootstrap, with the run's ``promotion_margin``). When no comparison on the same test set is
+    possible, the best model stays and the reason is recorded. The outcome is written to
+    ``eval/promotion.json``.
     """
     run = RunLayout(run_dir)
     params = json.loads(storage.read_text(run.record))
@@ -204,8 +307,10 @@ def promote_run(
     margin = float(params.get("promotion_margin") or 0.0)
     if decide is None:
 
-        def decide(best: dict, best_metrics: dict) -> Verdict:
-            return verdict(metrics, best, best_metrics, margin)
+        def decide(best: dict, best_evaluation: EvalLayout) -> Verdict:
+            best_metrics, best_rows = _scores(best_evaluation)
+            new_rows = jsonl.loads(storage.read_text(run.eval.predictions))
+            return verdict(metrics, best, best_metrics, margin, new_rows, best_rows)
 
     def still_better(best: dict | None) -> str | None:
         nonlocal compared
@@ -216,23 +321,25 @@ def promote_run(
         if compared and compared.get("model") == best.get("model"):
             return None  # the evaluation's comparison stands
         if score_best is not None:
-            best_metrics = score_best(best["model"])
-        elif test_set and best.get("test_set") == test_set:
-            best_metrics = best.get("metrics")
+            best_evaluation = EvalLayout(score_best(best["model"]))
+        elif test_set and best.get("test_set") == test_set and best.get("run_dir"):
+            best_evaluation = RunLayout(best["run_dir"]).eval
         else:
             return (
                 f"the best model changed to {best.get('run')} after this run's evaluation, and it was measured on "
                 f"another test set ({best.get('test_set') or 'not recorded'}), so the two cannot be compared here; "
                 f"{best.get('run')} stays the best (evaluate this run again to compare)"
             )
-        outcome = decide(best, best_metrics)
+        outcome = decide(best, best_evaluation)
         if outcome.promote:
             compared = {"run": best.get("run"), "model": best.get("model")}
             return None
+        numbers = outcome.record
+        scores = f"WER {numbers['wer']:.4f} against {numbers['best_wer']:.4f}, " if "best_wer" in numbers else ""
+        why = numbers.get("reason") or "it does not beat it"
         return (
-            f"re-compared on this run's test set with {best.get('run')}, promoted meanwhile: WER "
-            f"{metrics['wer']:.4f} against {best_metrics['wer']:.4f} (margin {margin}); "
-            f"{best.get('run')} stays the best"
+            f"re-compared on this run's test set with {best.get('run')}, promoted meanwhile: {scores}margin "
+            f"{margin}: {why}; {best.get('run')} stays the best"
         )
 
     record = {

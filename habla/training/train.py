@@ -40,6 +40,7 @@ from habla.core.layout import TrainLayout
 from habla.data.text import uncovered_characters
 from habla.training import config as train_config
 from habla.training import manifests, topology
+from habla.training.init_from import resolve as resolve_init_from
 
 log = logging.getLogger("habla.train")
 
@@ -268,6 +269,8 @@ def _build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir:
     from nemo.collections.asr.models import ASRModel, EncDecCTCModel, EncDecCTCModelBPE
     from omegaconf import open_dict
 
+    from habla.training.init_from import ctc_from
+
     if init_from is None:
         model_class = EncDecCTCModelBPE if kind == train_config.BPE else EncDecCTCModel
         return model_class(cfg=cfg.model, trainer=trainer)
@@ -276,8 +279,8 @@ def _build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir:
         model = ASRModel.restore_from(str(init_from), trainer=trainer, map_location="cpu")
     except Exception as exc:
         raise HablaError(f"--init-from {init_from}: cannot restore a NeMo model ({one_line(exc)})") from None
-    if not isinstance(model, EncDecCTCModel):
-        raise HablaError(f"--init-from {init_from}: a {type(model).__name__}, not a CTC model (EncDecCTCModel[BPE])")
+    if not isinstance(model, EncDecCTCModel):  # hybrid RNNT/CTC or transducer: its encoder under a CTC head
+        model = ctc_from(model, cfg, trainer, kind == train_config.BPE, tokenizer_dir)
     is_bpe = isinstance(model, EncDecCTCModelBPE)
     if is_bpe != (kind == train_config.BPE):
         raise HablaError(
@@ -350,7 +353,7 @@ def train(
         if not user_tokenizer.is_file():
             raise HablaError(f"model.tokenizer.dir: {user_tokenizer} not found")
         _check_tokenizer(user_tokenizer, texts)
-    init_local = manifests.fetch_model(init_from, "--init-from") if init_from else None
+    init_local = manifests.fetch_model(resolve_init_from(init_from), "--init-from") if init_from else None
     ckpt_path = _pull_from_dst(paths, resume)
 
     # 2. NeMo and Lightning (slow imports).

@@ -180,3 +180,31 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert len(err) == 2 and "cannot reach Kubeflow Pipelines" in err[1]
     with pytest.raises(HablaError, match="--groups"):
         compare.parse_groups("gender,shoe_size")
+
+
+def test_a_pipeline_output_folder_and_a_column_per_setting_that_differs(tmp_path, capsys):
+    """`habla compare OUT` (what run-local --out writes) lists every run under OUT/runs/, and each setting that
+    differs between them (a config override, a pipeline parameter) gets its own column."""
+    out = tmp_path / "out"
+    for name, overrides, margin in (("base", "", 0.0), ("fast-lr", "model.optim.lr=0.05 trainer.max_steps=60", 0.0),
+                                    ("strict", "trainer.max_steps=60", 0.01)):  # fmt: skip
+        dst = _run_folder(out / "runs", name, release="/d/cv-corpus-25.0-2026-03-09/es", config="tiny", nodes=1,
+                          wer={"base": 0.5, "fast-lr": 0.4, "strict": 0.45}[name])  # fmt: skip
+        record = json.loads((dst / "run.json").read_text())
+        record.update(config_overrides=overrides, promotion_margin=margin, launcher="local")
+        (dst / "run.json").write_text(json.dumps(record))
+    (out / "datasets" / "x").mkdir(parents=True)
+    assert cli.main(["compare", str(out), "--format", "json", "--plot", str(tmp_path / "c.png")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run"] for r in rows] == ["fast-lr", "strict", "base"]
+    assert [(r["model.optim.lr"], r["trainer.max_steps"], r["promotion_margin"]) for r in rows] == [
+        ("0.05", "60", "0.0"),
+        (None, "60", "0.01"),
+        (None, None, "0.0"),
+    ]
+    assert "launcher" not in rows[0]  # the same in every run: no column
+    assert cli.main(["compare", str(out)]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[:8] == ["run", "state", "release", "config", "train_source", "model.optim.lr", "promotion_margin",
+                          "trainer.max_steps"]  # fmt: skip
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from habla.core import storage
+from habla.core import jsonl, storage
 from habla.core.errors import HablaError
-from habla.core.layout import OutputLayout
+from habla.core.layout import EvalLayout, OutputLayout
 from habla.ops import registry
 
 NEW = {"wer": 0.20, "cer": 0.08, "utterances": 30, "hours": 0.05}
@@ -23,6 +23,12 @@ def finished_run(out: str, name: str, metrics: dict, compared: dict | None = Non
                                                         "config": "tiny", "config_overrides": ""})  # fmt: skip
     storage.write_bytes(run.train.model, b"model weights of " + name.encode())
     storage.write_text(run.eval.metrics, json.dumps(metrics))
+    # Its predictions on the test set: 30 utterances of 10 words and 50 characters, errors as in ``metrics``.
+    errors = [round(metrics["wer"] * 10)] * 30
+    rows = _scored(errors, words=10, chars=50)
+    for row in rows:
+        row["char_errors"] = round(metrics["cer"] * 50)
+    storage.write_text(run.eval.predictions, jsonl.dumps(rows))
     if test_set:
         registry.record_comparison(run.root, compared, test_set, registry.Verdict(True, ""))
     return run.root
@@ -32,16 +38,61 @@ def model_of(out: str, name: str) -> str:
     return OutputLayout(out).run(name).train.model
 
 
+def _scored(errors: list[int], words: int = 8, chars: int = 40) -> list[dict]:
+    """Predictions-manifest lines: one utterance per error count (``chars`` characters, errors x 3 of them wrong)."""
+    return [{"audio_filepath": f"/t/{i}.wav", "word_errors": e, "words": words, "char_errors": 3 * e, "chars": chars}
+            for i, e in enumerate(errors)]  # fmt: skip
+
+
 def test_the_verdict_and_its_markdown():
     first = registry.verdict(NEW, None, None, 0.0)
-    assert first.promote and "becomes the best" in first.markdown
+    assert first.promote and "becomes the best" in first.markdown and first.record["rule"] == "first model"
     best = {"run": "old"}
-    better = registry.verdict(NEW, best, {"wer": 0.25, "cer": 0.1}, margin=0.01)
+    # 200 utterances; the new model fixes 2 errors on 60 of them and breaks none: a real improvement.
+    base = [i % 4 for i in range(200)]
+    fixed = [max(0, e - 2) if i < 60 else e for i, e in enumerate(base)]
+    better = registry.verdict(NEW, best, {"wer": 0.25, "cer": 0.1}, 0.01, _scored(fixed), _scored(base))
     assert better.promote and "best (old)" in better.markdown and "promoted" in better.markdown
-    within_margin = registry.verdict(NEW, best, {"wer": 0.205, "cer": 0.1}, margin=0.01)
-    assert not within_margin.promote and "kept" in within_margin.markdown
+    assert better.record["wer_improvement_ci"][0] > 0.01 and better.record["utterances"] == 200
+    # The same improvement does not clear a margin larger than itself.
+    wide = registry.verdict(NEW, best, {"wer": 0.25, "cer": 0.1}, 0.2, _scored(fixed), _scored(base))
+    assert not wide.promote and "kept" in wide.markdown and "not above the margin 0.2" in wide.markdown
     with pytest.raises(HablaError, match="margin must be >= 0"):
-        registry.verdict(NEW, best, {"wer": 0.3, "cer": 0.1}, margin=-0.1)
+        registry.verdict(NEW, best, {"wer": 0.3, "cer": 0.1}, -0.1, _scored(fixed), _scored(base))
+
+
+def test_a_noise_level_improvement_is_refused():
+    """The trial that prompted the rule: 9 test utterances, WER 1.000 -> 0.994 (one word fewer wrong) while the
+    CER got much worse. A point comparison promoted it; the paired bootstrap does not."""
+    best = _scored([8] * 9, words=8)
+    new = _scored([8] * 8 + [7], words=8)
+    for row in new:
+        row["char_errors"] = 38  # CER 0.95 against the best model's 0.6
+    decision = registry.verdict({"wer": 0.986, "cer": 0.95}, {"run": "old"}, {"wer": 1.0, "cer": 0.6}, 0.0, new, best)
+    assert registry.beats(0.986, 1.0, 0.0)  # what the old rule did
+    assert not decision.promote
+    low, high = decision.record["wer_improvement_ci"]
+    assert low <= 0 < high or decision.record["cer_improvement_ci"][1] < 0
+    # A small, uniform improvement on few utterances is noise too: the interval reaches 0.
+    noisy_best = _scored([1, 0, 2, 1, 3, 0, 1, 2, 0, 1])
+    noisy_new = _scored([0, 1, 2, 1, 2, 0, 2, 1, 0, 1])
+    noisy = registry.verdict(NEW, {"run": "old"}, {"wer": 0.14, "cer": 0.1}, 0.0, noisy_new, noisy_best)
+    assert not noisy.promote and noisy.record["wer_improvement"] > 0 and noisy.record["wer_improvement_ci"][0] <= 0
+    assert "may be noise" in noisy.markdown
+
+
+def test_the_verdict_needs_the_same_test_set_and_is_recorded_in_run_json(tmp_path):
+    best = _scored([1, 2, 3])
+    with pytest.raises(HablaError, match="same test set"):
+        registry.verdict(NEW, {"run": "old"}, {"wer": 0.3, "cer": 0.1}, 0.0, _scored([1, 2]), best)
+    with pytest.raises(HablaError, match="per-utterance"):
+        registry.verdict(NEW, {"run": "old"}, {"wer": 0.3, "cer": 0.1}, 0.0)
+    run = finished_run(str(tmp_path), "r", NEW)
+    decision = registry.verdict(NEW, {"run": "old"}, {"wer": 0.3, "cer": 0.1}, 0.0, _scored([0, 0, 1]), best)
+    registry.record_decision(run, decision)
+    record = json.loads(storage.read_text(OutputLayout(str(tmp_path)).run("r").record))
+    assert record["promotion"]["promote"] == decision.promote and record["promotion"]["best_run"] == "old"
+    assert record["config"] == "tiny" and record["promotion"]["decided"]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -171,9 +222,13 @@ def test_a_best_model_that_changed_on_another_test_set_is_kept_with_the_reason(t
     # Given a way to score that model on this run's test set, it compares and promotes.
     scored: list[str] = []
 
-    def score_best(model: str) -> dict:
+    def score_best(model: str) -> str:
+        """What the promotion step would do: score that model on this run's test set, into a folder."""
         scored.append(model)
-        return {"wer": 0.30, "cer": 0.1}
+        where = EvalLayout(str(tmp_path / "rescored"))
+        storage.write_text(where.metrics, json.dumps({**NEW, "wer": 0.30, "cer": 0.1}))
+        storage.write_text(where.predictions, jsonl.dumps(_scored([3] * 30, words=10, chars=50)))
+        return where.root
 
     outcome = registry.promote_run(out, run, model_of(out, "mine"), score_best=score_best)
     assert outcome.promoted and registry.read_best(out)["run"] == "mine"
@@ -188,8 +243,8 @@ def test_the_decision_is_pluggable(tmp_path):
     run = finished_run(out, "b", {**NEW, "wer": 0.05}, None, TEST_SET)  # saw no best: "a" came meanwhile
     calls: list = []
 
-    def never(best: dict, best_metrics: dict) -> registry.Verdict:
-        calls.append((best["run"], best_metrics["wer"]))
+    def never(best: dict, best_evaluation: EvalLayout) -> registry.Verdict:
+        calls.append((best["run"], json.loads(storage.read_text(best_evaluation.metrics))["wer"]))
         return registry.Verdict(False, "")
 
     outcome = registry.promote_run(out, run, model_of(out, "b"), decide=never)
