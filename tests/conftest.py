@@ -297,6 +297,37 @@ def mini_copy(tmp_path) -> Path:
     return dst
 
 
+SMALL_HEADER = ("client_id", "path", "sentence", "gender", "age", "accents", "locale")
+
+
+def real_clips(count: int, shortest: float = 1.5, longest: float = 4.0) -> list[Path]:
+    """``count`` real Spanish speech clips of the bundled release (MP3, ``shortest``..``longest`` seconds)."""
+    lines = (MINI / "clip_durations.tsv").read_text().splitlines()[1:]
+    names = sorted(
+        name for name, ms in (line.split("\t") for line in lines) if shortest * 1000 <= int(ms) <= longest * 1000
+    )
+    assert len(names) >= count
+    return [MINI / "clips" / name for name in names[:count]]
+
+
+def tsv_row(path: str, sentence: str = "hola que tal", client_id: str = "spk", **extra: str) -> dict:
+    return {"client_id": client_id, "path": path, "sentence": sentence, "locale": "es", **extra}
+
+
+def write_release(
+    root: Path, tsvs: dict[str, list[dict]], clips: dict[str, bytes | Path] = (), newline: str = "\n"
+) -> Path:
+    """A small release in Common Voice layout: ``root/<split>.tsv`` from row dicts, ``root/clips/<name>`` from
+    bytes or a file to copy. Returns ``root``."""
+    (root / "clips").mkdir(parents=True, exist_ok=True)
+    for split, rows in tsvs.items():
+        lines = ["\t".join(SMALL_HEADER)] + ["\t".join(row.get(c, "") for c in SMALL_HEADER) for row in rows]
+        (root / f"{split}.tsv").write_bytes((newline.join(lines) + newline).encode("utf-8"))
+    for name, content in dict(clips).items():
+        (root / "clips" / name).write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
+    return root
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment of a ``habla`` subprocess: this one's, with one intra-op thread per process (on a shared
     2-core machine OpenMP threads spin against each other)."""
@@ -466,3 +497,13 @@ def pytest_sessionfinish(session, exitstatus):
     if reporter:
         reporter.write_line(f"{containers.REQUIRE}=1 but the container tests did not all run ({why})", red=True)
     session.exitstatus = 1
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``hostile_long`` (the long hypothesis profile) run only when asked: ``-m hostile_long``."""
+    if "hostile_long" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="the long property profile: run with -m hostile_long")
+    for item in items:
+        if "hostile_long" in item.keywords:
+            item.add_marker(skip)

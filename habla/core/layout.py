@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 from habla.core import storage
 
@@ -202,6 +201,11 @@ class DatasetLayout:
         return self._at("plan", "rejected.jsonl")
 
     @property
+    def claim(self) -> str:
+        """Created once (conditional create) by the first run: the release and options this folder is for."""
+        return self._at("plan", "claim.json")
+
+    @property
     def staging(self) -> str:
         """Where a release archive is unpacked."""
         return self._at("staging")
@@ -217,8 +221,9 @@ class DatasetLayout:
     def shard_file(self, shard: int, name: str) -> str:
         return self._at("shards", f"shard-{shard:05d}", name)
 
-    def wav(self, split: str, clip_path: str) -> str:
-        return self._at("audio", split, PurePosixPath(clip_path).stem + ".wav")
+    def wav(self, split: str, name: str) -> str:
+        """``audio/<split>/<name>``: ``name`` is the clip's WAV name, chosen by the plan (unique per split)."""
+        return self._at("audio", split, name)
 
     def tar(self, split: str, shard: int) -> str:
         return self._at("tarred", split, f"audio_{shard}.tar")

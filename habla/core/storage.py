@@ -14,14 +14,19 @@ a response body that break half-way are retried here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
+import itertools
 import os
+import re
 import shutil
-import tempfile
+import socket
+import stat
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,9 @@ from habla.core.errors import HablaError, one_line
 
 S3_PREFIX = "s3://"
 _READ_ATTEMPTS = 5
+PART_SUFFIX = ".part"  # temporary files of atomic local writes
+# A temporary file (or S3 multipart upload) this old is a killed writer's, whoever wrote it.
+STALE_PART_SECONDS = 6 * 3600
 
 
 def is_s3(uri: str) -> bool:
@@ -181,8 +189,8 @@ def list_files(prefix: str) -> Iterator[ObjectInfo]:
 def download_file(uri: str, local_path: str | Path) -> None:
     """Copy an object to a local file, atomically."""
     local_path = Path(local_path)
-    local_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_path.with_name(f".{local_path.name}.{os.getpid()}.part")
+    fd, tmp = _local_tmp(local_path)
+    os.close(fd)
     try:
         if is_s3(uri):
             bucket, key = split_s3(uri)
@@ -196,15 +204,35 @@ def download_file(uri: str, local_path: str | Path) -> None:
             shutil.copyfile(uri, tmp)
         os.replace(tmp, local_path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------- writes
 
 
 def _local_tmp(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    """A new temporary file beside ``path``: ``.<name, cut to 80 bytes>.<host>-<pid>-<n>.part``, open for writing.
+
+    The name stays far below the 255-byte limit of a file name whatever ``path`` is, and names its writer,
+    so :func:`remove_stale_parts` can tell a killed writer's leftovers from a live one's. The file gets the
+    mode a plain ``open()`` gives (0666 less the umask; ``mkstemp`` would make it 0600 whatever the umask,
+    unreadable to a pod running as another user). The folder is created when missing.
+    """
+    short = path.name.encode("utf-8", "surrogateescape")[:80].decode("utf-8", "ignore")
+    prefix = f".{short}.{_host_tag()}-{os.getpid()}-"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f"{prefix}{next(_tmp_counter)}{PART_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # left by an earlier process with the same pid
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+_tmp_counter = itertools.count()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -598,12 +626,170 @@ def check_writable_root(uri: str) -> None:
         path = Path(uri)
         if path.exists() and not path.is_dir():
             raise HablaError(f"{uri}: exists and is not a folder")
+        if path.is_dir():  # asked without writing: a re-run must not touch the folder (access(2) knows EROFS)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise HablaError(f"{uri}: cannot write (permission denied or read-only file system)")
+            return
         try:
             path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".habla-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # threads share a pid
-            probe.write_bytes(b"")
-            probe.unlink()
+            fd, probe = _local_tmp(path / "habla-write-probe")  # a name of its own per process and thread
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise HablaError(f"{uri}: cannot write ({exc.strerror})") from None
         return
     check_readable_root(uri)
+
+
+# ----------------------------------------------------------------------------- untrusted files, leftovers
+
+
+class NotAFile(Exception):
+    """The location is not a regular file (a FIFO, a device, a folder, a socket, a symlink loop)."""
+
+
+class TooLarge(Exception):
+    """The file is larger than the caller's cap."""
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFDIR: "a folder", stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
+def _open_regular(path: str) -> tuple[int, int]:
+    """``(fd, size)`` of a regular file, opened without blocking on a FIFO; :class:`NotAFile` otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotAFile("a symbolic link loop") from None
+        if exc.errno == errno.ENXIO:
+            raise NotAFile("a socket") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotAFile(_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file"))
+    return fd, info.st_size
+
+
+def open_regular(uri: str) -> BinaryIO:
+    """:func:`open_stream` for untrusted locations: a local FIFO, device or folder raises :class:`NotAFile`."""
+    if is_s3(uri):
+        return open_stream(uri)
+    fd, _ = _open_regular(uri)
+    return os.fdopen(fd, "rb")
+
+
+def read_capped(uri: str, limit: int) -> bytes:
+    """The whole content of a regular file of at most ``limit`` bytes, in bounded memory and time.
+
+    For data whose files are untrusted: a FIFO is opened without blocking and refused, so is a device
+    (a symlink to ``/dev/zero`` would never end) or a folder (:class:`NotAFile`); a file over ``limit``
+    raises :class:`TooLarge` before it is read. FileNotFoundError if absent; other OSErrors as they come.
+    """
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limit}")
+        except Exception as exc:
+            if _is_not_found(exc):
+                raise FileNotFoundError(uri) from None
+            if _s3_error_code(exc) == "InvalidRange":  # a range on an empty object
+                return b""
+            raise
+        total = int(str(response.get("ContentRange", "")).rpartition("/")[2] or response["ContentLength"])
+        if total > limit:
+            raise TooLarge(f"{total} bytes, more than {limit}")
+        return response["Body"].read()
+    fd, size = _open_regular(uri)
+    if size > limit:
+        os.close(fd)
+        raise TooLarge(f"{size} bytes, more than {limit}")
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = f.read(limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    if size > limit:  # it grew while being read
+        raise TooLarge(f"more than {limit} bytes")
+    return b"".join(chunks)
+
+
+def stamp(uri: str) -> dict:
+    """What changes when a file's content changes, cheaply: size and mtime (local), size and ETag (S3)."""
+    if not is_s3(uri):
+        info = os.stat(uri)
+        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    bucket, key = split_s3(uri)
+    try:
+        head = s3_client().head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if _is_not_found(exc):
+            raise FileNotFoundError(uri) from None
+        raise
+    return {"size": head["ContentLength"], "etag": head.get("ETag", "")}
+
+
+@functools.cache
+def _host_tag() -> str:
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+_PART_NAME = re.compile(r"^\..*\.([0-9a-f]{8})-(\d+)-[^./]*" + re.escape(PART_SUFFIX) + "$")
+
+
+def _writer_is_dead(host: str, pid: int) -> bool:
+    if host != _host_tag():
+        return False  # another machine's: only its age tells
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_parts(root: str) -> int:
+    """Delete what killed writers left under ``root``; returns how many. Live writers' files are kept.
+
+    Local: temporary files of :func:`write_bytes` & co. whose process on this machine is gone, or older
+    than :data:`STALE_PART_SECONDS` (another machine's). S3: multipart uploads under the prefix started
+    more than :data:`STALE_PART_SECONDS` ago (an upload in progress cannot be told from a dead one sooner).
+    """
+    removed = 0
+    if is_s3(root):
+        bucket, key = split_s3(root)
+        prefix = key.rstrip("/") + "/" if key else ""
+        cutoff = time.time() - STALE_PART_SECONDS
+        for page in s3_client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() < cutoff:
+                    s3_client().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    removed += 1
+        return removed
+    if not os.path.isdir(root):
+        return 0
+    cutoff = time.time() - STALE_PART_SECONDS
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(PART_SUFFIX):
+                continue
+            match = _PART_NAME.match(name)
+            path = os.path.join(folder, name)
+            try:
+                stale = (match is not None and _writer_is_dead(match[1], int(match[2]))) or (
+                    os.lstat(path).st_mtime < cutoff
+                )
+                if stale:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                pass  # its writer finished meanwhile
+    return removed

@@ -14,12 +14,12 @@ utterance's edit counts), ``report.md`` (the tables, the confusions and the wors
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
 
 from habla.core import jsonl, storage
+from habla.core.errors import HablaError
 from habla.core.layout import EvalLayout
 from habla.evaluation.report import render_plot, render_report
 from habla.evaluation.scoring import compute_metrics
@@ -57,6 +57,10 @@ def evaluate(model: str, manifest: str, out: str, batch_size: int = 16, worst: i
     Returns the metrics. Raises HablaError for a missing model, manifest or audio file, before transcribing.
     """
     started = time.time()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HablaError(f"--batch-size must be a positive integer (got {batch_size!r})")
+    if worst < 0:
+        raise HablaError(f"--worst must be >= 0 (got {worst})")
     storage.check_writable_root(out)
     entries = manifests.read_manifest(manifest)
     local = manifests.localize(entries, manifest)
@@ -70,7 +74,7 @@ def evaluate(model: str, manifest: str, out: str, batch_size: int = 16, worst: i
     metrics.update(timing, model=model, manifest=manifest)
 
     layout = EvalLayout(out)
-    storage.write_text(layout.metrics, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    storage.write_text(layout.metrics, jsonl.dump(metrics, indent=2) + "\n")  # NaN is refused: not JSON
     storage.write_text(layout.predictions, jsonl.dumps(rows))
     storage.write_text(layout.report, render_report(metrics, rows, model, manifest, worst))
     storage.write_bytes(layout.plot, render_plot(metrics, model, manifest))

@@ -20,6 +20,14 @@ Exactly once, crash-safe (the state store is a local folder or ``s3://…``)
                                                  Lease instead (:mod:`habla.kubeflow.lease`); see choose_claims.
   ``STATE/releases/<release>/result.json``       written once the run exists: submitted (or refused), run id.
   ``STATE/summary.json``                         a summary of all results, rewritten after each run.
+  ``STATE/arrivals/<release>.json``              an archive's size and mtime/ETag when first seen (below).
+  A state file that is not valid JSON (or lacks its fields) is logged and treated as absent, never fatal.
+
+Complete archives only
+  An archive is submitted only once it is complete: a ``<archive>.sha256`` sidecar exists (an uploader
+  writes it last), or its size and mtime/ETag held from one poll to the next and it reads to tar's
+  end-of-archive blocks (for ``.tar.gz``, one streaming read of the whole archive, done once). Until then
+  the decision is ``waiting``.
   A claim carries a lease. A submission that fails marks its claim ``failed``: the next watcher run takes a
   new attempt (claim-0002 …). A watcher killed mid-way leaves its claim ``submitting``; once the lease has
   expired another attempt may start. Every attempt first looks for a run of the experiment with the release's
@@ -43,6 +51,7 @@ from typing import Any
 
 from habla.core import storage
 from habla.core.errors import HablaError, one_line
+from habla.data import commonvoice
 from habla.data.commonvoice import ReleaseName, parse_release_name
 from habla.kubeflow.compile import CompileOptions
 
@@ -62,6 +71,7 @@ REPORTED = (
     "would-refuse",
     "downloaded",
     "would-download",
+    "waiting",
 )
 
 
@@ -160,12 +170,43 @@ def read_results(state: str) -> dict[str, dict]:
     results = {}
     for info in storage.list_files(storage.join(state, "releases")):
         if storage.name(info.uri) == "result.json":
-            try:
-                result = json.loads(storage.read_text(info.uri))
-            except (FileNotFoundError, ValueError):
-                continue
-            results[result["release"]] = result
+            result = read_state(info.uri, ("release",))
+            if result is not None:
+                results[result["release"]] = result
     return results
+
+
+def read_state(uri: str, required: tuple[str, ...] = ()) -> dict | None:
+    """A state file's JSON object; None if it is absent or corrupt (not JSON, not an object, a ``required``
+    field missing or not a string). A corrupt file is logged and treated as absent: one damaged file must
+    not stop every later poll."""
+    try:
+        value = json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        return None
+    except (ValueError, IsADirectoryError) as exc:
+        log.warning("%s: corrupt state file, treated as absent (%s)", uri, one_line(exc, with_type=True))
+        return None
+    missing = [k for k in required if not isinstance(value, dict) or not isinstance(value.get(k), str)]
+    if not isinstance(value, dict) or missing:
+        log.warning("%s: corrupt state file, treated as absent (no %s)", uri, ", ".join(missing) or "JSON object")
+        return None
+    return value
+
+
+def _live_claim(uri: str, now: dt.datetime) -> dict | None:
+    """The claim at ``uri`` if it is a submission in progress whose lease has not expired."""
+    claim = read_state(uri, ("status", "expires_at"))
+    try:
+        live = (
+            claim is not None
+            and claim["status"] == "submitting"
+            and dt.datetime.fromisoformat(claim["expires_at"]) > now
+        )
+    except (TypeError, ValueError):  # a date that does not parse, or one without a time zone
+        log.warning("%s: corrupt state file, treated as absent (expires_at %r)", uri, claim["expires_at"])
+        live = False
+    return claim if live else None
 
 
 def last_processed(results: dict[str, dict], locale: str) -> ReleaseName | None:
@@ -184,9 +225,8 @@ def _claim(folder: str, owner: str, lease: float) -> tuple[str | None, str]:
     claims = sorted(i.uri for i in storage.list_files(folder) if storage.name(i.uri).startswith("claim-"))
     attempt = 1
     if claims:
-        last = json.loads(storage.read_text(claims[-1]))
-        live = last.get("status") == "submitting" and dt.datetime.fromisoformat(last["expires_at"]) > now
-        if live:
+        last = _live_claim(claims[-1], now)
+        if last:
             return None, f"in progress by {last.get('owner')} until {last['expires_at']}"
         attempt = int(storage.name(claims[-1])[len("claim-") : -len(".json")]) + 1
     uri = storage.join(folder, f"claim-{attempt:04d}.json")
@@ -203,7 +243,7 @@ def _claim(folder: str, owner: str, lease: float) -> tuple[str | None, str]:
 
 
 def _update_claim(claim_uri: str, **fields: Any) -> None:
-    claim = json.loads(storage.read_text(claim_uri))
+    claim = read_state(claim_uri) or {}
     claim.update(fields, updated_at=_iso(_now()))
     storage.write_bytes(claim_uri, _json(claim))
 
@@ -340,13 +380,57 @@ def _write_summary(state: str, locale: str) -> None:
     # Rebuilt from the result files (the source of truth) by every run, so concurrent writers converge.
     results = read_results(state)
     newest = last_processed(results, locale)
-    ordered = sorted(results.values(), key=lambda r: parse_release_name(r["release"]) or r["release"])
+    ordered = sorted(results.values(), key=_release_order)
     summary = {
         "updated_at": _iso(_now()),
         "last_processed": {locale: newest.name if newest else None},
         "releases": ordered,
     }
     storage.write_bytes(storage.join(state, "summary.json"), _json(summary))
+
+
+def _release_order(result: dict) -> tuple:
+    parsed = parse_release_name(result["release"])
+    return (0, parsed, "") if parsed else (1, None, result["release"])  # an odd name last, never compared
+
+
+def _arrival_uri(state: str, name: str) -> str:
+    return storage.join(state, "arrivals", f"{name}.json")
+
+
+def archive_waiting(release: Release, state: str, record: bool = True) -> str | None:
+    """None when ``release`` may be submitted; else why it is waiting (see the module doc).
+
+    A folder is complete once its TSVs are there (find_releases). An archive needs a ``.sha256`` sidecar,
+    or the same size and mtime/ETag as at the previous poll (recorded in ``STATE/arrivals/``, when
+    ``record``) plus a readable end of archive; the end is read once per archive version.
+    """
+    if not release.name.archive or storage.exists(release.uri + ".sha256"):
+        return None
+    try:
+        stamp = storage.stamp(release.uri)
+    except FileNotFoundError:
+        return "gone since the inbox was listed"
+    uri = _arrival_uri(state, release.name.name)
+    seen = read_state(uri)
+    if seen is None or seen.get("stamp") != stamp:
+        if record:
+            storage.write_bytes(uri, _json({"uri": release.uri, "stamp": stamp, "seen_at": _iso(_now())}))
+        return f"{stamp['size']} bytes, new or still growing: submitted once it has not changed by the next poll"
+    if seen.get("complete"):
+        return None
+    problem = commonvoice.check_archive_end(release.uri)
+    if problem:
+        return f"not a complete archive: {problem}"
+    if record:
+        storage.write_bytes(uri, _json({**seen, "complete": True, "checked_at": _iso(_now())}))
+    return None
+
+
+def _mark_complete(state: str, release_name: str, uri: str) -> None:
+    """An archive this watcher downloaded itself (whole, atomically) needs no arrival check."""
+    record = {"uri": uri, "stamp": storage.stamp(uri), "seen_at": _iso(_now()), "complete": True}
+    storage.write_bytes(_arrival_uri(state, release_name), _json(record))
 
 
 def _check_state(state: str, dry_run: bool) -> None:
@@ -469,6 +553,8 @@ def watch(
                 decisions.append(Decision(name, "older", f"not newer than {newest_done.name}, processed already"))
             elif release.name.delta:
                 decisions.append(_refuse_delta(release, state, dry_run))
+            elif (why := archive_waiting(release, state, record=not dry_run)) is not None:
+                decisions.append(Decision(name, "waiting", why))
             elif dry_run:
                 decisions.append(Decision(name, "would-submit", release.uri))
             else:
@@ -515,6 +601,7 @@ def _fetch_from_mdc(
         claims.fail(claim, str(exc))
         raise
     claims.finish(claim, "downloaded", uri=uri)
+    _mark_complete(state, name, uri)
     return Decision(name, "downloaded", uri)
 
 
@@ -549,7 +636,7 @@ def _claim_and_submit(
     if claim is None:
         return Decision(name, "in-progress", why)
     result_uri = storage.join(folder, "result.json")
-    if storage.exists(result_uri):  # finished by another watcher since this one read the results
+    if read_state(result_uri, ("release",)) is not None:  # finished by another watcher since this one read the results
         claims.drop(claim)
         return Decision(name, "known", "processed by another watcher meanwhile")
     arguments = {
@@ -583,6 +670,9 @@ def _claim_and_submit(
         "experiment": submitter.experiment,
     }
     if not storage.create_exclusive(result_uri, _json(record)):
-        log.warning("%s: a result was already recorded; keeping it", name)
+        if read_state(result_uri, ("release",)) is None:  # a damaged file, not another watcher's result
+            storage.write_bytes(result_uri, _json(record))
+        else:
+            log.warning("%s: a result was already recorded; keeping it", name)
     claims.finish(claim, "submitted", run_id=ref.run_id)
     return Decision(name, action, release.uri, ref.run_id, ref.url)

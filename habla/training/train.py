@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from habla.core import storage
+from habla.core import jsonl, storage
 from habla.core.errors import HablaError, one_line
 from habla.core.layout import TrainLayout
 from habla.data.text import uncovered_characters
@@ -418,7 +418,7 @@ def train(
             log_sync()
         storage.write_text(paths.dst.config, OmegaConf.to_yaml(cfg))
         public = {k: v for k, v in summary.items() if k != "written_by_this_rank"}
-        storage.write_text(paths.dst.summary, json.dumps(public, indent=2) + "\n")
+        storage.write_text(paths.dst.summary, jsonl.dump(jsonl.finite_or_null(public), indent=2) + "\n")
         log.info("rank 0 wrote %s and %s (steps %d, val WER %s)", paths.dst.model, paths.dst.summary,
                  summary["steps"], "n/a" if val_wer is None else f"{val_wer:.4f}")  # fmt: skip
     else:

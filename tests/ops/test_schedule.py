@@ -120,6 +120,7 @@ def test_the_watcher_component_submits_through_the_api(tmp_path, monkeypatch):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "cv-corpus-25.0-2026-03-09-es.tar.gz").write_bytes(b"x")
+    (inbox / "cv-corpus-25.0-2026-03-09-es.tar.gz.sha256").write_text("0" * 64)  # uploaded whole (habla watch)
     with KfpStandin() as kfp:
         report = watcher_pipeline.watch_releases.python_func(
             inbox=str(inbox),
@@ -196,6 +197,7 @@ def test_compile_options_reach_the_training_pipeline_the_watcher_submits(tmp_pat
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "cv-corpus-25.0-2026-03-09-es.tar.gz").write_bytes(b"x")
+    (inbox / "cv-corpus-25.0-2026-03-09-es.tar.gz.sha256").write_text("0" * 64)  # uploaded whole (habla watch)
     with KfpStandin() as kfp:
         args = ["schedule", "--host", kfp.url, *ARGS, *options, "--conversion-parallelism", "3"]
         assert cli.main(args) == 0

@@ -34,6 +34,7 @@ def _names(*versions: str) -> list[str]:
 def _archive(inbox: str, name: str) -> str:
     uri = storage.join(inbox, f"{name}.tar.gz")
     storage.write_bytes(uri, b"not a real archive: the fake training pipeline never opens it")
+    storage.write_text(uri + ".sha256", "0" * 64)  # uploaded whole: the sidecar comes last
     return uri
 
 
