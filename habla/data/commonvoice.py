@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from habla.core import storage
+from habla.core import jsonl, storage
 from habla.core.errors import HablaError
 
 log = logging.getLogger("habla.commonvoice")
@@ -312,13 +312,10 @@ STAGING = "_STAGING.json"  # a staging in progress, and the archive it comes fro
 def _read_json(uri: str) -> dict | None:
     """A small JSON state file, or None if absent or corrupt (a corrupt one is logged and ignored)."""
     try:
-        value = json.loads(storage.read_text(uri))
-    except FileNotFoundError:
-        return None
+        return jsonl.read_object(uri)
     except ValueError as exc:
-        log.warning("%s: not valid JSON (%s), ignored", uri, exc)
+        log.warning("%s: %s, ignored", uri, exc)
         return None
-    return value if isinstance(value, dict) else None
 
 
 class _Reader:

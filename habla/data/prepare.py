@@ -371,13 +371,9 @@ def _claim(out: str, release: str, options: PrepareOptions) -> bool:
 def _read_state(uri: str) -> dict | None:
     """A JSON state file this module wrote; None if absent. Raises HablaError if it is not what it should be."""
     try:
-        value = jsonl.loads_line(storage.read_text(uri))
-    except FileNotFoundError:
-        return None
+        value = jsonl.read_object(uri)
     except ValueError as exc:
         raise HablaError(f"{uri}: corrupt ({exc}); delete the dataset folder's plan/ (or use a new --out)") from None
-    if not isinstance(value, dict):
-        raise HablaError(f"{uri}: corrupt (not a JSON object); delete the dataset folder's plan/ (or use a new --out)")
     return value
 
 

@@ -19,11 +19,10 @@ parameter; parameters missing from ``run.json`` are taken from the run's paramet
 from __future__ import annotations
 
 import io
-import json
 import logging
 from typing import Any
 
-from habla.core import layout, storage
+from habla.core import jsonl, layout, storage
 from habla.core.errors import HablaError, one_line
 from habla.core.layout import OutputLayout, RunLayout
 from habla.data.commonvoice import release_label
@@ -53,14 +52,11 @@ NOT_SETTINGS = {"run_name", "run_dir", "started", "release", "release_uri", "con
 
 def _read_json(uri: str) -> dict | None:
     try:
-        value = json.loads(storage.read_text(uri))
-    except FileNotFoundError:
-        return None
+        return jsonl.read_object(uri)
     except ValueError as exc:
-        raise HablaError(f"{uri}: not valid JSON ({exc})") from None
+        raise HablaError(f"{uri}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - S3 permission, endpoint down: any of botocore's errors
         raise HablaError(f"cannot read {uri}: {one_line(exc, with_type=True)}") from None
-    return value if isinstance(value, dict) else None
 
 
 def _first(*values: Any) -> Any:

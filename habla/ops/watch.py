@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from habla.core import storage
+from habla.core import jsonl, storage
 from habla.core.errors import HablaError, one_line
 from habla.data import commonvoice
 from habla.data.commonvoice import ReleaseName, parse_release_name
@@ -181,15 +181,13 @@ def read_state(uri: str, required: tuple[str, ...] = ()) -> dict | None:
     field missing or not a string). A corrupt file is logged and treated as absent: one damaged file must
     not stop every later poll."""
     try:
-        value = json.loads(storage.read_text(uri))
-    except FileNotFoundError:
+        value = jsonl.read_object(uri)
+    except ValueError as exc:
+        log.warning("%s: corrupt state file, treated as absent (%s)", uri, exc)
         return None
-    except (ValueError, IsADirectoryError) as exc:
-        log.warning("%s: corrupt state file, treated as absent (%s)", uri, one_line(exc, with_type=True))
-        return None
-    missing = [k for k in required if not isinstance(value, dict) or not isinstance(value.get(k), str)]
-    if not isinstance(value, dict) or missing:
-        log.warning("%s: corrupt state file, treated as absent (no %s)", uri, ", ".join(missing) or "JSON object")
+    missing = [k for k in required if value is not None and not isinstance(value.get(k), str)]
+    if missing:
+        log.warning("%s: corrupt state file, treated as absent (no %s)", uri, ", ".join(missing))
         return None
     return value
 
