@@ -187,3 +187,19 @@ def keep_containers_until_waited(monkeypatch) -> Iterator[StartedContainers]:
         ids = [cid for _, cid in seen.started]
         if ids:
             podman("rm", "--force", "--ignore", *ids, check=False)
+
+
+@contextmanager
+def kfp_docker_runner(pipeline_root: Path, scratch: Path) -> Iterator[StartedContainers]:
+    """``kfp.local`` with its DockerRunner against podman's Docker-compatible API (a socket under ``scratch``),
+    through :func:`keep_containers_until_waited`; yields what it started. Undone when the block ends."""
+    from kfp import local
+
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        with docker_api(scratch) as docker_host, keep_containers_until_waited(monkeypatch) as seen:
+            monkeypatch.setenv("DOCKER_HOST", docker_host)
+            local.init(runner=local.DockerRunner(), pipeline_root=str(pipeline_root), raise_on_error=True)
+            yield seen
+    finally:
+        monkeypatch.undo()

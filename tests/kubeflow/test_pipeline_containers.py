@@ -12,9 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from containers import CONTAINER_UID, docker_api, keep_containers_until_waited, shared_folder
+from containers import CONTAINER_UID, kfp_docker_runner, shared_folder
 from habla.pipelines.training_pipeline import build_pipeline
-from kfp import local
 
 from habla.kubeflow.compile import CompileOptions
 
@@ -31,30 +30,21 @@ IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)]*)\)")
 def pipeline_run(prep_image, train_image, tmp_path_factory):
     root = shared_folder(tmp_path_factory.mktemp("kfp-docker"))
     out = shared_folder(root / "out")  # under the pipeline root: the one host folder kfp mounts into steps
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        with (
-            docker_api(tmp_path_factory.mktemp("podman")) as docker_host,
-            keep_containers_until_waited(monkeypatch) as seen,
-        ):
-            monkeypatch.setenv("DOCKER_HOST", docker_host)
-            local.init(runner=local.DockerRunner(), pipeline_root=str(root), raise_on_error=True)
-            options = CompileOptions(prep_image=prep_image, train_image=train_image, conversion_parallelism=2)
-            build_pipeline(options)(
-                release_uri=RELEASE_IN_IMAGE,
-                output_uri=str(out),
-                run_name="in-containers",
-                launcher="local",
-                gpus_per_node="0",
-                num_shards=2,
-                workers_per_shard=1,
-                audio_format="wav",
-                config="tiny_ctc_char",
-                config_overrides="trainer.max_steps=10",
-            )
-            started = list(seen.started)
-    finally:
-        monkeypatch.undo()
+    with kfp_docker_runner(root, tmp_path_factory.mktemp("podman")) as seen:
+        options = CompileOptions(prep_image=prep_image, train_image=train_image, conversion_parallelism=2)
+        build_pipeline(options)(
+            release_uri=RELEASE_IN_IMAGE,
+            output_uri=str(out),
+            run_name="in-containers",
+            launcher="local",
+            gpus_per_node="0",
+            num_shards=2,
+            workers_per_shard=1,
+            audio_format="wav",
+            config="tiny_ctc_char",
+            config_overrides="trainer.max_steps=10",
+        )
+        started = list(seen.started)
     assert builtins.print.__module__ == "builtins"  # nothing of kfp.local's is left in this process
     return root, out, started
 
@@ -116,16 +106,7 @@ def test_a_failing_step_fails(prep_image, tmp_path_factory):
         raise SystemExit(3)
 
     root = shared_folder(tmp_path_factory.mktemp("kfp-fail"))
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        with (
-            docker_api(tmp_path_factory.mktemp("podman")) as docker_host,
-            keep_containers_until_waited(monkeypatch) as seen,
-        ):
-            monkeypatch.setenv("DOCKER_HOST", docker_host)
-            local.init(runner=local.DockerRunner(), pipeline_root=str(root), raise_on_error=True)
-            with pytest.raises(RuntimeError, match="exits-with-3"):
-                exits_with_3()
-            assert [image for image, _ in seen.started] == [prep_image]
-    finally:
-        monkeypatch.undo()
+    with kfp_docker_runner(root, tmp_path_factory.mktemp("podman")) as seen:
+        with pytest.raises(RuntimeError, match="exits-with-3"):
+            exits_with_3()
+        assert [image for image, _ in seen.started] == [prep_image]
