@@ -25,7 +25,9 @@ class PrepareOptions:
     splits: tuple[str, ...] = SPLITS
     train_source: str = "train"  # "validated": validated.tsv minus dev/test speakers, sentences and clips
     format: str = "wav"  # "tar": the train split as NeMo tarred shards
-    shards: int = 4
+    shards: int | None = None  # None: from the data size and world_size (prepare.shard_count)
+    world_size: int = 1  # GPUs in all of the training the tar shards are sized for
+    shard_seed: int = 0  # the shuffle of the train clips over the tar shards
     locale: str = "es"
     min_duration: float = 0.5
     max_duration: float = 20.0
@@ -43,8 +45,10 @@ class PrepareOptions:
             raise HablaError(f"--train-source must be train or validated (got {self.train_source!r})")
         if self.format not in ("wav", "tar"):
             raise HablaError(f"--format must be wav or tar (got {self.format!r})")
-        if self.shards < 1:
+        if self.shards is not None and self.shards < 1:
             raise HablaError(f"--shards must be >= 1 (got {self.shards})")
+        if self.world_size < 1:
+            raise HablaError(f"--world-size must be >= 1 (got {self.world_size})")
         if not 0 <= self.min_duration < self.max_duration:
             raise HablaError(
                 f"need 0 <= --min-duration < --max-duration (got {self.min_duration}, {self.max_duration})"

@@ -66,10 +66,13 @@ def run_local(
     release: str | None = None,
     config: str | None = None,
     run_name: str | None = None,
+    pipeline_defaults: bool = False,
 ) -> dict:
     """Run the whole pipeline here through ``kfp.local`` (each step a subprocess of this Python).
 
-    Returns ``{"run_dir", "metrics"}``: the run's folder and its evaluation metrics.
+    The parameters start from LOCAL_DEFAULTS, or with ``pipeline_defaults`` from the compiled pipeline's own
+    defaults (what a cluster run gets: tar shards, fastconformer_ctc_bpe, the config's budget; ``launcher=local``
+    is still needed to train here). Returns ``{"run_dir", "metrics"}``: the run's folder and its evaluation metrics.
     """
     from kfp import local
 
@@ -78,7 +81,7 @@ def run_local(
     pipeline = build_pipeline(CompileOptions())
     params = parse_settings(list(settings), pipeline)
     run_name = run_name or time.strftime("local-%Y%m%d-%H%M%S")
-    arguments = {**LOCAL_DEFAULTS, **({"config": config} if config else {}), **params}
+    arguments = {**({} if pipeline_defaults else LOCAL_DEFAULTS), **({"config": config} if config else {}), **params}
     arguments.update(release_uri=release or BUNDLED_RELEASE, output_uri=storage.absolute(out), run_name=run_name)
     storage.check_writable_root(out)
     if storage.is_s3(out):
