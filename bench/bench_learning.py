@@ -2,7 +2,7 @@
 paths of habla train, WAV files (NeMo's classic loader) and tar shards (Lhotse, dynamic bucketing), side by
 side, scored on the clips it trained on and on held-out clips.
 
-    PYTHONPATH=. python bench/bench_learning.py [--budgets 150x8,300x8,600x8,300x16] [--rounds 1] [--json out.json]
+    PYTHONPATH=. python bench/bench_learning.py [--budgets 150x8,300x8,600x8,150x16] [--rounds 3] [--json out.json]
 
 Data: the bundled release data/mini-es-v25/es prepared twice by ``habla prepare`` with the same options,
 ``--format wav`` and ``--format tar`` (automatic shard count, shuffled shards): the same train clips either
@@ -67,8 +67,8 @@ def run(data: dict, path: str, steps: int, batch: int, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budgets", default="150x8,300x8,600x8,300x16", help="comma-separated STEPSxBATCH")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--budgets", default="150x8,300x8,600x8,150x16", help="comma-separated STEPSxBATCH")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args()
     budgets = [tuple(int(v) for v in b.split("x")) for b in args.budgets.split(",")]

@@ -413,6 +413,12 @@ def train(
         results = trainer.validate(model, verbose=False)
         val_wer = float(results[0]["val_wer"]) if results and "val_wer" in results[0] else None
 
+    # utterances per optimizer step (unknown when resumed from a checkpoint that did not count them)
+    counted = progress.start_step == 0 or progress.utterances_before > 0
+    measured = progress.utterances / trainer.global_step if trainer.global_step and counted else None
+    note = budget.measured_batch_warning(plan, measured)
+    if note and trainer.is_global_zero:
+        log.warning(note)
     summary = {
         "world_size": trainer.world_size,
         "nodes": trainer.num_nodes,
@@ -421,6 +427,7 @@ def train(
         "epochs": trainer.current_epoch,
         "wall_seconds": round(time.time() - started, 1),
         "audio_hours_seen": round(progress.audio_seconds / 3600, 6),
+        "utterances_seen": progress.utterances,
         "final_train_loss": progress.last_loss,
         "val_wer": val_wer,
         "config": config,
@@ -432,6 +439,7 @@ def train(
         "final_lr": final_lr,
         **plan.as_summary(),
     }
+    summary["batch"]["measured_global_batch"] = None if measured is None else round(measured, 2)
 
     # 4. Rank 0 writes the artifacts; the other ranks leave without any further collective.
     trainer.strategy.barrier("habla-train-artifacts")

@@ -4,7 +4,10 @@ test_train_budgets.py; two real torchrun processes in test_train_distributed.py.
 
 from __future__ import annotations
 
+import bisect
 import math
+import random
+from collections import Counter
 
 import pytest
 
@@ -60,30 +63,66 @@ def test_steps_per_epoch_follow_the_data_the_batch_and_the_world():
 def test_the_budget_is_whichever_ends_first_and_the_warmup_fits_in_it():
     entries = clips(100_000)
     cfg = train_config.load("fastconformer_ctc_bpe")  # 100,000 steps, no epoch limit
-    plan = budget.plan(cfg, entries, 1, streamed=True)
+    plan = budget.plan(cfg, entries, 1, streamed=False)
     assert (plan.max_steps, plan.budget_from, plan.warmup_steps) == (100_000, "max_steps", 15_000)
     # the pipeline's max_epochs=2 on top of the config's steps: two epochs end first
     cfg = train_config.load("fastconformer_ctc_bpe", ["trainer.max_epochs=2"])
-    plan = budget.plan(cfg, entries, 1, streamed=True)
+    plan = budget.plan(cfg, entries, 1, streamed=False)
     assert plan.budget_from == "max_epochs" and plan.max_steps == 2 * plan.steps_per_epoch
     assert plan.warmup_steps == math.floor(plan.max_steps * budget.MAX_WARMUP_FRACTION) < 15_000
 
 
-def test_bucketing_batches_by_duration_with_the_same_utterances_on_average():
-    cfg = train_config.load("fastconformer_ctc_bpe", ["trainer.max_epochs=1"])
-    entries = clips(500, 2.0) + clips(500, 8.0)  # mean 5 s
+def common_voice_like(n: int) -> list[dict]:
+    rng = random.Random(1)
+    return [{"duration": min(20.0, max(0.5, rng.lognormvariate(1.5, 0.35)))} for _ in range(n)]
+
+
+def test_bucketing_batches_hold_the_per_device_batch_on_average():
+    cfg = train_config.load("fastconformer_ctc_bpe", ["trainer.max_epochs=1", "model.train_ds.num_workers=2"])
+    entries = common_voice_like(20_000)
     plan = budget.plan(cfg, entries, 2, streamed=True)
-    assert plan.batch_duration == 128 * 5.0 and plan.per_device_batch == 128
-    assert plan.batches_per_epoch == math.ceil(5000 / (640 * 2)) and plan.accumulate_grad_batches == 8
+    durations = sorted(e["duration"] for e in entries)
+    # buckets at the duration quantiles: about as many clips in each
+    assert plan.num_buckets == 30 and len(plan.bucket_duration_bins) == 29
+    bins = plan.bucket_duration_bins
+    sizes = Counter(bisect.bisect_left(bins, d) for d in durations)
+    assert max(sizes.values()) < 2 * min(sizes.values())
+    # batch_duration makes Lhotse's own sampler average 128 utterances per batch (what a worker draws in the
+    # run: 40 batches per rank, 20 per worker), where batch_size × the padded mean would give more
+    assert plan.per_device_batch == 128 and plan.simulated_per_device_batch == pytest.approx(128, rel=0.03)
+    first_guess = 128 * budget.mean_padded(durations, bins)
+    assert plan.batch_duration < first_guess and plan.batch_duration < 128 * max(durations)  # fits what 128 fit
+    assert plan.batches_per_epoch == math.ceil(20_000 / (128 * 2)) and plan.accumulate_grad_batches == 8
+    # another seed, a longer run: still 128 on average within a few percent
+    budget.CALIBRATION_SEED, seed = 7, budget.CALIBRATION_SEED
+    try:
+        _, measured = budget.calibrate_batch_duration(durations, bins, 128, 300, 10_000)
+    finally:
+        budget.CALIBRATION_SEED = seed
+    assert measured == pytest.approx(128, rel=0.05)
+
     budget.apply(cfg, plan, streamed=True)
     ds = cfg.model.train_ds
-    assert ds.use_bucketing and ds.batch_duration == 640 and ds.batch_size is None
+    assert ds.use_bucketing and tuple(ds.bucket_duration_bins) == bins and ds.batch_size is None
+    assert ds.batch_duration == plan.batch_duration and ds.num_buckets == 30
     assert ds.concurrent_bucketing is False  # Lhotse's filler thread would keep the process from exiting
     assert cfg.trainer.limit_train_batches == plan.batches_per_epoch and cfg.trainer.max_steps == plan.max_steps
-    assert cfg.trainer.accumulate_grad_batches == 8 and 1 <= ds.num_buckets <= budget.DEFAULT_NUM_BUCKETS
+    assert cfg.trainer.accumulate_grad_batches == 8
     # WAV files go through NeMo's classic loader: a fixed batch of utterances, no duration batches
     plan = budget.plan(train_config.load("fastconformer_ctc_bpe"), entries, 2, streamed=False)
-    assert plan.batch_duration is None and plan.batches_per_epoch == math.ceil(500 / 128)
+    assert (
+        plan.batch_duration is None and plan.num_buckets is None and plan.batches_per_epoch == math.ceil(10_000 / 128)
+    )
+
+
+def test_padding_and_quantile_edges():
+    """Lhotse pads a batch to its longest clip: 1-5 s clips share a bucket padded to 5 s, 6-9 s one to 9 s."""
+    durations = [float(d) for d in range(1, 10)] * 10
+    assert budget.bucket_bins(sorted(durations), 2) == [5.0]
+    assert budget.mean_padded(durations, [5.0]) == pytest.approx((50 * 5 + 40 * 9) / 90)
+    assert budget.mean_padded([1.0, 2.0, 3.0], []) == 3.0 and budget.bucket_bins([1.0, 2.0, 3.0, 4.0], 2) == [2.0]
+    plan = budget.plan(train_config.load("tiny_ctc_char"), [{"duration": d} for d in durations], 1, streamed=True)
+    assert plan.num_buckets == 2 and plan.bucket_duration_bins == (5.0,)  # 90 clips fill 2 buckets of 4 batches
 
 
 def test_an_explicit_accumulation_or_batch_duration_wins():
@@ -92,6 +131,7 @@ def test_an_explicit_accumulation_or_batch_duration_wins():
     plan = budget.plan(cfg, clips(1000, 4.0), 2, streamed=True)
     assert (plan.accumulate_grad_batches, plan.accumulation_from) == (3, "config")
     assert plan.batch_duration == 100 and plan.per_device_batch == 25 and plan.global_batch == 150
+    assert plan.num_buckets == 1 and plan.bucket_duration_bins == ()  # 1,000 equal clips: nothing to bucket
     assert "0.07×" in budget.global_batch_warning(plan)
 
 
@@ -109,6 +149,6 @@ def test_a_run_whose_length_cannot_be_known_is_one_line():
 def test_the_decisions_are_logged_in_two_lines():
     cfg = train_config.load("fastconformer_ctc_bpe")
     batch, schedule = budget.describe(budget.plan(cfg, clips(4096, 5.0), 2, streamed=True))
-    assert batch == ("batch: 640 s (≈ 128 utterances, dynamic bucketing) per device × 2 devices × accumulate 8 "
-                     "(for the config's global_batch 2048) = global batch 2048")  # fmt: skip
+    assert batch == ("batch: 640 s padded (≈ 128 utterances, 1 duration bucket(s)) per device × 2 devices × "
+                     "accumulate 8 (for the config's global_batch 2048) = global batch 2048")  # fmt: skip
     assert schedule.startswith("schedule: 100000 optimizer steps (from trainer.max_steps) = 50000 epoch(s) of 2 steps")

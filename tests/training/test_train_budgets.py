@@ -72,7 +72,11 @@ def test_config_trains_on_its_data_path_to_its_budget(config, path, mode, data, 
     cfg = train_config.load(config, overrides)
     planned = budget.plan(cfg, data["entries"], 1, streamed=path == "tar")
     schedule, batch = summary["schedule"], summary["batch"]
+    measured = batch.pop("measured_global_batch")
     assert schedule == planned.as_summary()["schedule"] and batch == planned.as_summary()["batch"]
+    assert measured == pytest.approx(summary["utterances_seen"] / summary["steps"], abs=0.01)
+    if path == "wav":  # NeMo's classic loader: whole batches, an epoch's last one partial
+        assert 0 < measured <= batch["global_batch"]
     assert summary["steps"] == schedule["max_steps"] > 0
     if mode == "epochs":
         assert schedule["budget_from"] == "max_epochs" and summary["steps"] == 2 * schedule["steps_per_epoch"]
