@@ -61,6 +61,7 @@ def run(data: dict, path: str, steps: int, batch: int, out: Path) -> dict:
     seen = evaluate(str(out / "model" / "model.nemo"), data["seen"], str(out / "eval-seen"))
     held = evaluate(str(out / "model" / "model.nemo"), data["held_out"], str(out / "eval-held-out"))
     return {"path": path, "steps": summary["steps"], "batch": batch, "audio_hours": summary["audio_hours_seen"],
+            "per_step": summary["batch"]["measured_global_batch"],
             "seen_wer": seen["wer"], "seen_cer": seen["cer"], "held_out_wer": held["wer"], "held_out_cer": held["cer"],
             "final_loss": summary["final_train_loss"], "seconds": round(seconds, 1)}  # fmt: skip
 
@@ -89,14 +90,15 @@ def main() -> None:
 
     print(f"\n{data['train_clips']} train clips ({data['tar_shards']} tar shards); held out: dev + test; "
           f"median of {args.rounds} round(s)\n")  # fmt: skip
-    print("| steps × batch | path | audio h seen | seen WER | seen CER | held-out WER | held-out CER | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| steps × batch | path | utterances / step | audio h seen | seen WER | seen CER | held-out WER | "
+          "held-out CER | wall s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for steps, batch in budgets:
         for path in ("wav", "tar"):
             cell = [r for r in rows if (r["steps"], r["batch"], r["path"]) == (steps, batch, path)]
             med = {k: statistics.median(r[k] for r in cell) for k in cell[0] if k != "path"}
-            print(f"| {steps} × {batch} | {path} | {med['audio_hours']:.2f} | {med['seen_wer']:.3f} | "
-                  f"{med['seen_cer']:.3f} | {med['held_out_wer']:.3f} | {med['held_out_cer']:.3f} | "
+            scores = " | ".join(f"{med[k]:.3f}" for k in ("seen_wer", "seen_cer", "held_out_wer", "held_out_cer"))
+            print(f"| {steps} × {batch} | {path} | {med['per_step']:.1f} | {med['audio_hours']:.2f} | {scores} | "
                   f"{med['seconds']:.0f} |")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"data": data, "rows": rows}, indent=2))
