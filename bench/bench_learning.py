@@ -3,6 +3,7 @@ paths of habla train, WAV files (NeMo's classic loader) and tar shards (Lhotse, 
 side, scored on the clips it trained on and on held-out clips.
 
     PYTHONPATH=. python bench/bench_learning.py [--budgets 150x8,300x8,600x8,150x16] [--rounds 3] [--json out.json]
+    PYTHONPATH=. python bench/bench_learning.py --sampler     # batch_duration's calibration alone (no training)
 
 Data: the bundled release data/mini-es-v25/es prepared twice by ``habla prepare`` with the same options,
 ``--format wav`` and ``--format tar`` (automatic shard count, shuffled shards): the same train clips either
@@ -66,12 +67,45 @@ def run(data: dict, path: str, steps: int, batch: int, out: Path) -> dict:
             "final_loss": summary["final_train_loss"], "seconds": round(seconds, 1)}  # fmt: skip
 
 
+def sampler_table() -> None:
+    """Utterances per batch from Lhotse's bucketing sampler: batch_size × mean padded clip as batch_duration (the
+    first guess) vs the calibrated batch_duration, re-measured with another seed, on the bundled release's train
+    durations and on 358,330 Common-Voice-like ones (log-normal around 4.8 s, 0.5-20 s)."""
+    import random
+
+    from habla.training import budget
+
+    work = Path(tempfile.mkdtemp(prefix="habla-bench-sampler-"))
+    wav = prepare(str(RELEASE), str(work / "wav"), PrepareOptions(), workers=2)
+    bundled = [json.loads(line)["duration"] for line in Path(wav["manifests"]["train"]).read_text().splitlines()]
+    rng = random.Random(1)
+    cv_like = [min(20.0, max(0.5, rng.lognormvariate(1.5, 0.35))) for _ in range(358_330)]
+    print("| durations | batch_size | batches drawn | buckets | first guess: utterances / batch | calibrated: "
+          "utterances / batch (other seed) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for name, durations, batch, batches in (("bundled release train", bundled, 8, 300),
+                                            ("Common-Voice-like", cv_like, 128, 175),
+                                            ("Common-Voice-like", cv_like, 128, 1000)):  # fmt: skip
+        durations = sorted(durations)
+        bins = budget.bucket_bins(durations, budget.num_buckets(None, len(durations), batch))
+        buffer = min(10_000, len(durations))
+        first = budget.simulated_batch(durations, bins, batch * budget.mean_padded(durations, bins), batches, buffer)
+        calibrated, _ = budget.calibrate_batch_duration(durations, bins, batch, batches, buffer)
+        again = budget.simulated_batch(durations, bins, calibrated, batches, buffer, seed=7)  # another draw
+        print(f"| {name} ({len(durations)} clips) | {batch} | {batches} | {len(bins) + 1} | {first:.1f} "
+              f"({first / batch - 1:+.0%}) | {again:.1f} ({again / batch - 1:+.0%}) |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", default="150x8,300x8,600x8,150x16", help="comma-separated STEPSxBATCH")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the raw figures here")
+    parser.add_argument("--sampler", action="store_true", help="only: batch_duration's calibration, no training")
     args = parser.parse_args()
+    if args.sampler:
+        sampler_table()
+        return
     budgets = [tuple(int(v) for v in b.split("x")) for b in args.budgets.split(",")]
 
     import torch

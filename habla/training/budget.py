@@ -132,13 +132,17 @@ def mean_padded(durations: Sequence[float], bins: Sequence[float]) -> float:
     return sum(longest[bisect.bisect_left(bins, d)] for d in durations) / len(durations)
 
 
-def calibrate_batch_duration(
-    durations: Sequence[float], bins: Sequence[float], batch_size: float, batches: int, buffer_size: int
-) -> tuple[float, float]:
-    """The ``batch_duration`` whose batches average ``batch_size`` utterances when Lhotse's bucketing sampler
-    runs ``batches`` batches (a loader worker's share of the run, at most CALIBRATION_BATCHES) with this
-    buffer, and the average it gives there. Simulated on the durations alone (no audio), with Lhotse's own
-    sampler."""
+def simulated_batch(
+    durations: Sequence[float],
+    bins: Sequence[float],
+    batch_duration: float,
+    batches: int,
+    buffer_size: int,
+    seed: int = CALIBRATION_SEED,
+) -> float:
+    """Utterances per batch, on average, when Lhotse's bucketing sampler (as NeMo sets it up: ``bins``, this
+    buffer, shuffled) draws ``batches`` batches of ``batch_duration`` padded seconds from an endless stream of
+    these durations. Lhotse's own sampler on duration-only cuts: no audio is read."""
     import random
 
     from lhotse import CutSet
@@ -146,26 +150,29 @@ def calibrate_batch_duration(
     from lhotse.dataset.sampling.dynamic import DynamicCutSampler
     from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler
 
-    rng = random.Random(CALIBRATION_SEED)
-    sample = rng.sample(sorted(durations), min(len(durations), CALIBRATION_CLIPS))  # whatever the manifest order
+    sample = random.Random(seed).sample(sorted(durations), min(len(durations), CALIBRATION_CLIPS))
     cuts = CutSet.from_cuts(MonoCut(f"c{i}", 0.0, d, 0) for i, d in enumerate(sample)).repeat()
-    batches = max(1, min(batches, CALIBRATION_BATCHES))
+    common = dict(max_duration=batch_duration, shuffle=True, seed=seed, shuffle_buffer_size=buffer_size)
+    sampler = (
+        DynamicBucketingSampler(cuts, duration_bins=list(bins), buffer_size=buffer_size, **common)
+        if bins
+        else DynamicCutSampler(cuts, **common)  # one bucket: NeMo then uses Lhotse's plain duration sampler
+    )
+    sizes = [len(batch) for batch, _ in zip(sampler, range(max(1, min(batches, CALIBRATION_BATCHES))))]
+    return sum(sizes) / len(sizes)
 
-    def mean_batch(batch_duration: float) -> float:
-        common = dict(max_duration=batch_duration, shuffle=True, seed=CALIBRATION_SEED, shuffle_buffer_size=buffer_size)
-        sampler = (
-            DynamicBucketingSampler(cuts, duration_bins=list(bins), buffer_size=buffer_size, **common)
-            if bins
-            else DynamicCutSampler(cuts, **common)  # one bucket: NeMo then uses Lhotse's plain duration sampler
-        )
-        sizes = [len(batch) for batch, _ in zip(sampler, range(batches))]
-        return sum(sizes) / len(sizes)
 
+def calibrate_batch_duration(
+    durations: Sequence[float], bins: Sequence[float], batch_size: float, batches: int, buffer_size: int
+) -> tuple[float, float]:
+    """The ``batch_duration`` whose batches average ``batch_size`` utterances over ``batches`` batches (a loader
+    worker's share of the run) of Lhotse's sampler, and the average it gives there. Starts from ``batch_size ×
+    mean padded clip`` and corrects it in proportion, CALIBRATION_ROUNDS times."""
     batch_duration = batch_size * mean_padded(durations, bins)
-    measured = mean_batch(batch_duration)
+    measured = simulated_batch(durations, bins, batch_duration, batches, buffer_size)
     for _ in range(CALIBRATION_ROUNDS):
         batch_duration *= batch_size / measured
-        measured = mean_batch(batch_duration)
+        measured = simulated_batch(durations, bins, batch_duration, batches, buffer_size)
     return batch_duration, measured
 
 
