@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Data-preparation benchmarks (not tests). Results and the command that made them: bench/RESULTS.md.
 
-    .venv/bin/python bench/bench_prepare.py [--clips 1054] [--rows 1700000] [--only conversion,workers,s3,scale]
+    .venv/bin/python bench/bench_prepare.py [--clips 1054] [--rows 1700000] [--rounds 3]
+                                            [--only conversion,whole,workers,s3,scale]
 
 * conversion: habla's in-process converter vs one ffmpeg process per clip (the original recipe), one sox
   process per clip (NeMo's script) and the MP3 decode alone (the floor), in audio-seconds per CPU-second,
   side by side on the same real-speech clips (Debian's Asterisk Spanish prompts re-encoded to 48/44.1/32 kHz
   MP3; needs apt-get, ffmpeg and sox with libsox-fmt-mp3);
+* whole: the whole ``habla prepare`` command (a fresh process: imports, plan, conversion with 1 worker,
+  manifests, report with its plot) vs one ffmpeg process per clip on the clips it accepted, rounds alternated;
 * workers: ``convert_shard`` with 1 vs 2 worker processes (wall-clock throughput);
 * s3: the same shard written as tar shards / per-file WAVs to a loopback S3 server (moto) vs a local folder;
 * scale: planning and assembly of a synthetic release with ``--rows`` TSV rows (Common Voice 25.0 es has
@@ -141,6 +144,68 @@ def bench_conversion(corpus: Path, work: Path) -> list[dict]:
     return results
 
 
+def _children_cpu() -> float:
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the child processes fn ran)."""
+    wall0, cpu0 = time.perf_counter(), _children_cpu()
+    fn()
+    return time.perf_counter() - wall0, _children_cpu() - cpu0
+
+
+def bench_whole(corpus: Path, work: Path, rounds: int) -> list[dict]:
+    """``habla prepare`` from start to finish vs one ffmpeg process per accepted clip, alternated.
+
+    Both sides run as fresh processes, so both pay their start-up: habla's imports, plan, 1 worker converting,
+    the manifests and the report (report.json/.md/.png); ffmpeg's process per clip. Best round of each.
+    """
+    habla = str(Path(sys.executable).with_name("habla"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results, accepted = [], None
+    for n in range(rounds):
+        out = work / f"whole-{n}"
+        command = [habla, "prepare", "--release", str(corpus), "--out", str(out), "--shards", "1", "--workers", "1",
+                   "--splits", "train"]  # fmt: skip
+        wall, cpu = _timed(lambda c=command: subprocess.run(c, check=True, capture_output=True, env=env))
+        results.append(
+            {"method": "habla prepare (whole run, 1 worker)", "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+        )
+        print(json.dumps(results[-1]), flush=True)
+        if accepted is None:
+            entries = jsonl.loads((out / "manifests" / "train.json").read_text(encoding="utf-8"))
+            accepted = [corpus / "clips" / e["path"] for e in entries]
+        shutil.rmtree(out)
+        ff = work / "whole-ffmpeg"
+        ff.mkdir(exist_ok=True)
+
+        def ffmpeg(ff=ff, accepted=accepted):
+            for c in accepted:
+                subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(c), "-ar", "16000", "-ac",
+                                "1", str(ff / (c.stem + ".wav"))], check=True)  # fmt: skip
+
+        wall, cpu = _timed(ffmpeg)
+        results.append(
+            {"method": "one ffmpeg process per accepted clip", "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+        )
+        print(json.dumps(results[-1]), flush=True)
+        shutil.rmtree(ff)
+    best = {
+        m: {k: min(r[k] for r in results if r["method"] == m) for k in ("wall_s", "cpu_s")}
+        for m in dict.fromkeys(r["method"] for r in results)
+    }
+    (habla_best, ffmpeg_best) = best.values()
+    summary = {
+        "accepted_clips": len(accepted),
+        "wall_ratio": round(ffmpeg_best["wall_s"] / habla_best["wall_s"], 1),
+        "cpu_ratio": round(ffmpeg_best["cpu_s"] / habla_best["cpu_s"], 1),
+    }
+    print(json.dumps(summary), flush=True)
+    return results + [summary]
+
+
 def bench_workers(corpus: Path, work: Path) -> list[dict]:
     results = []
     for workers in (1, 2, 1, 2):  # alternated, best of two each: the machine is shared
@@ -255,7 +320,7 @@ def synthesize_release(root: Path, rows: int) -> None:
     speakers = [f"{rng.getrandbits(512):0128x}" for _ in range(100_000)]
     genders, ages = ["male_masculine", "female_feminine", ""], ["twenties", "thirties", "fourties", ""]
     accents = ["México", "Andino-Pacífico", "España: Norte peninsular", "Caribe", ""]
-    root.mkdir(parents=True)
+    (root / "clips").mkdir(parents=True)  # empty: planning reads no audio
     columns = (
         "client_id path sentence_id sentence sentence_domain up_votes down_votes age gender accents variant "
         "locale segment"
@@ -286,7 +351,7 @@ def fake_convert(out: Path) -> None:
     for k in range(plan["num_shards"]):
         entries: dict[str, list[dict]] = {}
         for clip in jsonl.loads(storage.read_text(layout.plan_shard(k))):
-            record = prep._entry(clip, layout.wav(clip["split"], clip["path"]), clip["duration"])
+            record = prep._entry(clip, layout.wav(clip["split"], prep.audio_name(clip)), clip["duration"])
             entries.setdefault(record["split"], []).append(record["entry"])
         for split, items in entries.items():
             items.sort(key=lambda e: e["path"])
@@ -323,16 +388,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=1054)
     parser.add_argument("--rows", type=int, default=1_700_000)
-    parser.add_argument("--only", default="conversion,workers,s3,scale")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the whole-run comparison")
+    parser.add_argument("--corpus", type=Path, help="reuse a corpus folder built before (its es/ folder)")
+    parser.add_argument("--only", default="conversion,whole,workers,s3,scale")
     args = parser.parse_args()
     only = set(args.only.split(","))
     results = {}
     with tempfile.TemporaryDirectory(prefix="habla-bench-") as tmp:
         work = Path(tmp)
-        if only & {"conversion", "workers", "s3"}:
-            corpus = build_corpus(work, args.clips)
+        if only & {"conversion", "whole", "workers", "s3"}:
+            corpus = args.corpus or build_corpus(work, args.clips)
         if "conversion" in only:
             results["conversion"] = bench_conversion(corpus, work)
+        if "whole" in only:
+            results["whole"] = bench_whole(corpus, work, args.rounds)
         if "workers" in only:
             results["workers"] = bench_workers(corpus, work)
         if "s3" in only:

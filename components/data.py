@@ -3,7 +3,7 @@
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import HTML, Markdown, Metrics, Output
+from kfp.dsl import HTML, Dataset, Markdown, Metrics, Output
 
 from habla.kubeflow.compile import DEFAULT_PREP_IMAGE
 
@@ -76,13 +76,38 @@ def assemble_dataset(
 
     summary = prepare.assemble(dataset_uri)
     layout = DatasetLayout(dataset_uri)
+    png = storage.read_bytes(layout.report_png)
+    # The KFP UI cannot follow report.md's relative link to the plot: the artifact carries the image itself.
+    markdown = storage.read_text(layout.report_md)
     with open(report.path, "w", encoding="utf-8") as f:
-        f.write(storage.read_text(layout.report_md))
+        f.write(markdown.replace(f"]({storage.name(layout.report_png)})", f"]({render.png_data_uri(png)})"))
     with open(plots.path, "w", encoding="utf-8") as f:
-        f.write(render.png_html(storage.read_bytes(layout.report_png), "dataset report"))
+        f.write(render.png_html(png, "dataset report"))
     for split, stats in summary["splits"].items():
         hours.log_metric(f"{split}_hours", stats["hours"])
         hours.log_metric(f"{split}_clips", stats["clips"])
     hours.log_metric("rejected_rows", summary["accounting"]["rejected"])
     print(f"converted {sum(shard_hours):.2f} h of audio in {len(shard_hours)} shards")
+    return dataset_uri
+
+
+@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
+def register_dataset(dataset_uri: str, dataset: Output[Dataset]) -> str:
+    """The prepared dataset as a KFP Dataset artifact (its report.json; metadata: where it is, release, hours),
+    so the UI's lineage leads from the data to the models trained and evaluated on it. The audio stays where
+    it is: only the report travels as the artifact. Returns the dataset folder."""
+    import json
+
+    from habla.core import storage
+    from habla.core.layout import DatasetLayout
+
+    report = storage.read_text(DatasetLayout(dataset_uri).report_json)
+    with open(dataset.path, "w", encoding="utf-8") as f:
+        f.write(report)
+    parsed = json.loads(report)
+    dataset.metadata.update(
+        {"uri": dataset_uri, "release": parsed["release"], "release_uri": parsed["release_uri"],
+         **{f"{split}_hours": stats["hours"] for split, stats in parsed["splits"].items()},
+         **{f"{split}_clips": stats["clips"] for split, stats in parsed["splits"].items()}}
+    )  # fmt: skip
     return dataset_uri

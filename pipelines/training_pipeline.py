@@ -2,19 +2,24 @@
 
     start_run → plan_dataset → convert_dataset [list_shards → ParallelFor(convert_shard) → assemble_dataset]
       → train_here (launcher "local") | train_on_cluster (TrainJob / PyTorchJob)
-      → evaluate_models (new and current best, same test set) → If better: promote_model
+      → evaluate_models (new and current best, same test set) → If better: package_model (card, ONNX) → promote_model
 
 :func:`build_pipeline` draws the graph for the images and conversion fan-out chosen at compile time
 (:class:`~habla.kubeflow.compile.CompileOptions`); :func:`compile_pipeline` writes it as IR YAML. Compile with
 ``habla pipeline compile``, run locally with ``habla pipeline run-local``, submit with ``habla pipeline submit``.
 """
 
-from habla.components.data import assemble_dataset, convert_shard, list_shards, plan_dataset
-from habla.components.evaluation import evaluate_models, promote_model
+import re
+
+import yaml
+from habla.components.data import assemble_dataset, convert_shard, list_shards, plan_dataset, register_dataset
+from habla.components.evaluation import evaluate_models, package_model, promote_model
 from habla.components.training import start_run, train_here, train_on_cluster
 from kfp import compiler, dsl, kubernetes
 
+from habla.core.errors import HablaError
 from habla.kubeflow.compile import CompileOptions
+from habla.kubeflow.jobs import DEFAULT_RUNTIME
 
 PIPELINE_NAME = "habla-train"
 # Kubernetes objects the steps read S3 settings from (manifests/): credentials, and endpoint/region.
@@ -36,6 +41,11 @@ def _step(task: dsl.PipelineTask, image: str) -> dsl.PipelineTask:
         config_map_key_to_env={"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION"},
     )
     return task
+
+
+def _shm(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """A RAM-backed /dev/shm: PyTorch DataLoader workers pass batches through it (a pod gets 64 MiB otherwise)."""
+    return kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
 
 
 def build_pipeline(options: CompileOptions | None = None):
@@ -82,10 +92,11 @@ def build_pipeline(options: CompileOptions | None = None):
         config_overrides: str = "",
         init_from: str = "",
         nodes: int = 1,
-        gpus_per_node: int = 1,
+        gpus_per_node: str = "1",
         max_steps: int = 0,
         max_epochs: int = 0,
         launcher: str = "trainjob",
+        runtime: str = DEFAULT_RUNTIME,
         train_image: str = options.train_image,
         promotion_margin: float = 0.0,
         run_name: str = "",
@@ -104,20 +115,21 @@ def build_pipeline(options: CompileOptions | None = None):
             max_duration: Longest clip kept, in seconds.
             config: Model config name (tiny_ctc_char, quartznet15x5_char, fastconformer_ctc_bpe) or a YAML path in the image.
             config_overrides: Space-separated dotted key=value overrides, e.g. "model.optim.lr=0.001 trainer.precision=bf16-mixed".
-            init_from: Optional .nemo to fine-tune from (local path in the image or s3://); the vocabulary is adapted.
+            init_from: Optional checkpoint to fine-tune from: a .nemo (path in the image or s3://) or a name in $HABLA_MODEL_STORE; CTC, hybrid RNNT/CTC (its CTC head) or transducer (its encoder).
             nodes: Training nodes (pods).
-            gpus_per_node: GPUs per training node (one process per GPU).
+            gpus_per_node: GPUs per training node (one process per GPU); a string, e.g. "8", as KFP needs for a GPU limit.
             max_steps: Training steps; 0 keeps the config's.
             max_epochs: Training epochs; 0 keeps the config's.
             launcher: "trainjob" (Kubeflow Trainer v2), "pytorchjob" (Training Operator) or "local" (inside this pipeline's pod).
+            runtime: The TrainJob's ClusterTrainingRuntime; the default (manifests/runtimes) gives the pods a RAM-backed /dev/shm.
             train_image: Image of the training pods (CUDA + NeMo + habla).
-            promotion_margin: Promote only when the new WER is lower than the best model's by more than this (absolute).
-            run_name: Name of the run's folder under output_uri/runs/; empty: the pipeline run's name.
+            promotion_margin: Promote only when the new WER is lower than the best model's by more than this (absolute), with 95 % confidence (paired bootstrap over test utterances).
+            run_name: Name of the run's folder under output_uri/runs/ (one run's only); empty: the KFP run's id.
         """
         run = start_run(
             output_uri=output_uri,
             run_name=run_name,
-            job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             release_uri=release_uri,
             locale=locale,
             config=config,
@@ -164,13 +176,14 @@ def build_pipeline(options: CompileOptions | None = None):
         )
         with dsl.If(launcher == "local", name="train-in-pipeline-pod"):
             here = train_here(**train_args).set_caching_options(False).set_retry(num_retries=1)
-            _step(here, train).set_cpu_request("8").set_memory_request("32Gi")
+            _shm(_step(here, train).set_cpu_request("8").set_memory_request("32Gi"))
             here.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus_per_node)
         with dsl.Else(name="train-as-cluster-job"):
             job = (
                 train_on_cluster(
                     **train_args,
                     kind=launcher,
+                    runtime=runtime,
                     image=train_image,
                     job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                     task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
@@ -181,6 +194,7 @@ def build_pipeline(options: CompileOptions | None = None):
             _step(job, prep).set_cpu_request("500m").set_memory_request("1Gi")
         model = dsl.OneOf(here.outputs["Output"], job.outputs["Output"])
 
+        registered = _step(register_dataset(dataset_uri=dataset.output).set_caching_options(False), prep)
         evaluation = (
             evaluate_models(
                 run_dir=run.output,
@@ -188,23 +202,101 @@ def build_pipeline(options: CompileOptions | None = None):
                 model_uri=model,
                 output_uri=output_uri,
                 promotion_margin=promotion_margin,
+                dataset=registered.outputs["dataset"],
             )
             .set_caching_options(False)
             .set_retry(num_retries=1)
         )
-        _step(evaluation, train).set_cpu_request("4").set_memory_request("16Gi")
+        _shm(_step(evaluation, train).set_cpu_request("4").set_memory_request("16Gi"))
         evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
 
         with dsl.If(evaluation.outputs["Output"] == True, name="beats-best-model"):  # noqa: E712 - a KFP condition, not Python
+            packaged = package_model(
+                run_dir=run.output,
+                dataset_uri=dataset.output,
+                model_uri=model,
+                output_uri=output_uri,
+                candidate=evaluation.outputs["candidate"],
+            ).set_caching_options(False)
+            _step(packaged, train).set_cpu_request("2").set_memory_request("8Gi")
             _step(
-                promote_model(output_uri=output_uri, run_dir=run.output, model_uri=model).set_caching_options(False),
+                promote_model(output_uri=output_uri, run_dir=run.output, model_uri=model)
+                .set_caching_options(False)
+                .after(packaged),
                 prep,
             )
 
     return habla_pipeline
 
 
+# An executor field the KFP driver fills from a parameter at run time: "{{$.inputs.parameters['NAME']}}".
+_PARAMETER_CHANNEL = re.compile(r"^\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}$")
+
+
+def check_pod_spec_parameters(ir: dict) -> None:
+    """Refuse a compiled pipeline whose pod spec takes a non-STRING parameter (HablaError).
+
+    KFP's driver resolves an image, CPU/memory request or limit, accelerator type or accelerator count bound
+    to a parameter with ``GetStringValue()`` (kubeflow/pipelines, backend/src/v2/driver/resolve.go,
+    ``resolvePodSpecInputRuntimeParameter``, 2.15.0 to 2.17.0; driver.go sets the limit only when the value is
+    not empty). A NUMBER_INTEGER parameter reads as "" there: the pod would get no GPU limit and train on CPU.
+    The compiler binds such a field to a task input ``pipelinechannel--<name>``; its type is that of what
+    feeds it: an input of the enclosing DAG, another task's output, or a constant.
+    """
+    components = ir["components"]
+    executors = ir["deploymentSpec"]["executors"]
+    dags = [(ir["root"], "root")] + [(c, name) for name, c in components.items() if "dag" in c]
+    for owner, owner_name in dags:
+        tasks = owner["dag"]["tasks"]
+        for task_name, task in tasks.items():
+            component = components[task["componentRef"]["name"]]
+            label = component.get("executorLabel")
+            if not label:
+                continue
+            container = executors[label]["container"]
+            resources = container.get("resources") or {}
+            fields = {"image": container.get("image")}
+            fields.update({k: v for k, v in resources.items() if k.startswith("resource")})
+            fields.update({f"accelerator.{k}": v for k, v in (resources.get("accelerator") or {}).items()})
+            for field, value in fields.items():
+                match = _PARAMETER_CHANNEL.match(str(value or ""))
+                if not match:
+                    continue
+                kind = _parameter_type(match.group(1), task, component, owner, components, tasks)
+                if kind != "STRING":
+                    raise HablaError(
+                        f"{owner_name}/{task_name}: {field} comes from parameter {match.group(1)!r} of type {kind}; "
+                        "KFP's driver reads pod spec parameters as strings (resolvePodSpecInputRuntimeParameter): "
+                        "make it a str"
+                    )
+
+
+def _parameter_type(name: str, task: dict, component: dict, owner: dict, components: dict, tasks: dict) -> str:
+    """The IR type of the value a task's input parameter ``name`` receives."""
+    declared = ((component.get("inputDefinitions") or {}).get("parameters") or {}).get(name)
+    if declared:
+        return declared["parameterType"]
+    source = ((task.get("inputs") or {}).get("parameters") or {}).get(name) or {}
+    if "componentInputParameter" in source:
+        inputs = (owner.get("inputDefinitions") or {}).get("parameters") or {}
+        return (inputs.get(source["componentInputParameter"]) or {}).get("parameterType", "unknown")
+    if "taskOutputParameter" in source:
+        producer = tasks[source["taskOutputParameter"]["producerTask"]]
+        outputs = (components[producer["componentRef"]["name"]].get("outputDefinitions") or {}).get("parameters")
+        return ((outputs or {}).get(source["taskOutputParameter"]["outputParameterKey"]) or {}).get(
+            "parameterType", "unknown"
+        )
+    if "runtimeValue" in source:
+        return "STRING" if isinstance(source["runtimeValue"].get("constant"), str) else "not a string constant"
+    return "unknown"
+
+
 def compile_pipeline(out_path: str, options: CompileOptions | None = None) -> str:
-    """Compile the training pipeline to IR YAML (to upload in the KFP UI or submit); returns ``out_path``."""
+    """Compile the training pipeline to IR YAML (to upload in the KFP UI or submit); returns ``out_path``.
+
+    The IR is checked with :func:`check_pod_spec_parameters` before it is handed out.
+    """
     compiler.Compiler().compile(build_pipeline(options), out_path)
+    with open(out_path, encoding="utf-8") as f:
+        check_pod_spec_parameters(next(yaml.safe_load_all(f)))
     return out_path

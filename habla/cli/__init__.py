@@ -19,9 +19,11 @@ from habla import __version__
 from habla.core.errors import EXIT_BAD_INPUT, EXIT_FAULT, EXIT_INTERRUPTED, HablaError, one_line
 
 COMMANDS = ("prepare", "train", "evaluate", "pipeline", "launch", "watch", "schedule", "compare")
+COMMANDS += ("transcribe", "download")  # using a model; fetching a real release
 # Top-level modules of the optional extras, and the extra that brings each (pyproject.toml).
 EXTRAS = {
     **dict.fromkeys(("torch", "nemo", "lightning", "omegaconf", "jiwer", "sentencepiece", "lhotse"), "train"),
+    **dict.fromkeys(("onnx", "onnxruntime"), "train"),
     **dict.fromkeys(("kfp", "kfp_server_api", "kubernetes", "requests"), "pipeline"),
 }
 

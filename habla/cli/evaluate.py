@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "transcribe a manifest with a .nemo model: WER/CER overall and by group"
+HELP = "transcribe a manifest with a .nemo model: WER/CER with intervals, overall, by group and by speaker"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,5 +20,6 @@ def run(args: argparse.Namespace) -> int:
     from habla.evaluation.evaluate import evaluate
 
     metrics = evaluate(args.model, args.manifest, args.out, batch_size=args.batch_size, worst=args.worst)
-    print(json.dumps({k: metrics[k] for k in ("wer", "cer", "utterances", "hours")}))
+    keys = ("wer", "wer_ci", "cer", "cer_ci", "utterances", "hours", "rtfx", "device")
+    print(json.dumps({k: metrics[k] for k in keys}, ensure_ascii=False))
     return 0

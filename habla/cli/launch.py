@@ -18,6 +18,7 @@ import secrets
 
 from habla.core.errors import HablaError
 from habla.core.settings import parse_pairs
+from habla.kubeflow.jobs import DEFAULT_RUNTIME
 
 HELP = "Run habla train as a TrainJob/PyTorchJob on a cluster, or torchrun here"
 
@@ -37,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3-secret", default="habla-s3-credentials", help="Secret with AWS_ACCESS_KEY_ID/…")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="non-secret setting")
     parser.add_argument("--label", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--runtime", default="torch-distributed", help="TrainJob's ClusterTrainingRuntime")
+    parser.add_argument(
+        "--runtime", default=DEFAULT_RUNTIME, help="TrainJob's ClusterTrainingRuntime (default %(default)s: /dev/shm)"
+    )
     parser.add_argument("--service-account", help="PyTorchJob pods' service account")
     parser.add_argument("--poll", type=float, default=15.0, help="seconds between status checks")
     parser.add_argument("--timeout", type=float, help="give up (and delete the job) after this many seconds")

@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--out", required=True, metavar="DST", help="output prefix (s3://...)")
     submit.add_argument("--experiment", default="habla", help="KFP experiment (default %(default)s)")
     submit.add_argument("--run-name", help="KFP run name (default: habla-<release>-<time>)")
+    submit.add_argument(
+        "--service-account",
+        help="account the run's steps run as (default: habla-pipeline-runner, from manifests/; '' for the namespace's)",
+    )
     add_compile_arguments(submit)
     submit.add_argument("settings", nargs="*", metavar="key=value", help="pipeline parameters and config overrides")
 
@@ -62,8 +66,21 @@ def run(args: argparse.Namespace) -> int:
             run_name=args.run_name,
             pipeline_defaults=args.pipeline_defaults,
         )
-        print(f"\nrun {result['run_dir']}\n")
-        print(format_metrics(result["metrics"]))
+        seconds = sum(step["seconds"] for step in result["steps"])
+        print(f"\nrun {result['run_dir']} ({len(result['steps'])} steps, {seconds / 60:.1f} min)\n")
+        print(format_metrics(result["metrics"], breakdowns=("by_gender",)))
+        promotion = result.get("promotion") or {}
+        if promotion:
+            verdict = "promoted" if promotion.get("promote") else "not promoted"
+            print(f"\n{verdict}: {promotion.get('reason') or promotion.get('rule')}")
+            if "wer_improvement" in promotion:
+                low, high = promotion["wer_improvement_ci"]
+                print(f"  WER improvement over {promotion.get('best_run')}: {promotion['wer_improvement']:.4f} "
+                      f"(95 % interval {low:.4f} to {high:.4f}), margin {promotion.get('margin')}")  # fmt: skip
+        print()
+        width = max(map(len, result["reports"]), default=0)
+        for what, uri in result["reports"].items():
+            print(f"  {what:<{width}}  {uri}")
         return 0
     ref = pipeline_runs.submit(
         args.host,
@@ -73,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         experiment=args.experiment,
         run_name=args.run_name,
         compile_options=compile_options(args),
+        service_account=args.service_account,
     )
     print(ref.url)
     return 0

@@ -42,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--s3-endpoint-url", default="", help="S3 endpoint as seen from the watcher's pod")
     parser.add_argument("--mdc", action="store_true", help="the watcher also asks the Mozilla Data Collective")
+    parser.add_argument(
+        "--claims",
+        choices=("s3", "lease", "auto"),
+        default="auto",
+        help="how the watcher claims a release: s3, lease (a Kubernetes Lease in its pod's namespace) or auto "
+        "(default; see habla watch --help)",
+    )
     parser.add_argument("--disable", action="store_true", help="create/keep the recurring run disabled")
     parser.add_argument("--delete", action="store_true", help="delete the recurring run instead")
     add_compile_arguments(parser)
@@ -58,6 +65,7 @@ def watcher_params(args: argparse.Namespace) -> dict:
         "training_params": json.dumps(parse_pairs(args.param, "--param", typed=True), sort_keys=True),
         "s3_endpoint_url": args.s3_endpoint_url,
         "mdc": args.mdc,
+        "claims": args.claims,
     }
     if args.kfp_host_in_cluster:
         params["kfp_host"] = args.kfp_host_in_cluster

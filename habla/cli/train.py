@@ -24,7 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tarred audio shards, e.g. 's3://b/data/tarred/train/audio__OP_0..7_CL_.tar' (streamed with Lhotse)",
     )
     parser.add_argument(
-        "--init-from", help="fine-tune from this .nemo (local or s3://); the vocabulary is changed if it differs"
+        "--init-from",
+        metavar="MODEL",
+        help="fine-tune from a .nemo (local or s3://) or a name in $HABLA_MODEL_STORE: CTC, hybrid RNNT/CTC (its CTC "
+        "head) or transducer (its encoder); the vocabulary is changed if it differs",
     )
     parser.add_argument("--resume", action="store_true", help="continue from DST/checkpoints/last.ckpt if there is one")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=300 model.optim.lr=0.003")  # fmt: skip  # noqa: E501

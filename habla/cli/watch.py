@@ -34,6 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_compile_arguments(parser)
     parser.add_argument("--lease", type=float, help="claim lease in seconds (default: habla.ops.watch.LEASE_SECONDS)")
     parser.add_argument(
+        "--claims",
+        metavar="s3|lease|auto",
+        default="auto",  # checked by watch() in one line (a CronJob passes it through an env variable)
+        help="how a release is claimed: s3 = conditional writes on the state store (checked first; a store that "
+        "ignores them is refused), lease = a Kubernetes Lease, auto = s3 when the check passes, else the Lease "
+        "(default auto)",
+    )
+    parser.add_argument(
+        "--lease-namespace", help="namespace of the Leases (default: the pod's, else the kubeconfig context's)"
+    )
+    parser.add_argument(
         "--mdc",
         action="store_true",
         help="first ask the Mozilla Data Collective for the newest release and download it into "
@@ -59,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         mdc=args.mdc,
         package=args.package,
         compile_options=compile_options(args),
+        claims=args.claims,
+        lease_namespace=args.lease_namespace,
     )
     if args.json:
         print(json.dumps([asdict(d) for d in decisions], indent=2))

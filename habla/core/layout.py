@@ -7,7 +7,7 @@ The pipeline's output location ``OUT`` (:class:`OutputLayout`)::
 
     OUT/datasets/<release>-<fingerprint>/   a prepared dataset (DatasetLayout), shared by runs with the same inputs
     OUT/runs/<run>/                         a run (RunLayout): run.json, model/ (TrainLayout), eval/ (EvalLayout)
-    OUT/models/<run>/model.nemo             promoted models
+    OUT/models/<run>/model.nemo             promoted models (ModelPackage: + README.md model card, model.onnx)
     OUT/models/best.json                    the current best model (the registry)
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 from habla.core import storage
 
@@ -28,9 +27,13 @@ def slug(text: str, limit: int = 80) -> str:
     return clean or "run"
 
 
-def run_name(name: str, job_name: str) -> str:
-    """The name of a pipeline run's folder: the ``run_name`` parameter, else the KFP run's own name."""
-    return name or job_name
+def run_name(name: str, run_id: str) -> str:
+    """The name of a pipeline run's folder: the ``run_name`` parameter, else the KFP run's id.
+
+    Never the run's display name, which two runs may share. A named folder belongs to the first run that
+    claims it (habla.ops.registry.start_run), so no two runs ever share one either.
+    """
+    return name or run_id
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,9 @@ class EvalLayout:
         return storage.join(self.root, "metrics.json")
 
     @property
-    def errors(self) -> str:
-        return storage.join(self.root, "errors.jsonl")
+    def predictions(self) -> str:
+        """A NeMo manifest: ``text`` (reference) and ``pred_text`` (hypothesis), normalized, per utterance."""
+        return storage.join(self.root, "predictions.json")
 
     @property
     def report(self) -> str:
@@ -92,6 +96,54 @@ class EvalLayout:
     @property
     def plot(self) -> str:
         return storage.join(self.root, "wer_by_group.png")
+
+    @property
+    def promotion(self) -> str:
+        """``promotion.json``: the best model this evaluation compared against, and whether it was replaced."""
+        return storage.join(self.root, "promotion.json")
+
+
+@dataclass(frozen=True)
+class TranscribeLayout:
+    """``habla transcribe --out DST``."""
+
+    root: str
+
+    @property
+    def transcripts(self) -> str:
+        return storage.join(self.root, "transcripts.json")
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.root, "summary.json")
+
+    @property
+    def rejected(self) -> str:
+        return storage.join(self.root, "rejected.jsonl")
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """What a promoted model is handed on with: ``OUT/models/<run>/`` (the model card is its README)."""
+
+    root: str
+
+    @property
+    def model(self) -> str:
+        return storage.join(self.root, "model.nemo")
+
+    @property
+    def card(self) -> str:
+        return storage.join(self.root, "README.md")
+
+    @property
+    def onnx(self) -> str:
+        return storage.join(self.root, "model.onnx")
+
+    @property
+    def onnx_check(self) -> str:
+        """How the ONNX export was verified against the .nemo (transcripts compared on the test split)."""
+        return storage.join(self.root, "onnx_check.json")
 
 
 @dataclass(frozen=True)
@@ -112,6 +164,14 @@ class RunLayout:
     @property
     def eval(self) -> EvalLayout:
         return EvalLayout(storage.join(self.root, "eval"))
+
+    @property
+    def logs(self) -> str:
+        """``habla pipeline run-local``: one log file per step, everything the steps printed."""
+        return storage.join(self.root, "logs")
+
+    def step_log(self, task: str) -> str:
+        return storage.join(self.root, "logs", f"{slug(task)}.log")
 
     @property
     def best_eval(self) -> EvalLayout:
@@ -141,6 +201,11 @@ class DatasetLayout:
         return self._at("plan", "rejected.jsonl")
 
     @property
+    def claim(self) -> str:
+        """Created once (conditional create) by the first run: the release and options this folder is for."""
+        return self._at("plan", "claim.json")
+
+    @property
     def staging(self) -> str:
         """Where a release archive is unpacked."""
         return self._at("staging")
@@ -156,8 +221,9 @@ class DatasetLayout:
     def shard_file(self, shard: int, name: str) -> str:
         return self._at("shards", f"shard-{shard:05d}", name)
 
-    def wav(self, split: str, clip_path: str) -> str:
-        return self._at("audio", split, PurePosixPath(clip_path).stem + ".wav")
+    def wav(self, split: str, name: str) -> str:
+        """``audio/<split>/<name>``: ``name`` is the clip's WAV name, chosen by the plan (unique per split)."""
+        return self._at("audio", split, name)
 
     def tar(self, split: str, shard: int) -> str:
         return self._at("tarred", split, f"audio_{shard}.tar")
@@ -211,7 +277,11 @@ class OutputLayout:
         return RunLayout(storage.join(self.root, "runs", slug(name)))
 
     def promoted_model(self, run_name: str) -> str:
-        return storage.join(self.root, "models", slug(run_name), "model.nemo")
+        return self.package(run_name).model
+
+    def package(self, run_name: str) -> ModelPackage:
+        """``models/<run>/``: the promoted model, its model card and its verified ONNX export."""
+        return ModelPackage(storage.join(self.root, "models", slug(run_name)))
 
     @property
     def best(self) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,9 @@ from habla.core.errors import HablaError
 #: The small real-speech release in Common Voice layout that ships with habla (data/README.md).
 BUNDLED_RELEASE = str(Path(__file__).resolve().parents[2] / "data" / "mini-es-v25" / "es")
 SPLITS = ("train", "dev", "test")
+MAX_SHARDS = 10_000
+#: The shortest clip kept whatever --min-duration says (a few STFT windows; less cannot be trained on).
+MIN_CLIP_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,26 @@ class PrepareOptions:
     min_chars_per_second: float = 1.0
     max_chars_per_second: float = 21.0
 
+    def __post_init__(self) -> None:
+        # One order whatever order they were given in: "dev,train" and "train,dev" are the same dataset.
+        known = sorted((s for s in self.splits if s in SPLITS), key=SPLITS.index)
+        object.__setattr__(self, "splits", (*known, *(s for s in self.splits if s not in SPLITS)))
+
     def validate(self) -> None:
         unknown = [s for s in self.splits if s not in SPLITS]
         if unknown or not self.splits:
             raise HablaError(f"--splits must be a comma-separated subset of train,dev,test (got {unknown or 'none'})")
+        repeated = sorted({s for s in self.splits if self.splits.count(s) > 1})
+        if repeated:
+            raise HablaError(f"--splits names {', '.join(repeated)} more than once")
+        for name in ("min_duration", "max_duration", "min_chars_per_second", "max_chars_per_second"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise HablaError(f"--{name.replace('_', '-')} must be a finite number (got {value!r})")
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards > MAX_SHARDS:
+            raise HablaError(f"--shards must be an integer from 1 to {MAX_SHARDS} (got {self.shards!r})")
+        if not re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]+)*", str(self.locale)):
+            raise HablaError(f"--locale must be a Common Voice locale such as es or zh-TW (got {self.locale!r})")
         if self.train_source not in ("train", "validated"):
             raise HablaError(f"--train-source must be train or validated (got {self.train_source!r})")
         if self.format not in ("wav", "tar"):

@@ -1,23 +1,38 @@
-"""Scoring transcripts: WER and CER, overall and by speaker group, from manifest entries and hypotheses.
+"""Scoring transcripts: WER and CER, overall, by speaker group and by speaker, with bootstrap intervals.
 
 References and hypotheses go through the same normalization as the training text
 (``habla.data.text.normalize_text``); text it cannot normalize is only lower-cased, so its odd characters
 count as errors instead of vanishing. WER and CER are corpus-level: all edits over all reference words
 (characters, spaces included), from jiwer's alignments.
+
+Confidence intervals are percentile bootstrap intervals over utterances (:func:`bootstrap_interval`): the
+test set's utterances are resampled with replacement ``BOOTSTRAP_REPLICATES`` times with a fixed seed, and
+each replicate's corpus-level rate is computed. Utterances are the unit because their errors are not
+independent word by word (Bisani & Ney, 2004). A group of a handful of utterances gets a wide interval: read
+it as "unknown", not as a ranking. :func:`paired_improvement` is the same resampling applied to two models'
+errors on the same utterances (the promotion rule in habla.ops.registry).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from habla.data.text import TextRejected, normalize_text
 from habla.training.manifests import total_hours
 
 #: Breakdowns of metrics.json: (metrics key, manifest field).
-GROUPS = (("by_gender", "gender"), ("by_age", "age"), ("by_accent", "accents"))
+GROUPS = (("by_gender", "gender"), ("by_age", "age"), ("by_accent", "accents"), ("by_speaker", "client_id"))
 UNKNOWN = "unknown"
+BOOTSTRAP_REPLICATES = 1000
+BOOTSTRAP_SEED = 20240611
+CONFIDENCE = 0.95
+CONFUSIONS_KEPT = 20
+CONFUSION_SPAN_MAX = 3  # characters on either side of a character confusion (longer spans are whole-word noise)
+EMPTY = "∅"  # the missing side of an insertion or deletion in a confusion
 
 
 def scoring_text(text: str) -> str:
@@ -30,12 +45,18 @@ def scoring_text(text: str) -> str:
 
 @dataclass(frozen=True)
 class Scored:
-    """Edit counts of one utterance."""
+    """Edit counts of one utterance: word substitutions, deletions, insertions; character edits."""
 
-    word_errors: int
-    words: int
+    substitutions: int
+    deletions: int
+    insertions: int
+    words: int  # reference words
     char_errors: int
-    chars: int
+    chars: int  # reference characters, spaces included
+
+    @property
+    def word_errors(self) -> int:
+        return self.substitutions + self.deletions + self.insertions
 
     @property
     def wer(self) -> float:
@@ -53,27 +74,159 @@ def _rate(errors: int, total: int) -> float:
     return errors / total
 
 
-def score(ref: str, hyp: str) -> Scored:
-    """Word and character edit counts of one normalized pair (jiwer alignments)."""
+def _align(ref: str, hyp: str):
+    """jiwer's word and character alignments of one normalized pair (None for an empty reference)."""
     import jiwer
 
-    if not ref and not hyp:
-        return Scored(0, 0, 0, 0)
     if not ref:
-        return Scored(len(hyp.split()), 0, len(hyp), 0)
-    words = jiwer.process_words(ref, hyp)
-    chars = jiwer.process_characters(ref, hyp)
+        return None, None
+    return jiwer.process_words(ref, hyp), jiwer.process_characters(ref, hyp)
+
+
+def score(ref: str, hyp: str) -> Scored:
+    """Word and character edit counts of one normalized pair (jiwer alignments)."""
+    return _score(*_align(ref, hyp), ref, hyp)
+
+
+def _score(words, chars, ref: str, hyp: str) -> Scored:
+    if words is None:  # empty reference: every hypothesis word is an insertion
+        return Scored(0, 0, len(hyp.split()), 0, len(hyp), 0)
     return Scored(
-        words.substitutions + words.deletions + words.insertions,
+        words.substitutions,
+        words.deletions,
+        words.insertions,
         words.substitutions + words.deletions + words.hits,
         chars.substitutions + chars.deletions + chars.insertions,
         chars.substitutions + chars.deletions + chars.hits,
     )
 
 
-def _summarize(scores: Sequence[Scored]) -> dict:
-    total = Scored(*(sum(getattr(s, f) for s in scores) for f in ("word_errors", "words", "char_errors", "chars")))
-    return {"wer": round(total.wer, 6), "cer": round(total.cer, 6), "utterances": len(scores)}
+def _confusions(words, chars, word_counts: Counter, char_counts: Counter) -> None:
+    """Count word substitutions (``calle→caye``) and character edit spans (``ll→y``, ``á→a``, ``s→∅``).
+
+    A character span is a maximal run of non-matching alignment chunks, so ``calle→caye`` counts as
+    ``ll→y`` rather than as ``l→y`` plus a deleted ``l``.
+    """
+    if words is None:
+        return
+    ref_words, hyp_words = words.references[0], words.hypotheses[0]
+    for chunk in words.alignments[0]:
+        if chunk.type == "substitute":
+            for r, h in zip(ref_words[chunk.ref_start_idx : chunk.ref_end_idx],
+                            hyp_words[chunk.hyp_start_idx : chunk.hyp_end_idx]):  # fmt: skip
+                word_counts[(r, h)] += 1
+    ref_chars, hyp_chars = chars.references[0], chars.hypotheses[0]
+    span = None
+    for chunk in [*chars.alignments[0], None]:
+        if chunk is not None and chunk.type != "equal":
+            start = span or (chunk.ref_start_idx, chunk.hyp_start_idx)
+            span = start
+            end = (chunk.ref_end_idx, chunk.hyp_end_idx)
+            continue
+        if span is not None:
+            r = "".join(ref_chars[span[0] : end[0]]).strip()
+            h = "".join(hyp_chars[span[1] : end[1]]).strip()
+            if (r or h) and len(r) <= CONFUSION_SPAN_MAX and len(h) <= CONFUSION_SPAN_MAX:
+                char_counts[(r or EMPTY, h or EMPTY)] += 1
+            span = None
+
+
+def _top(counts: Counter) -> list[dict]:
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:CONFUSIONS_KEPT]
+    return [{"ref": r, "hyp": h, "count": n} for (r, h), n in ranked]
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+
+
+def _rates(errors: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Vectorized :func:`_rate`."""
+    safe = np.where(totals > 0, totals, 1)
+    return np.where(totals > 0, errors / safe, (errors > 0).astype(float))
+
+
+def _resampled_sums(values: np.ndarray, replicates: int, seed: int, block: int = 200) -> np.ndarray:
+    """Column sums of ``values`` (utterances x k) over ``replicates`` resamplings of its rows with replacement.
+
+    Returns an array (replicates x k). The same seed draws the same utterances, whatever the columns: this
+    is what makes a comparison of two models "paired".
+    """
+    rng = np.random.default_rng(seed)
+    n = values.shape[0]
+    out = np.empty((replicates, values.shape[1]))
+    for first in range(0, replicates, block):
+        count = min(block, replicates - first)
+        picks = rng.integers(0, n, size=(count, n))
+        out[first : first + count] = values[picks].sum(axis=1)
+    return out
+
+
+def _interval(samples: np.ndarray, confidence: float) -> list[float]:
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return [round(float(low), 6), round(float(high), 6)]
+
+
+def bootstrap_interval(
+    errors: Sequence[int],
+    totals: Sequence[int],
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> list[float]:
+    """Percentile bootstrap interval of the corpus-level rate sum(errors) / sum(totals), utterances resampled."""
+    if len(errors) == 0:
+        return [0.0, 0.0]
+    sums = _resampled_sums(np.column_stack([errors, totals]).astype(float), replicates, seed)
+    return _interval(_rates(sums[:, 0], sums[:, 1]), confidence)
+
+
+def paired_improvement(
+    new_errors: Sequence[int],
+    best_errors: Sequence[int],
+    totals: Sequence[int],
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> dict:
+    """How much lower the new model's error rate is than the best one's, on the same utterances.
+
+    ``improvement`` = rate(best) - rate(new) (positive: the new model is better) and its paired bootstrap
+    interval: each replicate draws one set of utterances and scores both models on it.
+    """
+    new, best, tot = (np.asarray(v, dtype=float) for v in (new_errors, best_errors, totals))
+    if not (len(new) == len(best) == len(tot)) or len(tot) == 0:
+        raise ValueError("a paired comparison needs the same, non-empty, list of utterances for both models")
+    sums = _resampled_sums(np.column_stack([new, best, tot]), replicates, seed)
+    deltas = _rates(sums[:, 1], sums[:, 2]) - _rates(sums[:, 0], sums[:, 2])
+    point = float(_rates(best.sum(), tot.sum()) - _rates(new.sum(), tot.sum()))
+    return {"improvement": round(point, 6), "interval": _interval(deltas, confidence), "utterances": len(tot)}
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def _summarize(scores: Sequence[Scored], with_counts: bool = False) -> dict:
+    counts = np.array([(s.word_errors, s.words, s.char_errors, s.chars) for s in scores], dtype=float)
+    sums = _resampled_sums(counts, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED)  # one draw for both rates
+    word_errors, words, char_errors, chars = (int(v) for v in counts.sum(axis=0))
+    out = {
+        "wer": round(_rate(word_errors, words), 6),
+        "cer": round(_rate(char_errors, chars), 6),
+        "utterances": len(scores),
+        "wer_ci": _interval(_rates(sums[:, 0], sums[:, 1]), CONFIDENCE),
+        "cer_ci": _interval(_rates(sums[:, 2], sums[:, 3]), CONFIDENCE),
+    }
+    if with_counts:
+        out.update(
+            words=words,
+            substitutions=sum(s.substitutions for s in scores),
+            deletions=sum(s.deletions for s in scores),
+            insertions=sum(s.insertions for s in scores),
+            chars=chars,
+            char_errors=char_errors,
+        )
+    return out
 
 
 def group_of(entry: dict, key: str) -> str:
@@ -85,33 +238,49 @@ def group_of(entry: dict, key: str) -> str:
 
 
 def compute_metrics(entries: Sequence[dict], hypotheses: Sequence[str]) -> tuple[dict, list[dict]]:
-    """``metrics.json``'s content and the ``errors.jsonl`` rows, from manifest entries and raw hypotheses."""
+    """``metrics.json``'s content and the predictions manifest's lines, from manifest entries and raw hypotheses.
+
+    The predictions are a NeMo manifest (``audio_filepath``, ``duration``, ``text`` = the normalized
+    reference, ``pred_text`` = the normalized hypothesis) plus each utterance's edit counts and groups, so
+    NeMo's own tools (``speech_to_text_eval.py``) score it as habla does.
+    """
     rows, scores = [], []
+    word_confusions: Counter = Counter()
+    char_confusions: Counter = Counter()
     for entry, raw_hyp in zip(entries, hypotheses, strict=True):
         ref, hyp = scoring_text(entry["text"]), scoring_text(raw_hyp)
-        scored = score(ref, hyp)
+        words, chars = _align(ref, hyp)
+        scored = _score(words, chars, ref, hyp)
+        _confusions(words, chars, word_confusions, char_confusions)
         scores.append(scored)
         row = {
             "audio_filepath": entry.get("_source", entry["audio_filepath"]),
-            "ref": ref,
-            "hyp": hyp,
+            "duration": entry["duration"],
+            "text": ref,
+            "pred_text": hyp,
             "wer": round(scored.wer, 6),
             "cer": round(scored.cer, 6),
             "word_errors": scored.word_errors,
             "words": scored.words,
-            "duration": entry["duration"],
+            "char_errors": scored.char_errors,
+            "chars": scored.chars,
         }
         for _, key in GROUPS:
             row[key] = group_of(entry, key)
         if "path" in entry:
             row["path"] = entry["path"]
         rows.append(row)
-    metrics = {**_summarize(scores), "hours": round(total_hours(entries), 6)}
-    metrics = {k: metrics[k] for k in ("wer", "cer", "utterances", "hours")}
+    overall = _summarize(scores, with_counts=True)
+    metrics = {k: overall.pop(k) for k in ("wer", "cer", "utterances")}
+    metrics["hours"] = round(total_hours(entries), 6)
+    metrics.update(overall)
+    metrics["bootstrap"] = {"replicates": BOOTSTRAP_REPLICATES, "confidence": CONFIDENCE, "seed": BOOTSTRAP_SEED,
+                            "unit": "utterance", "method": "percentile"}  # fmt: skip
     for name, key in GROUPS:
         members = defaultdict(list)
         for row, scored in zip(rows, scores):
             members[row[key]].append(scored)
         ordered = sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0]))
         metrics[name] = {group: _summarize(group_scores) for group, group_scores in ordered}
+    metrics["confusions"] = {"words": _top(word_confusions), "characters": _top(char_confusions)}
     return metrics, rows

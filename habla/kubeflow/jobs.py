@@ -30,7 +30,9 @@ def print_log(message: str) -> None:
 DEFAULT_S3_SECRET = "habla-s3-credentials"
 # Keys of that Secret, each exported under its own name (boto3 and NeMo's S3 reader read them).
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-DEFAULT_RUNTIME = "torch-distributed"
+# The ClusterTrainingRuntime of habla's TrainJobs (manifests/runtimes/): Trainer's stock torch-distributed plus a
+# RAM-backed /dev/shm for DataLoader workers (64 MiB otherwise), and it is not installed by Trainer's Helm chart.
+DEFAULT_RUNTIME = "habla-torch-distributed"
 TRAIN_COMMAND = ("habla", "train")  # the console script, as installed in the images
 LOCAL_PROGRAM = ("-m", "habla.cli", "train")  # the same, run by this Python (no PATH lookup)
 SPEC_HASH_ANNOTATION = "habla.kubeflow.org/spec-hash"
@@ -104,6 +106,15 @@ class TrainLaunch:
     @property
     def procs_per_node(self) -> int:
         return self.nproc_per_node or self.gpus_per_node or 1
+
+
+def gpu_count(value: str | int) -> int:
+    """GPUs per node from the pipeline's ``gpus_per_node``: a STRING parameter (see pipelines/training_pipeline.py
+    ``check_pod_spec_parameters``), a whole number >= 0."""
+    text = str(value).strip()
+    if not text.isdigit():
+        raise HablaError(f"gpus_per_node must be a whole number >= 0, got {value!r}")
+    return int(text)
 
 
 def job_name(*parts: str, prefix: str = "habla-train") -> str:
@@ -212,8 +223,9 @@ def _metadata(launch: TrainLaunch, spec: dict[str, Any]) -> dict[str, Any]:
 def build_trainjob(launch: TrainLaunch) -> dict[str, Any]:
     """A Kubeflow Trainer v2 TrainJob running ``torchrun --no-python habla train ...`` on every node.
 
-    The ``torch-distributed`` runtime sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and
-    PET_MASTER_PORT in the trainer container, and torchrun reads PET_* as its flags.
+    The runtime (``habla-torch-distributed``, or Trainer's ``torch-distributed``) sets PET_NNODES,
+    PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT in the trainer container, and torchrun
+    reads PET_* as its flags.
     """
     validate(launch)
     if launch.service_account:

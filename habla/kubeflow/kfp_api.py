@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 HOST_ENV = "KF_PIPELINES_ENDPOINT"  # kfp.Client's own variable for the API address
 UI_ENV = "KF_PIPELINES_UI_ENDPOINT"
 PAGE_SIZE = 100
+# The account runs execute as (manifests/base/serviceaccount.yaml; its Roles let the train step launch jobs).
+PIPELINE_SERVICE_ACCOUNT = "habla-pipeline-runner"
 # Python types a value of each KFP parameter type may have (bool is an int in Python: refused for numbers).
 PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
     "STRING": (str,),
@@ -224,6 +226,8 @@ def explicit_params(package_path: str, params: dict[str, Any]) -> dict[str, Any]
         kind = declared[key]["parameterType"]
         if kind == "NUMBER_INTEGER" and isinstance(value, float) and value.is_integer():
             value = full[key] = int(value)  # the compiler writes integer defaults as 1.0
+        if kind == "STRING" and isinstance(value, int) and not isinstance(value, bool):
+            value = full[key] = str(value)  # a count KFP needs as a string (gpus_per_node=8 from habla watch --param)
         allowed = PARAMETER_TYPES.get(kind, (object,))
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise HablaError(f"pipeline parameter {key}={value!r} is not a {kind}")
@@ -331,8 +335,12 @@ def submit_run(
     *,
     client: kfp.Client | None = None,
     namespace: str | None = None,
+    service_account: str = PIPELINE_SERVICE_ACCOUNT,
 ) -> RunRef:
     """Submit one run of a compiled pipeline package to the experiment (created if missing).
+
+    The run's steps run as ``service_account`` (manifests/ creates PIPELINE_SERVICE_ACCOUNT with the Roles a
+    step and the train step need); empty: the namespace's default (KFP's pipeline-runner or default-editor).
 
     The package is uploaded as a pipeline version once per content (:func:`ensure_pipeline_version`), and
     the run references that version. Every pipeline parameter is passed explicitly (defaults filled in), so
@@ -351,6 +359,7 @@ def submit_run(
             pipeline_id=version.pipeline_id, pipeline_version_id=version.version_id
         ),
         runtime_config=kfp_server_api.V2beta1RuntimeConfig(parameters=arguments),
+        service_account=service_account or None,
     )
     with _api_errors(f"submitting run {run_name!r}"):
         run = client.runs.run_service_create_run(run=body)

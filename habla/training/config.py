@@ -20,6 +20,7 @@ An override must name a key the config already has (a typo is an error that sugg
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,10 +92,35 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
             close = difflib.get_close_matches(key, _leaf_keys(cfg), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise HablaError(f"override {item!r}: the config has no key {key}{hint}; write +{key}=... to add one")
+        if not add:
+            _check_type(item, OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False), value)
         try:
             OmegaConf.update(cfg, key, value, merge=False, force_add=add)
         except OmegaConfBaseException as exc:
             raise HablaError(f"override {item!r}: {one_line(exc, first_line=True)}") from None
+
+
+def _check_type(item: str, old: object, new: object) -> None:
+    """An override keeps the kind of value the config has there: ``model.optim.lr=abc`` fails now, in one
+    line, not mid-fit. Numbers stay finite numbers, booleans booleans, lists lists; ``null`` is always allowed
+    (it disables a section) and a string setting takes any scalar (``trainer.precision=16``)."""
+    if new is None or old is None:
+        return
+    if isinstance(new, float) and not math.isfinite(new):
+        raise HablaError(f"override {item!r}: not a finite number")
+    if isinstance(old, bool):
+        expected, ok = "true or false", isinstance(new, bool)
+    elif isinstance(old, (int, float)):
+        expected, ok = "a number", isinstance(new, (int, float)) and not isinstance(new, bool)
+    elif isinstance(old, (ListConfig, list)):
+        expected, ok = "a list", isinstance(new, list)
+    elif isinstance(old, (DictConfig, dict)):
+        expected, ok = "a mapping", isinstance(new, dict)
+    else:
+        expected, ok = "a single value", not isinstance(new, (list, dict))
+    if not ok:
+        shown = repr(old) if len(repr(old)) <= 40 else repr(old)[:39] + "…"
+        raise HablaError(f"override {item!r}: expects {expected} (the config has {shown}), got {new!r}")
 
 
 def model_kind(cfg: DictConfig) -> str:
@@ -153,6 +179,10 @@ def check(cfg: DictConfig, where: str) -> None:
     steps, epochs = cfg.trainer.get("max_steps", -1), cfg.trainer.get("max_epochs", None)
     if (steps is None or steps < 0) and (epochs is None or epochs < 0):
         raise HablaError(f"{where}: set trainer.max_steps or trainer.max_epochs (training would never end)")
+    for ds in ("train_ds", "validation_ds"):
+        batch = model[ds].get("batch_size") if isinstance(model[ds], DictConfig) else None
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise HablaError(f"{where}: model.{ds}.batch_size must be a positive integer (got {batch!r})")
     checkpoint = cfg.get("checkpoint") or {}
     taken = [k for k in HABLA_CHECKPOINT_KEYS if k in checkpoint]
     if taken:

@@ -34,12 +34,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from habla.core import storage
+from habla.core import jsonl, storage
 from habla.core.errors import HablaError, one_line
 from habla.core.layout import TrainLayout
 from habla.data.text import uncovered_characters
 from habla.training import budget, manifests, topology
 from habla.training import config as train_config
+from habla.training.init_from import resolve as resolve_init_from
 
 log = logging.getLogger("habla.train")
 
@@ -287,6 +288,8 @@ def _build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir:
     from nemo.collections.asr.models import ASRModel, EncDecCTCModel, EncDecCTCModelBPE
     from omegaconf import open_dict
 
+    from habla.training.init_from import ctc_from
+
     if init_from is None:
         model_class = EncDecCTCModelBPE if kind == train_config.BPE else EncDecCTCModel
         return model_class(cfg=cfg.model, trainer=trainer)
@@ -295,8 +298,8 @@ def _build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir:
         model = ASRModel.restore_from(str(init_from), trainer=trainer, map_location="cpu")
     except Exception as exc:
         raise HablaError(f"--init-from {init_from}: cannot restore a NeMo model ({one_line(exc)})") from None
-    if not isinstance(model, EncDecCTCModel):
-        raise HablaError(f"--init-from {init_from}: a {type(model).__name__}, not a CTC model (EncDecCTCModel[BPE])")
+    if not isinstance(model, EncDecCTCModel):  # hybrid RNNT/CTC or transducer: its encoder under a CTC head
+        model = ctc_from(model, cfg, trainer, kind == train_config.BPE, tokenizer_dir)
     is_bpe = isinstance(model, EncDecCTCModelBPE)
     if is_bpe != (kind == train_config.BPE):
         raise HablaError(
@@ -376,7 +379,7 @@ def train(
         if not user_tokenizer.is_file():
             raise HablaError(f"model.tokenizer.dir: {user_tokenizer} not found")
         _check_tokenizer(user_tokenizer, texts)
-    init_local = manifests.fetch_model(init_from, "--init-from") if init_from else None
+    init_local = manifests.fetch_model(resolve_init_from(init_from), "--init-from") if init_from else None
     ckpt_path = _pull_from_dst(paths, resume)
 
     # 2. NeMo and Lightning (slow imports).
@@ -453,7 +456,7 @@ def train(
             log_sync()
         storage.write_text(paths.dst.config, OmegaConf.to_yaml(cfg))
         public = {k: v for k, v in summary.items() if k != "written_by_this_rank"}
-        storage.write_text(paths.dst.summary, json.dumps(public, indent=2) + "\n")
+        storage.write_text(paths.dst.summary, jsonl.dump(jsonl.finite_or_null(public), indent=2) + "\n")
         log.info("rank 0 wrote %s and %s (steps %d, val WER %s)", paths.dst.model, paths.dst.summary,
                  summary["steps"], "n/a" if val_wer is None else f"{val_wer:.4f}")  # fmt: skip
     else:

@@ -81,3 +81,14 @@ def test_one_line_errors():
     assert one_line(ValueError("first\n  second")) == "first second"
     assert one_line(ValueError("first\n  second"), first_line=True, with_type=True) == "ValueError: first"
     assert one_line(OSError()) == "OSError" and len(one_line(ValueError("x" * 500), limit=50)) == 50
+
+
+def test_json_is_never_nan_written_or_read():
+    for text in ('{"duration": NaN}', '{"duration": Infinity}', "[-Infinity]"):
+        with pytest.raises(ValueError, match="not a JSON number"):
+            jsonl.loads(text)
+    with pytest.raises(ValueError):
+        jsonl.dump({"wer": float("nan")})
+    summary = {"val_wer": float("nan"), "loss": [1.5, float("inf")], "steps": 3}
+    expected = '{"val_wer": null, "loss": [1.5, null], "steps": 3}'
+    assert jsonl.dump(jsonl.finite_or_null(summary), indent=None) == expected

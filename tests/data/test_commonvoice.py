@@ -1,3 +1,11 @@
+import gzip
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+
 import pytest
 from conftest import MINI, MINI_V8
 
@@ -91,3 +99,165 @@ def test_locate_release(tmp_path):
         commonvoice.locate_release(str(tmp_path / "absent"), "es")
     with pytest.raises(HablaError, match="not a Common Voice locale folder"):
         commonvoice.locate_release(str(tmp_path), "es")
+
+
+# --------------------------------------------------------------------------------- lines, names, tables
+
+
+def test_cr_only_tsv_rows_are_read_and_counted(tmp_path):
+    """Classic-Mac line ends: before, the whole file was one header line and every row vanished uncounted."""
+    tsv = tmp_path / "t.tsv"
+    tsv.write_bytes(b"client_id\tpath\tsentence\ra\t1.mp3\tuno\rb\t2.mp3\tdos\r")
+    assert [(r.line, r.fields["path"]) for r in rows_of(tsv)] == [(2, "1.mp3"), (3, "2.mp3")]
+    # CRLF, and a lone CR inside a sentence of an LF file, which stays data
+    tsv.write_bytes(b"client_id\tpath\tsentence\r\na\t1.mp3\tuno\r\nb\t2.mp3\tdos\rtres\r\n")
+    assert [r.fields["sentence"] for r in rows_of(tsv)] == ["uno", "dos\rtres"]
+
+
+def test_unicode_line_breaks_and_encodings_keep_rows_whole(tmp_path):
+    tsv = tmp_path / "t.tsv"
+    text = "client_id\tpath\tsentence\na\t1.mp3\tuno\u2028dos\nb\t2.mp3\ttres\x85\x0c\x1ccuatro\n"
+    tsv.write_text(text, encoding="utf-8")
+    assert [r.fields["sentence"] for r in rows_of(tsv)] == ["uno\u2028dos", "tres\x85\x0c\x1ccuatro"]
+    for encoding in ("utf-8-sig", "utf-16"):  # a BOM says which
+        tsv.write_bytes(text.encode(encoding))
+        assert [r.fields["path"] for r in rows_of(tsv)] == ["1.mp3", "2.mp3"], encoding
+    # a line of spaces is a row (malformed), an empty line is not
+    tsv.write_text("client_id\tpath\tsentence\n  \n\na\t1.mp3\tuno\n")
+    assert [type(r).__name__ for r in rows_of(tsv)] == ["MalformedRow", "TsvRow"]
+
+
+def test_an_overlong_line_is_one_malformed_row_not_a_memory_spike(tmp_path, monkeypatch):
+    monkeypatch.setattr(commonvoice, "MAX_LINE_CHARS", 50)
+    monkeypatch.setattr(commonvoice, "_CHUNK", 16)
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("client_id\tpath\tsentence\na\t1.mp3\t" + "x" * 200 + "\nb\t2.mp3\tdos\n")
+    rows = rows_of(tsv)
+    assert [type(r).__name__ for r in rows] == ["MalformedRow", "TsvRow"]
+    assert rows[0].line == 2 and "longer than 50" in rows[0].detail and rows[1].line == 3
+
+
+def test_a_tsv_that_is_not_a_file_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "train.tsv")
+    with pytest.raises(HablaError, match="not a regular file"):
+        read_tsv(str(tmp_path / "train.tsv"))
+
+
+@pytest.mark.parametrize(
+    ("name", "safe"),
+    [("common_voice_es_1.mp3", True), ("a b.mp3", True), ("ñandú.mp3", True), ("../x.mp3", False),
+     (".hidden.mp3", False), ("a/b.mp3", False), ("a\\b.mp3", False), ("a\x00.mp3", False), ("a\x1b[2J.mp3", False),
+     ("a\u2028b.mp3", False), ("a\x85b.mp3", False), ("", False)],
+)  # fmt: skip
+def test_clip_names_must_be_plain_printable_file_names(name, safe):
+    assert commonvoice.is_safe_clip_name(name) is safe
+
+
+def test_durations_that_are_not_positive_numbers_are_measured_instead(tmp_path):
+    (tmp_path / "clip_durations.tsv").write_bytes(
+        b"clip\tduration[ms]\ra.mp3\t0\rb.mp3\tnan\rc.mp3\t-5\rd.mp3\tinf\re.mp3\t1500\r"  # CR-only too
+    )
+    assert read_durations(str(tmp_path)) == {"e.mp3": 1.5}
+
+
+# ------------------------------------------------------------------------------------------- archives
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _release_members(extra: str = "") -> list[tuple[str, bytes]]:
+    tsv = f"client_id\tpath\tsentence\na\t1.mp3\tuno{extra}\n".encode()
+    return [("top/es/train.tsv", tsv), ("top/es/clips/1.mp3", b"m" * 700), ("top/es/clips/2.mp3", b"n" * 900)]
+
+
+def test_an_archive_cut_at_a_member_boundary_is_refused(tmp_path):
+    """tarfile stops silently where the data ends; only the end-of-archive blocks say it is whole."""
+    whole = _tar(_release_members())
+    second_header = whole.index(b"m" * 700) + 1024  # the 700-byte member padded to 1,024
+    cases = {
+        "at a member boundary": whole[:second_header],
+        "inside a header": whole[: second_header + 100],
+        "after the last member": whole[: whole.index(b"n" * 900) + 1024],
+        "inside the data": whole[: whole.index(b"n" * 900) + 10],
+    }
+    for label, data in cases.items():
+        for suffix, content in ((".tar", data), (".tar.gz", gzip.compress(data))):
+            archive = tmp_path / f"cut{suffix}"
+            archive.write_bytes(content)
+            assert commonvoice.check_archive_end(str(archive)) is not None, (label, suffix)
+            with pytest.raises(HablaError, match="incomplete archive|cannot read the archive"):
+                commonvoice.stage_archive(str(archive), str(tmp_path / "staging"), "es", 10_000)
+    archive = tmp_path / "whole.tar"
+    archive.write_bytes(whole)
+    assert commonvoice.check_archive_end(str(archive)) is None
+    staged = commonvoice.stage_archive(str(archive), str(tmp_path / "staging"), "es", 10_000)
+    assert sorted(p.name for p in (tmp_path / "staging" / "es" / "clips").iterdir()) == ["1.mp3", "2.mp3"]
+    assert staged.root == str(tmp_path / "staging" / "es")
+
+
+def test_staging_belongs_to_the_archive_content_not_its_path(tmp_path):
+    archive, staging = tmp_path / "cv.tar", str(tmp_path / "staging")
+    archive.write_bytes(_tar(_release_members(" primera")))
+    first = commonvoice.stage_archive(str(archive), staging, "es", 10_000)
+    assert commonvoice.stage_archive(str(archive), staging, "es", 10_000) == first  # unchanged: reused
+    archive.write_bytes(_tar(_release_members(" segunda")[:2]))  # another archive at the same path
+    second = commonvoice.stage_archive(str(archive), staging, "es", 10_000)
+    assert second.index_sha256 != first.index_sha256
+    assert "segunda" in (tmp_path / "staging" / "es" / "train.tsv").read_text()
+    assert not (tmp_path / "staging" / "es" / "clips" / "2.mp3").exists(), "the older archive's files are gone"
+
+
+def test_a_checksum_sidecar_is_verified_and_oversized_clips_are_not_unpacked(tmp_path):
+    archive = tmp_path / "cv.tar.gz"
+    members = _release_members() + [("top/es/clips/huge.mp3", b"\0" * 50_000)]
+    archive.write_bytes(gzip.compress(_tar(members)))
+    (tmp_path / "cv.tar.gz.sha256").write_text("0" * 64 + "  cv.tar.gz\n")
+    with pytest.raises(HablaError, match="SHA-256 differs"):
+        commonvoice.stage_archive(str(archive), str(tmp_path / "s"), "es", 10_000)
+    (tmp_path / "cv.tar.gz.sha256").write_text(hashlib.sha256(archive.read_bytes()).hexdigest() + "  cv.tar.gz\n")
+    staged = commonvoice.stage_archive(str(archive), str(tmp_path / "s"), "es", 10_000)
+    assert staged.skipped == {"huge.mp3": ["too_large", "50000 bytes in the archive, more than 10000"]}
+    assert not (tmp_path / "s" / "es" / "clips" / "huge.mp3").exists()
+
+
+def test_staging_a_large_member_takes_bounded_memory(tmp_path):
+    """A 400 MB member was read whole (873 MB of RSS): members are streamed, and a clip over the cap skipped."""
+    archive = tmp_path / "cv.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        for name, size in (("top/es/train.tsv", 120 * 2**20), ("top/es/clips/big.mp3", 400 * 2**20)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, _Zeros(size))
+    code = (
+        "import resource, sys\n"
+        "from habla.data import audio, commonvoice\n"
+        "staged = commonvoice.stage_archive(sys.argv[1], sys.argv[2], 'es', audio.MAX_CLIP_BYTES)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, sorted(staged.skipped))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(archive), str(tmp_path / "s")], capture_output=True,
+                         text=True, check=True).stdout.split()  # fmt: skip
+    assert int(out[0]) < 200, f"peak RSS {out[0]} MB"
+    assert out[1:] == ["['big.mp3']"]
+    assert (tmp_path / "s" / "es" / "train.tsv").stat().st_size == 120 * 2**20
+
+
+class _Zeros(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+    def readable(self) -> bool:
+        return True

@@ -13,15 +13,11 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import MINI, MINI_V8, run_habla
+from conftest import MINI, MINI_V8, read_jsonl, run_habla
 
 from habla.data import prepare as prep
 from habla.data.options import PrepareOptions
 from habla.data.text import ALPHABET
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def data_rows(tsv: Path) -> int:
@@ -210,10 +206,7 @@ def test_plan_is_deterministic_and_balanced(tmp_path):
         assert (a / "plan" / f"shard-{k:05d}.jsonl").read_bytes() == (b / "plan" / f"shard-{k:05d}.jsonl").read_bytes()
     loads = [s["planned_seconds"] for s in json.loads((a / "plan" / "plan.json").read_text())["shards"]]
     assert max(loads) - min(loads) <= 20.0  # within the longest clip allowed
-    splits_per_shard = [
-        {json.loads(line)["split"] for line in (a / "plan" / f"shard-{k:05d}.jsonl").read_text().splitlines()}
-        for k in range(4)
-    ]
+    splits_per_shard = [{clip["split"] for clip in read_jsonl(a / "plan" / f"shard-{k:05d}.jsonl")} for k in range(4)]
     assert all(s == {"train", "dev", "test"} for s in splits_per_shard)
 
 
@@ -306,7 +299,7 @@ def test_archive_input_is_read_once_and_staged(tmp_path):
     for name in ("train.json", "dev.json", "test.json"):
         a = (from_archive / "manifests" / name).read_text().replace(str(from_archive), "@")
         assert a == (from_folder / "manifests" / name).read_text().replace(str(from_folder), "@")
-    assert (from_archive / "staging" / "_STAGED.json").exists()
+    assert (from_archive / "staging" / "es" / "_STAGED.json").exists()
 
 
 def test_archive_members_cannot_escape_staging(tmp_path):

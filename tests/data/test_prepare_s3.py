@@ -5,24 +5,21 @@ from __future__ import annotations
 import json
 import tarfile
 
-from conftest import MINI_V8, run_habla, upload_tree
+from conftest import MINI_V8, read_jsonl, run_habla, upload_tree
 
-from habla.core import storage
+from habla.core import jsonl, storage
 from habla.data import prepare as prep
 from habla.data.options import PrepareOptions
 
 
 def read_manifest(uri: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_text(uri).splitlines()]
+    return jsonl.loads(storage.read_text(uri))
 
 
 def local_reference(tmp_path, **options) -> dict[str, list[dict]]:
     out = tmp_path / "local"
     prep.prepare(str(MINI_V8), str(out), PrepareOptions(**options), workers=2)
-    return {
-        s: [json.loads(line) for line in (out / "manifests" / f"{s}.json").read_text().splitlines()]
-        for s in ("train", "dev", "test")
-    }
+    return {s: read_jsonl(out / "manifests" / f"{s}.json") for s in ("train", "dev", "test")}
 
 
 def without_location(entries: list[dict]) -> list[dict]:

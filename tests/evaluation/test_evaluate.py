@@ -12,7 +12,7 @@ import pytest
 from conftest import run_habla, write_manifest
 
 from habla.evaluation.report import render_plot, render_report
-from habla.evaluation.scoring import compute_metrics, score, scoring_text
+from habla.evaluation.scoring import bootstrap_interval, compute_metrics, score, scoring_text
 
 
 def entry(text: str, gender: str = "", age: str = "", accents: str = "", duration: float = 1.0) -> dict:
@@ -46,9 +46,10 @@ def test_corpus_level_metrics_and_breakdowns():
     assert metrics["wer"] == pytest.approx(2 / 6) and metrics["utterances"] == 3
     assert metrics["hours"] == pytest.approx(4.6 / 3600, abs=1e-6)
     assert list(metrics)[:4] == ["wer", "cer", "utterances", "hours"]
-    assert metrics["by_gender"]["female_feminine"] == {"wer": pytest.approx(1 / 5, abs=1e-6),
-                                                       "cer": metrics["by_gender"]["female_feminine"]["cer"],
-                                                       "utterances": 2}  # fmt: skip
+    assert (metrics["substitutions"], metrics["deletions"], metrics["insertions"], metrics["words"]) == (0, 1, 1, 6)
+    female = metrics["by_gender"]["female_feminine"]
+    assert female["wer"] == pytest.approx(1 / 5, abs=1e-6) and female["utterances"] == 2
+    assert female["wer_ci"][0] <= female["wer"] <= female["wer_ci"][1]
     assert metrics["by_gender"]["male_masculine"]["wer"] == 1.0
     assert metrics["by_age"]["unknown"]["utterances"] == 1  # an empty value is the group "unknown"
     assert metrics["by_accent"] == {
@@ -56,12 +57,13 @@ def test_corpus_level_metrics_and_breakdowns():
         "unknown": metrics["by_accent"]["unknown"],
     }
     assert [r["wer"] for r in rows] == [0.0, 1.0, 0.5] and rows[1]["gender"] == "male_masculine"
+    assert rows[1]["text"] == "cuatro" and rows[1]["pred_text"] == "cuatro cinco"  # NeMo's manifest keys
 
     report = render_report(metrics, rows, "m.nemo", "test.json", worst=5)
     assert "## WER by gender" in report and re.search(r"\| female_feminine +\| 2 +\|", report)
     assert "Worst utterances (2 of 2 with errors)" in report
     assert re.search(r"\| 1\.0000 +\| 1 +\| cuatro +\| cuatro cinco +\|", report)
-    assert render_plot(metrics)[:4] == b"\x89PNG"
+    assert render_plot(metrics, "runs/x/model/model.nemo", "datasets/y/manifests/test.json")[:4] == b"\x89PNG"
 
 
 def test_accent_column_of_older_releases():
@@ -83,3 +85,34 @@ def test_evaluate_cli_missing_audio_and_missing_model_are_one_line(tmp_path, tra
     )
     assert result.returncode == 2 and "--model" in result.stderr and "no such file" in result.stderr
     assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_confusions_name_the_spanish_errors_people_look_for():
+    entries = [entry("la calle y ella está aquí"), entry("ella se llama lucía")]
+    metrics, _ = compute_metrics(entries, ["la caye i eya esta aqui", "eya se yama lucia"])
+    chars = {(c["ref"], c["hyp"]): c["count"] for c in metrics["confusions"]["characters"]}
+    words = {(c["ref"], c["hyp"]): c["count"] for c in metrics["confusions"]["words"]}
+    assert chars[("ll", "y")] == 4 and chars[("á", "a")] == 1 and chars[("í", "i")] == 2  # a run, not l→y + l→∅
+    assert words[("ella", "eya")] == 2 and words[("calle", "caye")] == 1
+    assert metrics["confusions"]["characters"][0] == {"ref": "ll", "hyp": "y", "count": 4}  # most frequent first
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_narrow_with_more_utterances():
+    errors = [0, 1, 0, 2, 1, 0, 0, 3, 1, 0] * 3
+    words = [5, 4, 6, 5, 5, 7, 3, 6, 4, 5] * 3
+    small = bootstrap_interval(errors[:10], words[:10])
+    large = bootstrap_interval(errors * 20, words * 20)
+    rate = sum(errors) / sum(words)
+    assert small[0] <= rate <= small[1] and large[0] <= rate <= large[1]
+    assert large[1] - large[0] < (small[1] - small[0]) / 3
+    assert bootstrap_interval(errors, words) == bootstrap_interval(errors, words)  # seeded: reproducible
+
+
+def test_per_speaker_wer_is_keyed_by_client_id():
+    entries = [{**entry("uno dos"), "client_id": "a" * 64}, {**entry("tres"), "client_id": "b" * 64},
+               {**entry("cuatro"), "client_id": "a" * 64}]  # fmt: skip
+    metrics, rows = compute_metrics(entries, ["uno dos", "", "cinco"])
+    assert metrics["by_speaker"]["a" * 64]["wer"] == pytest.approx(1 / 3, abs=1e-6)
+    assert metrics["by_speaker"]["b" * 64] == {**metrics["by_speaker"]["b" * 64], "wer": 1.0, "utterances": 1}
+    assert rows[1]["client_id"] == "b" * 64
+    assert "## WER by speaker (2 of 2 speakers" in render_report(metrics, rows, "m", "t", worst=3)

@@ -1,6 +1,6 @@
 """infra/: the images' Dockerfiles (hadolint; pins agree with pyproject.toml and constraints.txt; non-root;
-the slim image carries no torch), the build context allowlist and build.sh. No Docker engine runs here, so
-the images themselves are not built by the tests."""
+the slim image carries no torch), the build context allowlist, build.sh, and CI's promise to build and run the
+images (test_images.py and test_pipeline_containers.py build and run them)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from conftest import ROOT
 
 INFRA = ROOT / "infra"
 DOCKERFILES = {"train": INFRA / "Dockerfile.train", "prep": INFRA / "Dockerfile.prep"}
+CONTAINERFILES = {**DOCKERFILES, "podman-base": INFRA / "podman" / "Containerfile.python"}
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
@@ -74,10 +75,10 @@ def hadolint() -> str:
     return found
 
 
-@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+@pytest.mark.parametrize("name", sorted(CONTAINERFILES))
 def test_hadolint(name):
     result = subprocess.run(
-        [hadolint(), "--failure-threshold", "info", str(DOCKERFILES[name])],
+        [hadolint(), "--failure-threshold", "info", str(CONTAINERFILES[name])],
         capture_output=True,
         text=True,
         check=False,
@@ -168,3 +169,35 @@ def test_build_script():
     default_tag = build_dry_run("reg/x", BUILDER="docker", IMAGES="prep").stdout
     assert re.search(rf"habla-prep:{re.escape(PYPROJECT['project']['version'])}-\w+ ", default_tag)
     assert build_dry_run().returncode == 2  # no repository: usage
+
+
+def test_ci_builds_and_runs_the_images_and_keeps_the_readme_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"# 2\. set up, then run the tests\n(.+)\n", readme).group(1).strip()
+    assert command in ci  # CI runs what the README tells people to run
+    assert re.search(r"apt-get install -y .*\bpodman runc debootstrap\b", ci)
+    assert ci.index("export HABLA_REQUIRE_CONTAINERS=1") < ci.index(command)
+    assert subprocess.run(["bash", "-n", str(INFRA / "podman" / "build-local.sh")], check=False).returncode == 0
+
+
+def test_container_tests_skip_with_directions_or_fail_when_required(monkeypatch, tmp_path):
+    import containers
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no podman here
+    monkeypatch.delenv(containers.REQUIRE, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="podman is not installed.*apt-get install -y podman"):
+        containers.need_podman()
+    monkeypatch.setenv(containers.REQUIRE, "1")
+    with pytest.raises(pytest.fail.Exception, match="required"):
+        containers.need_podman()
+
+
+def test_a_required_session_without_container_tests_fails():
+    """HABLA_REQUIRE_CONTAINERS=1 and no container test ran: the session fails even though every test passed."""
+    this = f"{Path(__file__).relative_to(ROOT)}::test_build_context_is_an_allowlist_that_covers_the_package"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", this], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "HABLA_REQUIRE_CONTAINERS": "1"},
+                         timeout=300, check=False)  # fmt: skip
+    assert run.returncode == 1 and "1 passed" in run.stdout, run.stdout[-2000:]
+    assert "the container tests did not all run (none ran)" in run.stdout

@@ -25,7 +25,7 @@ def test_trainjob_fields():
     assert re.fullmatch(r"[0-9a-f]{16}", meta["annotations"][jobs.SPEC_HASH_ANNOTATION])
     spec = job["spec"]
     assert spec["runtimeRef"] == {
-        "name": "torch-distributed",
+        "name": "habla-torch-distributed",
         "apiGroup": "trainer.kubeflow.org",
         "kind": "ClusterTrainingRuntime",
     }

@@ -1,6 +1,8 @@
 """manifests/: every document's structure, the overlays rendered by the real kustomize (``kubectl kustomize``)
-and validated against the Kubernetes schemas, RBAC that covers what habla.kubeflow.follow calls, the kfp-launcher
-configuration, and no secret value anywhere. No cluster runs here: nothing is applied."""
+and validated against the Kubernetes schemas (custom resources: against the vendored upstream CRDs, strictly),
+RBAC that covers what habla.kubeflow.follow calls, the object store endpoint against KFP's real Service at the
+supported versions, the kfp-launcher configuration, and no secret value anywhere. No cluster runs here: nothing
+is applied."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
+from crd_schemas import UPSTREAM, crd_for, errors, releases
 from kubernetes_validate import validate as k8s_validate
 
-from habla.kubeflow import follow, jobs
+from habla.kubeflow import follow, jobs, kfp_api, lease
 
 MANIFESTS = ROOT / "manifests"
 OVERLAYS = {"kfp-seaweedfs": "kubeflow", "aws-s3": "kubeflow-user-example-com"}
@@ -99,9 +102,24 @@ def test_rendered_documents_match_the_kubernetes_schemas(rendered):
     for target, docs in rendered.items():
         assert docs, target
         for doc in docs:
-            if doc["apiVersion"].startswith("trainer.kubeflow.org/"):
-                continue  # a CRD: checked field by field below
+            if "kubeflow.org/" in doc["apiVersion"]:
+                continue  # a custom resource: checked against the upstream CRDs below
             k8s_validate(doc, K8S_VERSION, strict=True)
+
+
+def test_rendered_custom_resources_match_every_supported_crd(rendered):
+    """Strict kubectl apply of each custom resource on every supported release that serves its kind."""
+    checked = 0
+    for docs in rendered.values():
+        for doc in docs:
+            if "kubeflow.org/" not in doc["apiVersion"]:
+                continue
+            serving = [r for r in releases() if crd_for(r, doc["apiVersion"], doc["kind"])]
+            assert serving, f"no supported release serves {doc['kind']}"
+            for release in serving:
+                assert errors(doc, release) == [], (release, doc["kind"], doc["metadata"]["name"])
+                checked += 1
+    assert checked >= 4  # the training runtime, on Trainer v2.0 to v2.3
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
@@ -109,7 +127,7 @@ def test_overlay_namespace_and_rbac_cover_the_launcher(rendered, overlay):
     docs = rendered[f"overlays/{overlay}"]
     namespace = OVERLAYS[overlay]
     assert all(d["metadata"].get("namespace") == namespace for d in docs if d["kind"] not in KINDS_WITHOUT_NAMESPACE)
-    by_kind(docs, "ServiceAccount", "habla-pipeline-runner")
+    by_kind(docs, "ServiceAccount", kfp_api.PIPELINE_SERVICE_ACCOUNT)  # what habla pipeline submit runs steps as
     role = by_kind(docs, "Role", "habla-launcher")
     granted = {
         (group, resource, verb)
@@ -130,9 +148,41 @@ def test_overlay_namespace_and_rbac_cover_the_launcher(rendered, overlay):
         assert all(s.get("namespace") == namespace for s in binding["subjects"])
 
 
+def kfp_services() -> dict[str, dict[str, set[int]]]:
+    """Services of standalone KFP in namespace kubeflow by vendored version (tests/kubeflow/upstream/kfp-*)."""
+    out = {}
+    for folder in sorted(UPSTREAM.glob("kfp-*")):
+        services = [yaml.safe_load(p.read_text()) for p in sorted(folder.glob("*-service.yaml"))]
+        out[folder.name] = {s["metadata"]["name"]: {p["port"] for p in s["spec"]["ports"]} for s in services}
+    return out
+
+
+def test_kfp_seaweedfs_overlay_uses_kfps_object_store_and_leaves_kfps_own_config(rendered):
+    docs = rendered["overlays/kfp-seaweedfs"]
+    endpoint = by_kind(docs, "ConfigMap", "habla-s3-config")["data"]["AWS_ENDPOINT_URL"]
+    host, port = endpoint.removeprefix("http://").split(":")
+    service, namespace = host.split(".")[:2]
+    assert namespace == "kubeflow"
+    versions = kfp_services()
+    assert set(versions) == {"kfp-2.16.0", "kfp-2.17.0"}  # the supported backends (docs/operators.md)
+    for version, services in versions.items():
+        assert int(port) in services.get(service, set()), f"{version} has no Service {service} on port {port}"
+    # KFP's own kfp-launcher in kubeflow sets the pipeline root of every pipeline there: not ours to replace.
+    assert not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kfp-launcher"]
+
+
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
-def test_kfp_launcher_points_the_pipeline_root_at_s3_with_the_secret(rendered, overlay):
+def test_s3_settings_and_the_pipeline_root(rendered, overlay):
     docs = rendered[f"overlays/{overlay}"]
+    secret = by_kind(docs, "Secret", jobs.DEFAULT_S3_SECRET)  # exact name: no kustomize hash suffix
+    assert set(secret["data"]) == set(jobs.SECRET_KEYS)
+    for value in secret["data"].values():  # rendered here from the examples: placeholders only
+        assert base64.b64decode(value).decode().startswith("REPLACE_ME")
+    settings = by_kind(docs, "ConfigMap", "habla-s3-config")["data"]
+    assert settings["HABLA_OUTPUT_ROOT"].startswith("s3://")
+    assert not [k for k in settings if jobs._SECRET_LOOKING.search(k)]
+    if overlay == "kfp-seaweedfs":
+        return  # the pipeline root stays KFP's (above)
     data = by_kind(docs, "ConfigMap", "kfp-launcher")["data"]
     assert data["defaultPipelineRoot"].startswith("s3://")
     s3 = yaml.safe_load(data["providers"])["s3"]["default"]
@@ -146,13 +196,6 @@ def test_kfp_launcher_points_the_pipeline_root_at_s3_with_the_secret(rendered, o
             "secretKeyKey": "AWS_SECRET_ACCESS_KEY",
         },
     }
-    secret = by_kind(docs, "Secret", jobs.DEFAULT_S3_SECRET)  # exact name: no kustomize hash suffix
-    assert set(secret["data"]) == set(jobs.SECRET_KEYS)
-    for value in secret["data"].values():  # rendered here from the examples: placeholders only
-        assert base64.b64decode(value).decode().startswith("REPLACE_ME")
-    settings = by_kind(docs, "ConfigMap", "habla-s3-config")["data"]
-    assert settings["HABLA_OUTPUT_ROOT"].startswith("s3://")
-    assert not [k for k in settings if jobs._SECRET_LOOKING.search(k)]
     # The same bucket holds the pipeline root and habla's outputs.
     assert data["defaultPipelineRoot"].split("/")[2] == settings["HABLA_OUTPUT_ROOT"].split("/")[2]
 
@@ -161,7 +204,7 @@ def test_training_runtime(rendered):
     (runtime,) = rendered["runtimes"]
     assert runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and runtime["kind"] == "ClusterTrainingRuntime"
     assert "namespace" not in runtime["metadata"]
-    assert runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] == "auto"
+    assert runtime["spec"]["mlPolicy"]["torch"] == {}  # numProcPerNode comes from the TrainJob (gone in v2.2)
     (job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     # The trainer's TrainJob overrides find their target by these names.
     assert job["name"] == "node"
@@ -172,10 +215,9 @@ def test_training_runtime(rendered):
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
-    # The launcher can select it by name.
-    job_spec = jobs.build_trainjob(
-        jobs.TrainLaunch(image="x/habla-train:1", name="habla-train-x", runtime=runtime["metadata"]["name"])
-    )
+    # It is what habla's TrainJobs use unless told otherwise (the pipeline's runtime parameter defaults to it).
+    assert runtime["metadata"]["name"] == jobs.DEFAULT_RUNTIME
+    job_spec = jobs.build_trainjob(jobs.TrainLaunch(image="x/habla-train:1", name="habla-train-x"))
     assert job_spec["spec"]["runtimeRef"]["name"] == "habla-torch-distributed"
 
 
@@ -191,3 +233,44 @@ def test_no_secret_value_in_manifests(rendered):
                 continue
             text = yaml.safe_dump(doc)
             assert "REPLACE_ME" not in text and "stringData" not in text
+
+
+def _granted(role: dict) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_rbac_covers_the_watcher_leases(rendered, overlay):
+    """The Role habla-watcher grants what habla.kubeflow.lease calls (habla watch --claims lease|auto)."""
+    docs = rendered[f"overlays/{overlay}"]
+    role = by_kind(docs, "Role", "habla-watcher")
+    assert set(lease.REQUIRED_PERMISSIONS) <= _granted(role), f"habla-watcher lacks {set(lease.REQUIRED_PERMISSIONS)}"
+    assert {r for _, r, _ in _granted(role)} == {"leases"} and "delete" not in {v for *_, v in _granted(role)}
+    binding = by_kind(docs, "RoleBinding", "habla-watcher")
+    assert binding["roleRef"]["name"] == "habla-watcher"
+    assert {"kind": "ServiceAccount", "name": "habla-pipeline-runner", "namespace": OVERLAYS[overlay]} in (
+        binding["subjects"]
+    )
+
+
+def test_the_cronjob_runs_as_an_account_bound_to_the_watcher_role():
+    result = subprocess.run(
+        [*kustomize_bin(), str(MANIFESTS / "cronjob")], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    for doc in docs:
+        k8s_validate(doc, K8S_VERSION, strict=True)
+    cronjob = by_kind(docs, "CronJob", "habla-release-watcher")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    account = pod["serviceAccountName"]
+    by_kind(docs, "ServiceAccount", account)
+    binding = by_kind(docs, "RoleBinding", account)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "habla-watcher"}
+    assert {"kind": "ServiceAccount", "name": account} in binding["subjects"]
+    (container,) = pod["containers"]
+    assert "--claims=$(HABLA_CLAIMS)" in container["args"]
+    config = [d for d in docs if d["kind"] == "ConfigMap"][0]["data"]
+    assert config["HABLA_CLAIMS"] in ("s3", "lease", "auto")

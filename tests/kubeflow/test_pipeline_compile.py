@@ -1,10 +1,14 @@
-"""The compiled pipeline (IR YAML) holds what a cluster run relies on."""
-
-from __future__ import annotations
+"""The compiled pipeline (IR YAML) holds what a cluster run relies on, checked against what KFP's backend does
+with it (kubeflow/pipelines, backend/src/v2/driver)."""
 
 import pytest
 import yaml
 from conftest import run_habla
+from habla.pipelines import training_pipeline
+from kfp import compiler, dsl
+
+from habla.core.errors import HablaError
+from habla.kubeflow import jobs, kfp_api
 
 SECRET_VALUE = "wJalrXUtnFEMI-not-a-real-key-7Q"
 
@@ -48,10 +52,11 @@ def test_parameters_have_defaults_and_descriptions(compiled):
         "max_duration": 20.0,
         "config": "fastconformer_ctc_bpe",
         "nodes": 1,
-        "gpus_per_node": 1,
+        "gpus_per_node": "1",
         "max_steps": 0,
         "promotion_margin": 0.0,
         "launcher": "trainjob",
+        "runtime": jobs.DEFAULT_RUNTIME,
         "audio_format": "tar",
     }
     for name, default in expected.items():
@@ -81,6 +86,75 @@ def test_training_requests_gpus_only_where_training_runs(compiled):
     assert executor(ir, "evaluate-models")["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert executor(ir, "train-here")["image"] == "registry.example/habla-train:1"
     assert executor(ir, "convert-shard")["image"] == "registry.example/habla-prep:1"
+
+
+def test_a_whole_number_of_gpus_is_passed_as_the_string_kfp_needs(compiled, tmp_path):
+    text, _, _ = compiled
+    package = tmp_path / "habla.yaml"
+    package.write_text(text)
+    params = {
+        "release_uri": "s3://a/b",
+        "output_uri": "s3://c",
+        "gpus_per_node": 8,
+    }  # habla watch --param gpus_per_node=8
+    assert kfp_api.explicit_params(str(package), params)["gpus_per_node"] == "8"
+    with pytest.raises(HablaError, match="not a NUMBER_INTEGER"):
+        kfp_api.explicit_params(str(package), {**params, "nodes": "4"})
+
+
+def test_gpu_limits_come_from_string_parameters(compiled):
+    """KFP's driver reads a parameter bound to a pod spec field with GetStringValue() (resolve.go,
+    resolvePodSpecInputRuntimeParameter): a NUMBER_INTEGER gives "", and the pod gets no GPU limit."""
+    _, ir, _ = compiled
+    count = executor(ir, "train-here")["resources"]["accelerator"]["resourceCount"]
+    assert count == "{{$.inputs.parameters['pipelinechannel--gpus_per_node']}}"
+    # The count is a task input fed by the enclosing If's input, fed by the pipeline parameter: all strings.
+    (branch,) = [c for c in ir["components"].values() if "train-here" in (c.get("dag") or {}).get("tasks", {})]
+    source = branch["dag"]["tasks"]["train-here"]["inputs"]["parameters"]["pipelinechannel--gpus_per_node"]
+    assert branch["inputDefinitions"]["parameters"][source["componentInputParameter"]]["parameterType"] == "STRING"
+    assert ir["root"]["inputDefinitions"]["parameters"]["gpus_per_node"]["parameterType"] == "STRING"
+    training_pipeline.check_pod_spec_parameters(ir)  # the check habla pipeline compile runs passes
+
+
+def test_compiling_refuses_a_gpu_limit_bound_to_a_number(tmp_path):
+    """What gpus_per_node: int compiled to: the check that now runs in compile_pipeline refuses it."""
+
+    @dsl.component(base_image="python:3.11")
+    def step(n: int) -> int:
+        return n
+
+    @dsl.pipeline(name="int-gpus")
+    def int_gpus(gpus: int = 1):
+        task = step(n=gpus)
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+
+    path = tmp_path / "int-gpus.yaml"
+    compiler.Compiler().compile(int_gpus, str(path))
+    with pytest.raises(
+        HablaError, match="resourceCount comes from parameter 'pipelinechannel--gpus' of type NUMBER_INT"
+    ):
+        training_pipeline.check_pod_spec_parameters(yaml.safe_load(path.read_text()))
+
+
+def test_training_and_evaluation_pods_get_a_ram_backed_dev_shm(compiled):
+    _, _, platform = compiled
+    for name in ("exec-train-here", "exec-evaluate-models"):
+        assert {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory"} in platform[name]["emptyDirMounts"]
+
+
+def test_the_run_folder_is_named_from_the_run_id(compiled):
+    _, ir, _ = compiled
+    inputs = ir["root"]["dag"]["tasks"]["start-run"]["inputs"]["parameters"]
+    assert inputs["run_id"] == {"runtimeValue": {"constant": dsl.PIPELINE_JOB_ID_PLACEHOLDER}}
+    assert dsl.PIPELINE_JOB_NAME_PLACEHOLDER not in str(ir)  # a display name two runs may share
+
+
+def test_the_cluster_launcher_gets_the_runtime_parameter(compiled):
+    _, ir, _ = compiled
+    (branch,) = [c for c in ir["components"].values() if "train-on-cluster" in (c.get("dag") or {}).get("tasks", {})]
+    runtime = branch["dag"]["tasks"]["train-on-cluster"]["inputs"]["parameters"]["runtime"]
+    assert runtime == {"componentInputParameter": "pipelinechannel--runtime"}
+    assert ir["root"]["inputDefinitions"]["parameters"]["runtime"]["defaultValue"] == "habla-torch-distributed"
 
 
 def test_caching_keyed_on_data_steps_only(compiled):
@@ -128,7 +202,8 @@ def test_submit_sends_the_real_pipeline_with_every_parameter(tmp_path):
     assert (
         params["release_uri"].endswith("cv-corpus-25.0-2026-03-09-es.tar.gz") and params["output_uri"] == "s3://habla"
     )
-    assert params["nodes"] == 4 and params["gpus_per_node"] == 8
+    assert params["nodes"] == 4 and params["gpus_per_node"] == "8"
+    assert run["service_account"] == kfp_api.PIPELINE_SERVICE_ACCOUNT  # what manifests/ grants the Roles to
     assert params["config_overrides"] == "trainer.precision=bf16-mixed"
     assert (
         params["launcher"] == "trainjob" and params["config"] == "fastconformer_ctc_bpe"

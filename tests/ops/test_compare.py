@@ -130,19 +130,19 @@ def test_markdown_csv_json_and_plot(runs, tmp_path, capsys):
 
 def test_compare_runs_of_a_kfp_experiment(runs, tmp_path, capsys):
     """Each KFP run's folder is read where the pipeline writes it: OUT/runs/<run_name parameter>, or
-    OUT/runs/<the KFP run's name> when the run_name parameter is empty."""
+    OUT/runs/<the KFP run's id> when the run_name parameter is empty."""
     out = tmp_path / "out"
-    shutil.copytree(runs[0], out / "runs" / "small-v17")  # submitted with run_name=small-v17
-    shutil.copytree(runs[1], out / "runs" / "kfp-large-v25")  # submitted without: the KFP run's name
     package = compile_fake_training_pipeline(str(tmp_path))
     with KfpStandin() as kfp:
         client = kfp_api.connect(kfp.url)
-        for name, params in (
-            ("kfp-small-v17", {"config": "small", "run_name": "small-v17"}),
-            ("kfp-large-v25", {"config": "large"}),
+        for run, name, params in (
+            (runs[0], "kfp-small-v17", {"config": "small", "run_name": "small-v17"}),
+            (runs[1], "kfp-large-v25", {"config": "large"}),
         ):
             params = {"release_uri": "s3://cv/x", "output_uri": str(out), **params}
-            kfp_api.submit_run(kfp.url, package, params, "cv-es", name, client=client)
+            ref = kfp_api.submit_run(kfp.url, package, params, "cv-es", name, client=client)
+            # where the pipeline would have written it: runs/small-v17, and runs/<run id> for the unnamed run
+            shutil.copytree(run, out / "runs" / (params.get("run_name") or ref.run_id))
         kfp_api.submit_run(
             kfp.url,
             package,
@@ -180,3 +180,31 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert len(err) == 2 and "cannot reach Kubeflow Pipelines" in err[1]
     with pytest.raises(HablaError, match="--groups"):
         compare.parse_groups("gender,shoe_size")
+
+
+def test_a_pipeline_output_folder_and_a_column_per_setting_that_differs(tmp_path, capsys):
+    """`habla compare OUT` (what run-local --out writes) lists every run under OUT/runs/, and each setting that
+    differs between them (a config override, a pipeline parameter) gets its own column."""
+    out = tmp_path / "out"
+    for name, overrides, margin in (("base", "", 0.0), ("fast-lr", "model.optim.lr=0.05 trainer.max_steps=60", 0.0),
+                                    ("strict", "trainer.max_steps=60", 0.01)):  # fmt: skip
+        dst = _run_folder(out / "runs", name, release="/d/cv-corpus-25.0-2026-03-09/es", config="tiny", nodes=1,
+                          wer={"base": 0.5, "fast-lr": 0.4, "strict": 0.45}[name])  # fmt: skip
+        record = json.loads((dst / "run.json").read_text())
+        record.update(config_overrides=overrides, promotion_margin=margin, launcher="local")
+        (dst / "run.json").write_text(json.dumps(record))
+    (out / "datasets" / "x").mkdir(parents=True)
+    assert cli.main(["compare", str(out), "--format", "json", "--plot", str(tmp_path / "c.png")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run"] for r in rows] == ["fast-lr", "strict", "base"]
+    assert [(r["model.optim.lr"], r["trainer.max_steps"], r["promotion_margin"]) for r in rows] == [
+        ("0.05", "60", "0.0"),
+        (None, "60", "0.01"),
+        (None, None, "0.0"),
+    ]
+    assert "launcher" not in rows[0]  # the same in every run: no column
+    assert cli.main(["compare", str(out)]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[:8] == ["run", "state", "release", "config", "train_source", "model.optim.lr", "promotion_margin",
+                          "trainer.max_steps"]  # fmt: skip
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

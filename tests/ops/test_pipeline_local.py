@@ -59,7 +59,7 @@ def test_model_metrics_and_the_wer_table(two_runs):
     test_clips = len(read_jsonl(next((out / "datasets").iterdir()) / "manifests" / "test.json"))
     assert metrics["utterances"] == test_clips and 0.0 <= metrics["wer"] and 0.0 <= metrics["cer"] <= 1.5
     assert sum(g["utterances"] for g in metrics["by_gender"].values()) == test_clips
-    assert f"WER {metrics['wer']:.4f}" in first.stdout  # the table printed at the end
+    assert f"WER {metrics['wer']:.4f} (" in first.stdout  # the summary printed at the end, with its interval
     record = json.loads((run / "run.json").read_text())
     assert record["config"] == "tiny_ctc_char" and record["launcher"] == "local"
 
@@ -84,3 +84,25 @@ def test_compare_the_two_runs(two_runs):
     wers = [r["wer"] for r in rows]
     assert wers == sorted(wers)
     assert Counter(r["config"] for r in rows) == {"tiny_ctc_char": 2}
+
+
+def test_the_console_fits_on_a_screen_and_the_logs_hold_the_rest(two_runs):
+    """One line per step, then the summary: WER/CER with intervals, the verdict, every report's path. KFP's
+    executor input, its warnings and NeMo's logs are in the step log files, not on the console."""
+    out, first, second = two_runs
+    console = first.stdout.splitlines() + first.stderr.splitlines()
+    assert len(console) <= 40, "\n".join(console)
+    assert "executor_input" not in first.stdout + first.stderr and "[NeMo" not in first.stdout + first.stderr
+    for step in ("start-run", "plan-dataset", "train-here", "evaluate-models", "package-model", "promote-model"):
+        assert any(line.startswith(f"✓ {step} ") for line in console), step
+        assert (out / "runs" / "first" / "logs" / f"{step}.log").stat().st_size > 0
+    logs = (out / "runs" / "first" / "logs" / "pipeline.log").read_text()
+    assert "Got executor_input" in logs and "[NeMo" in logs  # silenced on the console, kept in the files
+    assert "promoted: no model had been promoted yet" in first.stdout
+    assert "not promoted:" in second.stdout and "WER improvement over first" in second.stdout
+    for report in ("evaluation report", "model card", "ONNX export", "dataset report", "step logs"):
+        assert report in first.stdout, report
+    promotion = json.loads((out / "runs" / "second-run" / "run.json").read_text())["promotion"]
+    assert promotion["promote"] is False and promotion["best_run"] == "first" and promotion["margin"] == 1.0
+    package = out / "models" / "first"
+    assert json.loads((package / "onnx_check.json").read_text())["verified"] and (package / "README.md").is_file()

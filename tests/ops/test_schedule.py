@@ -120,6 +120,7 @@ def test_the_watcher_component_submits_through_the_api(tmp_path, monkeypatch):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "cv-corpus-25.0-2026-03-09-es.tar.gz").write_bytes(b"x")
+    (inbox / "cv-corpus-25.0-2026-03-09-es.tar.gz.sha256").write_text("0" * 64)  # uploaded whole (habla watch)
     with KfpStandin() as kfp:
         report = watcher_pipeline.watch_releases.python_func(
             inbox=str(inbox),
@@ -196,6 +197,7 @@ def test_compile_options_reach_the_training_pipeline_the_watcher_submits(tmp_pat
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "cv-corpus-25.0-2026-03-09-es.tar.gz").write_bytes(b"x")
+    (inbox / "cv-corpus-25.0-2026-03-09-es.tar.gz.sha256").write_text("0" * 64)  # uploaded whole (habla watch)
     with KfpStandin() as kfp:
         args = ["schedule", "--host", kfp.url, *ARGS, *options, "--conversion-parallelism", "3"]
         assert cli.main(args) == 0
@@ -218,3 +220,21 @@ def test_compile_options_reach_the_training_pipeline_the_watcher_submits(tmp_pat
     images = {name: e["container"]["image"] for name, e in training["deploymentSpec"]["executors"].items()}
     assert images["exec-convert-shard"] == "reg.example/prep:7" and images["exec-train-here"] == "reg.example/train:7"
     assert training["root"]["inputDefinitions"]["parameters"]["train_image"]["defaultValue"] == "reg.example/train:7"
+
+
+def test_claims_reach_the_watcher_pipeline_and_its_component(tmp_path):
+    """habla schedule --claims lease becomes the watcher pipeline's ``claims`` parameter (default auto), which the
+    component hands to habla.ops.watch.watch."""
+    with KfpStandin() as kfp:
+        assert cli.main(["schedule", "--host", kfp.url, *ARGS]) == 0
+        assert cli.main(["schedule", "--host", kfp.url, *ARGS, "--name", "leased", "--claims", "lease"]) == 0
+        claims = {
+            rr["display_name"]: rr["runtime_config"]["parameters"]["claims"] for rr in kfp.recurring_runs.values()
+        }
+    assert claims == {"habla-release-watcher": "auto", "leased": "lease"}
+    with pytest.raises(HablaError, match=r"--claims 'sometimes': expected one of s3, lease, auto"):
+        watcher_pipeline.watch_releases.python_func(
+            inbox=str(tmp_path), state=str(tmp_path / "state"), output_root=str(tmp_path / "out"),
+            experiment="habla", locale="es", kfp_host="http://127.0.0.1:9", training_params="{}",
+            s3_endpoint_url="", mdc=False, dry_run=False, compile_options="", claims="sometimes",
+        )  # fmt: skip

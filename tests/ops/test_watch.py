@@ -1,4 +1,5 @@
-"""habla watch: version ordering, exactly-once submission (two watchers racing on S3), crash safety, MDC."""
+"""habla watch: version ordering, exactly-once submission (two watchers racing on S3), crash safety, MDC, and
+claims on stores that ignore conditional writes (the probe refuses them; --claims auto falls back to Leases)."""
 
 import json
 import os
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from conftest import cli_env
+from k8s_standin import StandinK8s
 from kfp_standin import KfpStandin, compile_fake_training_pipeline
 
 from habla import cli
@@ -31,6 +34,7 @@ def _names(*versions: str) -> list[str]:
 def _archive(inbox: str, name: str) -> str:
     uri = storage.join(inbox, f"{name}.tar.gz")
     storage.write_bytes(uri, b"not a real archive: the fake training pipeline never opens it")
+    storage.write_text(uri + ".sha256", "0" * 64)  # uploaded whole: the sidecar comes last
     return uri
 
 
@@ -443,3 +447,147 @@ def test_an_unreachable_data_collective_does_not_hold_up_the_inbox(kfp, tmp_path
         ("cv-corpus-25.0-2026-03-09-es", "submitted"),
     ]
     assert "Mozilla Data Collective unreachable" in decisions[0].detail
+
+
+# ------------------------------------------------------------- stores that ignore conditional writes
+
+
+def _watch_command(inbox: str, state: str, out: str, kfp: KfpStandin, package: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "habla.cli", "watch", "--inbox", inbox, "--state", state, "--output-root", out,
+            "--host", kfp.url, "--package", package, "--json", *extra]  # fmt: skip
+
+
+def test_claims_s3_refuses_a_store_that_ignores_conditional_writes(lax_s3, kfp, tmp_path):
+    bucket, proxy = lax_s3
+    inbox, state = f"{bucket}/inbox", f"{bucket}/state"
+    _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
+    with pytest.raises(HablaError) as err:
+        watch.watch(inbox, state, output_root=f"{bucket}/runs", host=kfp.url, claims="s3")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"the state store {bucket} at http://127.0.0.1:")
+    assert "does not enforce conditional writes: two concurrent PUTs with If-None-Match: * both answered 200 OK" in (
+        message
+    )
+    assert "use --claims lease" in message and "docs/operations.md" in message
+    assert kfp.runs == {} and not list(storage.list_files(f"{state}/releases")), "nothing claimed, nothing submitted"
+    # A quiet poll (nothing new) neither probes nor writes.
+    storage._probes.clear()
+    dropped = proxy.dropped
+    assert watch.watch(f"{bucket}/empty-inbox", state, output_root=f"{bucket}/runs", claims="s3") == []
+    assert proxy.dropped == dropped and not storage._probes
+
+
+def test_two_watcher_processes_on_a_lax_store_fall_back_to_leases_and_submit_once(lax_s3, kfp, tmp_path):
+    """The store ignores If-None-Match, so claim files cannot keep two watchers apart; --claims auto notices (the
+    probe) and claims through Leases on the Kubernetes API (the stand-in, reached through KUBECONFIG)."""
+    bucket, proxy = lax_s3
+    inbox, state = f"{bucket}/inbox", f"{bucket}/state"
+    versions = ("24.0-2025-12-05", "25.0-2026-03-09")
+    for version in versions:
+        _archive(inbox, f"cv-corpus-{version}-es")
+    kfp.run_delay = 0.3
+    package = compile_fake_training_pipeline(str(tmp_path))
+    with StandinK8s() as api:
+        env = cli_env(KUBECONFIG=api.kubeconfig(tmp_path / "kubeconfig", "kubeflow"))
+        command = _watch_command(inbox, state, f"{bucket}/runs", kfp, package, "--claims", "auto")
+        procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]  # fmt: skip
+        outputs = [p.communicate(timeout=120) for p in procs]
+        leases = dict(api.leases)
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    assert all("claiming through Kubernetes Leases in namespace kubeflow" in err for _, err in outputs)
+    actions = [d["action"] for out, _ in outputs for d in json.loads(out)]
+    assert actions.count("submitted") == 2 and "failed" not in actions, actions
+    assert _runs_by_release(kfp) == {f"habla-cv-corpus-{v}-es": 1 for v in versions}
+    assert proxy.dropped > 0, "the conditional headers really were dropped"
+    # One Lease per release, released once the run was recorded.
+    assert sorted(name.split("-releases-")[1] for _, name in leases) == [f"cv-corpus-{v}-es" for v in versions]
+    for lease in leases.values():
+        assert "holderIdentity" not in lease["spec"] and lease["metadata"]["annotations"]["habla.dev/status"] == (
+            "submitted"
+        )
+    assert {r["claims"] for r in watch.read_results(state).values()} == {"lease"}
+
+
+def test_auto_without_a_kubernetes_api_refuses_in_one_line(lax_s3, kfp, tmp_path):
+    bucket, _ = lax_s3
+    inbox = f"{bucket}/inbox"
+    _archive(inbox, "cv-corpus-25.0-2026-03-09-es")
+    package = compile_fake_training_pipeline(str(tmp_path))
+    env = cli_env(KUBECONFIG=str(tmp_path / "no-kubeconfig"))
+    command = _watch_command(inbox, f"{bucket}/state", f"{bucket}/runs", kfp, package)  # --claims auto by default
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "does not enforce conditional writes" in result.stderr
+    assert "--claims auto found no Kubernetes API for a Lease: no Kubernetes access" in result.stderr
+    assert kfp.runs == {}
+
+
+def test_lease_claims_keep_watcher_threads_apart_and_a_crashed_holder_off_until_it_expires(kfp, tmp_path):
+    inbox, state, out = str(tmp_path / "inbox"), str(tmp_path / "state"), str(tmp_path / "out")
+    for version in ("17.0-2024-03-15", "25.0-2026-03-09"):
+        _archive(inbox, f"cv-corpus-{version}-es")
+    kfp.run_delay = 0.2
+    with StandinK8s() as api:
+        options = {"output_root": out, "host": kfp.url, "claims": "lease", "lease_namespace": "ml"}
+        start = threading.Barrier(3)
+        decisions: list = []
+        errors: list = []
+
+        def one_watcher():
+            start.wait()
+            try:
+                decisions.extend(watch.watch(inbox, state, kube_client=api.api_client(), **options))
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one_watcher) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert [d.action for d in decisions].count("submitted") == 2 and len(kfp.runs) == 2
+
+        # A watcher that died after creating the run, before recording it, still holds its Lease: others keep
+        # off until it expires, then adopt the Lease and the run (no second run).
+        name = "cv-corpus-25.0-2026-03-09-es"
+        Path(state, "releases", name, "result.json").unlink()
+        [key] = [k for k in api.leases if k[1].endswith(name)]
+        api.leases[key]["spec"].update(holderIdentity="pod-x", leaseDurationSeconds=900)
+        api.leases[key]["spec"]["renewTime"] = watch._now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        [busy] = [d for d in watch.watch(inbox, state, kube_client=api.api_client(), **options) if d.release == name]
+        assert busy.action == "in-progress" and "pod-x" in busy.detail
+        api.leases[key]["spec"]["renewTime"] = "2000-01-01T00:00:00.000000Z"
+        transitions = api.leases[key]["spec"].get("leaseTransitions", 0)
+        [adopted] = [d for d in watch.watch(inbox, state, kube_client=api.api_client(), **options) if d.release == name]
+        assert adopted.action == "adopted" and len(kfp.runs) == 2
+        assert api.leases[key]["spec"]["leaseTransitions"] == transitions + 1
+
+
+def test_two_watcher_processes_racing_on_real_seaweedfs_submit_each_release_once(seaweedfs_bucket, kfp, tmp_path):
+    """KFP's own object store (SeaweedFS 4.34) passes the probe, so --claims s3 keeps racing watchers apart."""
+    inbox, state = f"{seaweedfs_bucket}/inbox", f"{seaweedfs_bucket}/state"
+    versions = ("24.0-2025-12-05", "25.0-2026-03-09")
+    for version in versions:
+        _archive(inbox, f"cv-corpus-{version}-es")
+    kfp.run_delay = 0.3
+    package = compile_fake_training_pipeline(str(tmp_path))
+    command = _watch_command(inbox, state, f"{seaweedfs_bucket}/runs", kfp, package, "--claims", "s3")
+    procs = [subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]  # fmt: skip
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outputs]
+    actions = [d["action"] for out, _ in outputs for d in json.loads(out)]
+    assert actions.count("submitted") == 2 and "failed" not in actions, actions
+    assert _runs_by_release(kfp) == {f"habla-cv-corpus-{v}-es": 1 for v in versions}
+    assert {r["claims"] for r in watch.read_results(state).values()} == {"s3"}
+
+
+def test_an_unknown_claims_mode_is_one_line(tmp_path, capsys):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    args = ["watch", "--inbox", str(inbox), "--state", str(tmp_path / "s"), "--dry-run", "--claims", "sometimes"]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.strip().endswith("--claims 'sometimes': expected one of s3, lease, auto")
+    assert not (tmp_path / "s").exists()

@@ -52,8 +52,8 @@ def test_tiny_ctc_char_learns_30_real_clips(tmp_path, clips30, cache, one_thread
     assert metrics["wer"] == pytest.approx(summary["val_wer"], abs=0.05)  # NeMo's val WER agrees with ours
     assert set(metrics["by_gender"]) >= {"female_feminine", "male_masculine"}
     assert sum(g["utterances"] for g in metrics["by_accent"].values()) == 30
-    errors = read_jsonl(tmp_path / "eval" / "errors.jsonl")
-    assert len(errors) == 30 and {"ref", "hyp", "wer"} <= set(errors[0])
+    predictions = read_jsonl(tmp_path / "eval" / "predictions.json")
+    assert len(predictions) == 30 and {"text", "pred_text", "wer"} <= set(predictions[0])
     assert (tmp_path / "eval" / "wer_by_group.png").read_bytes()[:4] == b"\x89PNG"
     assert "## WER by accent" in (tmp_path / "eval" / "report.md").read_text()
     print(f"learning run: {seconds:.0f}s, val WER {summary['val_wer']:.3f}, evaluate WER {metrics['wer']:.3f}")

@@ -58,9 +58,9 @@ def test_train_from_tar_shards_in_s3_and_resume_from_s3(s3_bucket, tarred_in_s3,
     metrics = evaluate(f"{dst}/model.nemo", val_manifest, f"{s3_bucket}/run/eval", batch_size=4)
     assert metrics["utterances"] == len(storage.read_text(val_manifest).splitlines())
     names = {info.uri.rsplit("/", 1)[-1] for info in storage.list_files(f"{s3_bucket}/run/eval")}
-    assert names == {"metrics.json", "errors.jsonl", "report.md", "wer_by_group.png"}
-    errors = storage.read_text(f"{s3_bucket}/run/eval/errors.jsonl").splitlines()
-    assert json.loads(errors[0])["audio_filepath"].startswith("s3://")  # reported by its source, not the cache
+    assert names == {"metrics.json", "predictions.json", "report.md", "wer_by_group.png"}
+    predictions = storage.read_text(f"{s3_bucket}/run/eval/predictions.json").splitlines()
+    assert json.loads(predictions[0])["audio_filepath"].startswith("s3://")  # reported by its source, not the cache
 
 
 def test_missing_tar_shard_is_one_clear_error(s3_bucket, tarred_in_s3, cache):
