@@ -114,10 +114,10 @@ def gpu_fastconformer(manifest: str, work: Path, steps: int) -> None:
 
     if not torch.cuda.is_available():
         sys.exit("--gpu: no CUDA device here")
-    # no validation inside fit: the rate is training alone
-    extra = ("trainer.precision=bf16-mixed", "trainer.accelerator=gpu", "model.train_ds.batch_size=32",
-             "model.train_ds.num_workers=4", "model.optim.sched.warmup_steps=10", "trainer.max_epochs=-1",
-             "trainer.check_val_every_n_epoch=100000")  # fmt: skip
+    # the config's per-device batch (128, bf16-mixed: does it fit 80 GB?), no accumulation, no validation inside
+    # fit: the rate is training alone
+    extra = ("trainer.accelerator=gpu", "global_batch=128", "model.train_ds.num_workers=4",
+             "model.optim.sched.warmup_steps=10", "trainer.check_val_every_n_epoch=100000")  # fmt: skip
     warm = training_rate(manifest, str(work / "gpu-warmup"), 10, "fastconformer_ctc_bpe", extra)
     rate = training_rate(manifest, str(work / "gpu"), steps, "fastconformer_ctc_bpe", extra)
     print(f"fastconformer_ctc_bpe bf16 on {torch.cuda.get_device_name()}: {rate:.0f} audio-s/s "

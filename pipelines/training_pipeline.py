@@ -107,7 +107,7 @@ def build_pipeline(options: CompileOptions | None = None):
             release_uri: The release: an extracted locale folder, a cv-corpus-*.tar.gz archive, or an s3:// prefix.
             output_uri: Where everything goes (s3://bucket/prefix): datasets/, runs/<run>/, models/best.json.
             locale: Common Voice locale folder inside the release.
-            num_shards: Conversion shards (parallel tasks); about one per 20 h of audio is a good size.
+            num_shards: Conversion shards (parallel tasks); about one per 20 h of audio is a good size. With audio_format=tar they are also the train tar shards: a multiple of nodes × gpus_per_node × 8 loader workers streams best.
             workers_per_shard: Conversion processes inside each shard's pod (matches its CPU request).
             train_source: "train" (train.tsv) or "validated" (validated.tsv minus dev/test speakers and sentences).
             audio_format: "tar" (train split as NeMo tarred shards, streamed from object storage) or "wav".

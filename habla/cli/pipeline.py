@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--out", required=True, metavar="DST", help="output folder or s3:// prefix")
     local.add_argument("--config", help="model config (default: tiny_ctc_char)")
     local.add_argument("--run-name", help="folder name under DST/runs/ (default: local-<time>)")
+    local.add_argument(
+        "--pipeline-defaults",
+        action="store_true",
+        help="start from the compiled pipeline's defaults (tar shards, fastconformer_ctc_bpe, its budget) instead "
+        "of the local ones (wav, tiny_ctc_char); add launcher=local and what makes it fit this machine",
+    )
     local.add_argument("settings", nargs="*", metavar="key=value", help="pipeline parameters and config overrides")
 
     submit = sub.add_parser("submit", help="submit a run to a Kubeflow Pipelines endpoint")
@@ -53,7 +59,12 @@ def run(args: argparse.Namespace) -> int:
         from habla.evaluation.report import format_metrics
 
         result = pipeline_runs.run_local(
-            args.out, args.settings, release=args.release, config=args.config, run_name=args.run_name
+            args.out,
+            args.settings,
+            release=args.release,
+            config=args.config,
+            run_name=args.run_name,
+            pipeline_defaults=args.pipeline_defaults,
         )
         seconds = sum(step["seconds"] for step in result["steps"])
         print(f"\nrun {result['run_dir']} ({len(result['steps'])} steps, {seconds / 60:.1f} min)\n")

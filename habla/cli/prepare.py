@@ -21,7 +21,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the bundled mini release)",
     )
     parser.add_argument("--out", required=True, metavar="DST", help="output folder or s3://bucket/prefix")
-    parser.add_argument("--shards", type=int, default=defaults.shards, help="number of shards (default %(default)s)")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=defaults.shards,
+        help="number of shards (default: one per 20 h of audio; with --format tar rounded up to a multiple of "
+        "--world-size × 8 loader workers)",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=defaults.world_size,
+        metavar="N",
+        help="GPUs (in all) of the training the tar shards are sized for (default %(default)s)",
+    )
+    parser.add_argument(
+        "--shard-seed",
+        type=int,
+        default=defaults.shard_seed,
+        metavar="SEED",
+        help="seed of the shuffle of the train clips over the tar shards (default %(default)s)",
+    )
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count(), help="worker processes per shard (default: CPUs)"
     )
@@ -58,6 +78,8 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
         train_source=args.train_source,
         format=args.format,
         shards=args.shards,
+        world_size=args.world_size,
+        shard_seed=args.shard_seed,
         locale=args.locale,
         min_duration=args.min_duration,
         max_duration=args.max_duration,

@@ -30,7 +30,9 @@ class PrepareOptions:
     splits: tuple[str, ...] = SPLITS
     train_source: str = "train"  # "validated": validated.tsv minus dev/test speakers, sentences and clips
     format: str = "wav"  # "tar": the train split as NeMo tarred shards
-    shards: int = 4
+    shards: int | None = None  # None: from the data size and world_size (prepare.shard_count)
+    world_size: int = 1  # GPUs in all of the training the tar shards are sized for
+    shard_seed: int = 0  # the shuffle of the train clips over the tar shards
     locale: str = "es"
     min_duration: float = 0.5
     max_duration: float = 20.0
@@ -56,16 +58,19 @@ class PrepareOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise HablaError(f"--{name.replace('_', '-')} must be a finite number (got {value!r})")
-        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards > MAX_SHARDS:
-            raise HablaError(f"--shards must be an integer from 1 to {MAX_SHARDS} (got {self.shards!r})")
+        for name, value, top in (("shards", self.shards, MAX_SHARDS), ("world-size", self.world_size, MAX_SHARDS)):
+            if value is None and name == "shards":  # from the data size and world size
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise HablaError(f"--{name} must be an integer from 1 to {top} (got {value!r})")
+        if isinstance(self.shard_seed, bool) or not isinstance(self.shard_seed, int):
+            raise HablaError(f"--shard-seed must be an integer (got {self.shard_seed!r})")
         if not re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]+)*", str(self.locale)):
             raise HablaError(f"--locale must be a Common Voice locale such as es or zh-TW (got {self.locale!r})")
         if self.train_source not in ("train", "validated"):
             raise HablaError(f"--train-source must be train or validated (got {self.train_source!r})")
         if self.format not in ("wav", "tar"):
             raise HablaError(f"--format must be wav or tar (got {self.format!r})")
-        if self.shards < 1:
-            raise HablaError(f"--shards must be >= 1 (got {self.shards})")
         if not 0 <= self.min_duration < self.max_duration:
             raise HablaError(
                 f"need 0 <= --min-duration < --max-duration (got {self.min_duration}, {self.max_duration})"

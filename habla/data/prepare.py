@@ -26,7 +26,9 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 import os
+import random
 import shutil
 import socket
 import tarfile
@@ -52,6 +54,10 @@ PLAN_VERSION = 2
 NAME_MAX = commonvoice.NAME_MAX
 # Weight of a clip when the release has no duration table (planning then balances clip counts).
 DEFAULT_CLIP_SECONDS = 5.0
+# Automatic shard count (shard_count): audio per shard, and data-loader workers per training rank (the GPU
+# training configs' model.train_ds.num_workers).
+HOURS_PER_SHARD = 20.0
+LOADER_WORKERS = 8
 
 
 @dataclass(slots=True)
@@ -164,7 +170,12 @@ def build_plan(release: str, root: str, options: PrepareOptions, skipped: dict |
         _name_audio(clips)
         clips_by_split[split] = clips
 
-    plan.shards = _balance(clips_by_split, options.shards)
+    count = shard_count(clips_by_split, options)
+    tarred = {"train"} & set(clips_by_split) if options.format == "tar" else set()
+    plan.shards = _balance({s: c for s, c in clips_by_split.items() if s not in tarred}, count)
+    for split in tarred:
+        for shard, dealt in zip(plan.shards, deal_tar_shards(clips_by_split[split], count, options.shard_seed)):
+            shard.extend(dealt)
     return plan
 
 
@@ -321,6 +332,31 @@ def _balance(clips_by_split: dict[str, list[Clip]], shards: int) -> list[list[Cl
     return out
 
 
+def shard_count(clips_by_split: dict[str, list[Clip]], options: PrepareOptions) -> int:
+    """``--shards`` when given. Else one shard per HOURS_PER_SHARD hours of audio (a conversion task of a few
+    minutes), and with ``--format tar`` rounded up to a multiple of world size × LOADER_WORKERS: every loader
+    worker of every rank then streams a shard of its own (NeMo's tarred loaders want that multiple)."""
+    if options.shards is not None:
+        return options.shards
+    seconds = sum(c.duration or DEFAULT_CLIP_SECONDS for clips in clips_by_split.values() for c in clips)
+    count = max(1, math.ceil(seconds / 3600 / HOURS_PER_SHARD))
+    if options.format == "tar":
+        readers = options.world_size * LOADER_WORKERS
+        count = math.ceil(count / readers) * readers
+    return count
+
+
+def deal_tar_shards(clips: list[Clip], shards: int, seed: int) -> list[list[Clip]]:
+    """The train split's tar shards: its clips in a seeded random order, dealt round-robin over
+    ``min(shards, len(clips))`` shards (sizes differ by one clip at most). Each shard, written in that order,
+    is a random sample of the whole split: no recording session or path range clusters in a shard, so batches
+    streamed from any shard are mixed without relying on the loader's shuffle buffer."""
+    order = sorted(clips, key=lambda c: c.path)  # the same input order whatever the TSV order
+    random.Random(seed).shuffle(order)
+    count = min(shards, len(order))
+    return [order[k::count] for k in range(count)] + [[] for _ in range(shards - count)]
+
+
 def _jsonl(records: Iterable) -> str:
     """JSON lines of flat dataclass records (dataclasses.asdict deep-copies: too slow for millions)."""
     records = list(records)
@@ -475,6 +511,14 @@ def _make_plan(
         inputs = _input_stamps(root, result.inputs)
     for k, shard in enumerate(result.shards):
         storage.write_text(layout.plan_shard(k), _jsonl(shard))
+    tar_shards = sum(any(c.split == "train" for c in sh) for sh in result.shards) if "train" in options.splits else 0
+    readers = options.world_size * LOADER_WORKERS
+    if options.format == "tar" and tar_shards % readers:
+        log.warning(
+            "%d train tar shards is not a multiple of world size %d × %d loader workers: some workers would "
+            "share shards (NeMo's tarred loaders want a multiple); omit --shards to size them", tar_shards,
+            options.world_size, LOADER_WORKERS,
+        )  # fmt: skip
     rejected = sorted(result.rejected, key=lambda r: (r.split, r.line, r.path, r.reason))  # = _rejection_order
     storage.write_text(layout.plan_rejected, _jsonl(rejected))
     summary = {
@@ -488,9 +532,7 @@ def _make_plan(
         "has_durations": result.has_durations,
         "num_shards": len(result.shards),
         # With --format tar the train split is written as tar shards 0..m-1 (dev/test stay WAV files).
-        "tar_shards": {"train": sum(any(c.split == "train" for c in sh) for sh in result.shards)}
-        if options.format == "tar" and "train" in options.splits
-        else {},
+        "tar_shards": {"train": tar_shards} if options.format == "tar" and "train" in options.splits else {},
         "shards": [
             {"clips": len(shard), "planned_seconds": round(sum(c.duration or DEFAULT_CLIP_SECONDS for c in shard), 3)}
             for shard in result.shards

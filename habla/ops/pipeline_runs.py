@@ -76,13 +76,16 @@ def run_local(
     release: str | None = None,
     config: str | None = None,
     run_name: str | None = None,
+    pipeline_defaults: bool = False,
     quiet: bool = False,
 ) -> dict:
     """Run the whole pipeline here through ``kfp.local`` (each step a subprocess of this Python).
 
-    Prints one line per step (``quiet``: none). Returns ``{"run_dir", "metrics", "promotion", "reports",
-    "steps"}``: the run's folder, its evaluation metrics, the promotion decision (run.json), the reports by
-    name, and each step's status and duration.
+    The parameters start from LOCAL_DEFAULTS, or with ``pipeline_defaults`` from the compiled pipeline's own
+    defaults (what a cluster run gets: tar shards, fastconformer_ctc_bpe, the config's budget; ``launcher=local``
+    is still needed to train here). Prints one line per step (``quiet``: none). Returns ``{"run_dir", "metrics",
+    "promotion", "reports", "steps"}``: the run's folder, its evaluation metrics, the promotion decision
+    (run.json), the reports by name, and each step's status and duration.
     """
     from kfp import local
 
@@ -91,7 +94,7 @@ def run_local(
     pipeline = build_pipeline(CompileOptions())
     params = parse_settings(list(settings), pipeline)
     run_name = run_name or time.strftime("local-%Y%m%d-%H%M%S")
-    arguments = {**LOCAL_DEFAULTS, **({"config": config} if config else {}), **params}
+    arguments = {**({} if pipeline_defaults else LOCAL_DEFAULTS), **({"config": config} if config else {}), **params}
     arguments.update(release_uri=release or BUNDLED_RELEASE, output_uri=storage.absolute(out), run_name=run_name)
     storage.check_writable_root(out)
     if storage.exists(OutputLayout(out).run(run_name).record):  # start_run would refuse it after the data steps

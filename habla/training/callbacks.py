@@ -5,9 +5,9 @@
   a local folder first (Lightning and torch save to files), then rank 0 uploads them; every rank of a
   resumed run pulls ``last.ckpt`` back from DST before training (habla.training.train), so nodes need no
   shared filesystem.
-- :class:`TrainingProgress`: counts the audio seen (all ranks, summed; kept in checkpoints so it survives a
-  resume), keeps the last train loss, remembers the last validation, and logs one readable progress line
-  every ``trainer.log_every_n_steps`` steps on rank 0 (progress bars are unreadable in pod logs).
+- :class:`TrainingProgress`: counts the audio and utterances seen (all ranks, summed; kept in checkpoints so
+  they survive a resume), keeps the last train loss, remembers the last validation, and logs one readable
+  progress line every ``trainer.log_every_n_steps`` steps on rank 0 (progress bars are unreadable in pod logs).
 """
 
 from __future__ import annotations
@@ -78,16 +78,18 @@ class MirroredCheckpointIO(TorchCheckpointIO):
 
 
 class TrainingProgress(Callback):
-    """Audio seen, last loss, last validation, and a progress line every ``log_every_n_steps``."""
+    """Audio and utterances seen, last loss, last validation, and a progress line every ``log_every_n_steps``."""
 
     def __init__(self, sample_rate: int, max_steps: int) -> None:
         self.sample_rate = sample_rate
         self.max_steps = max_steps
         self.audio_seconds_before = 0.0  # from the checkpoint a resumed run starts from
+        self.utterances_before = 0
         self.start_step = 0
         self.last_val_step = -1
         self.last_val_wer: float | None = None
-        self._sums: torch.Tensor | None = None  # [audio seconds this run, last loss summed over ranks]
+        # [audio seconds this run, last loss summed over ranks, utterances this run]
+        self._sums: torch.Tensor | None = None
         self._fit_started = 0.0
         self._logged_step = -1
         self._restored_loss: float | None = None
@@ -96,16 +98,21 @@ class TrainingProgress(Callback):
 
     # -- state kept in checkpoints (identical on every rank: the counter is summed over ranks each step)
     def state_dict(self) -> dict:
-        return {"audio_seconds": self.audio_seconds, "last_loss": self.last_loss}
+        return {"audio_seconds": self.audio_seconds, "last_loss": self.last_loss, "utterances": self.utterances}
 
     def load_state_dict(self, state_dict: dict) -> None:  # after on_load_checkpoint
         self.audio_seconds_before = float(state_dict.get("audio_seconds", 0.0))
+        self.utterances_before = int(state_dict.get("utterances", 0))
         self._restored_loss = state_dict.get("last_loss")
         log.info("resumed at step %d (%.2f h of audio seen before)", self.start_step, self.audio_seconds_before / 3600)
 
     @property
     def audio_seconds(self) -> float:
         return self.audio_seconds_before + (float(self._sums[0]) if self._sums is not None else 0.0)
+
+    @property
+    def utterances(self) -> int:
+        return self.utterances_before + (int(self._sums[2]) if self._sums is not None else 0)
 
     @property
     def last_loss(self) -> float | None:
@@ -125,13 +132,15 @@ class TrainingProgress(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         lengths = batch[1]
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        step = torch.stack([lengths.sum().float() / self.sample_rate, loss.detach().float()])
+        step = torch.stack([lengths.sum().float() / self.sample_rate, loss.detach().float(),
+                            torch.tensor(float(lengths.numel()), device=lengths.device)])  # fmt: skip
         # One tiny all-reduce per step keeps the counter identical on every rank (checkpoints hold rank 0's).
         step = trainer.strategy.reduce(step, reduce_op="sum")
-        if self._sums is None:
-            self._sums = torch.zeros_like(step)
+        if self._sums is None:  # float64: a float32 sum of 10^8 clips' seconds would drift by whole percents
+            self._sums = torch.zeros_like(step, dtype=torch.float64)
         self._sums[0] += step[0]
         self._sums[1] = step[1]
+        self._sums[2] += step[2]
         every = max(1, trainer.log_every_n_steps)
         if trainer.is_global_zero and trainer.global_step % every == 0 and trainer.global_step != self._logged_step:
             self._logged_step = trainer.global_step  # several batches per step with accumulate_grad_batches

@@ -1,9 +1,12 @@
 """Training configs: NeMo-style YAML files in ``habla/configs/``, selected by name or path, with dotted
 ``key=value`` overrides (OmegaConf), checked before anything slow happens.
 
-A config has four sections:
+A config has these sections:
 
 - ``name``: a label;
+- ``global_batch``: the utterances per optimizer step its optimizer settings were tuned for; habla train
+  accumulates gradients to keep it whatever the world size (habla.training.budget). ``batch_size`` in
+  ``model.train_ds`` is per device;
 - ``model``: NeMo's model config (``EncDecCTCModel`` when it has ``labels``, ``EncDecCTCModelBPE`` when it
   has ``tokenizer``); ``train_ds``/``validation_ds`` manifest paths are filled in by ``habla train``;
 - ``trainer``: arguments of Lightning's ``Trainer`` (``num_nodes``/``devices`` are derived from the
@@ -29,7 +32,7 @@ from habla.core.errors import HablaError, one_line
 from habla.core.settings import split_pair
 from habla.training import configs
 
-SECTIONS = ("name", "model", "trainer", "checkpoint")
+SECTIONS = ("name", "global_batch", "model", "trainer", "checkpoint")
 MODEL_SECTIONS = ("train_ds", "validation_ds", "preprocessor", "encoder", "decoder", "optim")
 # Trainer / ModelCheckpoint arguments that habla sets itself.
 HABLA_TRAINER_KEYS = ("logger", "callbacks", "plugins", "enable_checkpointing", "default_root_dir")
@@ -165,6 +168,11 @@ def check(cfg: DictConfig, where: str) -> None:
         raise HablaError(f"{where}: model.labels must be a list of at least two characters")
     if has_tokenizer and model.tokenizer.get("type", "bpe") != "bpe":
         raise HablaError(f"{where}: model.tokenizer.type must be bpe (SentencePiece)")
+    global_batch = cfg.get("global_batch")
+    if global_batch is not None and (
+        isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1
+    ):
+        raise HablaError(f"{where}: global_batch must be a whole number of utterances >= 1 (got {global_batch!r})")
     taken = [k for k in HABLA_TRAINER_KEYS if k in cfg.trainer]
     if taken:
         raise HablaError(f"{where}: trainer.{taken[0]} is set by habla train; remove it from the config")

@@ -8,7 +8,8 @@ WER), ``logs/`` (TensorBoard), ``tokenizer/`` (BPE configs), ``config.yaml`` (th
 ``train_summary.json``. Everything that can be checked before training is checked first, most of it before
 the slow NeMo import: the config and overrides, the manifests, that every audio file exists (S3 audio is
 downloaded into the cache; tar shards must exist), that a sample decodes, and that the vocabulary covers
-every character of the train text.
+every character of the train text. The batch, the gradient accumulation and the run's length in steps (which
+NeMo sizes the LR schedule from) are decided there too, from the data and the world size (training.budget).
 
 Distributed: the same command runs under torchrun, a Kubeflow TrainJob or a PyTorchJob (training.topology);
 Lightning's DDP is configured from the environment. Only rank 0 writes artifacts, after a barrier; every
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -38,13 +38,14 @@ from habla.core import jsonl, storage
 from habla.core.errors import HablaError, one_line
 from habla.core.layout import TrainLayout
 from habla.data.text import uncovered_characters
+from habla.training import budget, manifests, topology
 from habla.training import config as train_config
-from habla.training import manifests, topology
 from habla.training.init_from import resolve as resolve_init_from
 
 log = logging.getLogger("habla.train")
 
 TOKENIZER_SEED = 1234  # every rank builds the same tokenizer from the same text
+FULL_PRECISION = ("32", "32-true", "64", "64-true")
 
 
 # ------------------------------------------------------------------------------------------ locations
@@ -115,19 +116,19 @@ def _prepare_data(
     if train_tars:
         tars = manifests.check_tar_shards(train_tars, train_manifest)
         manifests.check_tar_sample(tars[0], manifests.expand_shards(train_manifest)[0])
-        # Tarred shards stream through Lhotse (also from s3://): no copy, no shard-count/world-size constraint.
+        _check_shard_count(len(tars), world_size, int(ds.get("num_workers") or 0))
+        # Tarred shards stream through Lhotse (also from s3://): no copy; the epoch length and the dynamic
+        # bucketing are set with the rest of the budget (habla.training.budget).
         ds.manifest_filepath = train_manifest
         ds.tarred_audio_filepaths = train_tars
         ds.is_tarred = True
         ds.use_lhotse = True
         cfg.trainer.use_distributed_sampler = False
-        if ds.get("shuffle_buffer_size") is None:
-            # Lhotse fills its shuffle buffer before every epoch's first batch; its default (10,000 utterances)
-            # over a smaller set would read that set many times over first (measured: 20x slower on 120 clips).
-            ds.shuffle_buffer_size = min(10_000, len(train_entries))
-        if not isinstance(cfg.trainer.get("limit_train_batches"), int):
-            # Lhotse streams have no length: an epoch is one pass over the shards, split between ranks.
-            cfg.trainer.limit_train_batches = max(1, math.ceil(len(train_entries) / (ds.batch_size * world_size)))
+        for key in ("shuffle_buffer_size", "bucket_buffer_size"):
+            if ds.get(key) is None:
+                # Lhotse fills these buffers before every epoch's first batch; its default (10,000 utterances)
+                # over a smaller set would read that set many times over first (measured: 20x slower on 120 clips).
+                ds[key] = min(10_000, len(train_entries))
     else:
         if ds.get("is_tarred"):
             raise HablaError("model.train_ds.is_tarred is set: give the tar shards with --train-tars")
@@ -145,6 +146,19 @@ def _prepare_data(
         len(val_entries), manifests.total_hours(val_entries),
     )  # fmt: skip
     return train_entries
+
+
+def _check_shard_count(shards: int, world_size: int, workers: int) -> None:
+    """Each rank's loader workers stream the shards in their own random order (Lhotse): with fewer shards
+    than world size × workers, several read the same shard at once and batches repeat clips; NeMo's
+    non-Lhotse tarred loader also needs the count to be a multiple (habla prepare --world-size sizes it)."""
+    readers = world_size * max(1, workers)
+    if shards % readers:
+        log.warning(
+            "%d tar shards for %d rank(s) × %d loader worker(s): not a multiple of %d; prepare the data with "
+            "habla prepare --format tar --world-size %d (or set model.train_ds.num_workers)",
+            shards, world_size, max(1, workers), readers, world_size,
+        )  # fmt: skip
 
 
 def _pull_from_dst(paths: RunPaths, resume: bool) -> str | None:
@@ -238,6 +252,11 @@ def _build_trainer(cfg, where: topology.Topology, paths: RunPaths, progress):
     from habla.training.callbacks import LogSync, MirroredCheckpointIO
 
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    on_gpu = torch.cuda.is_available() and str(kwargs.get("accelerator") or "auto") in ("auto", "gpu", "cuda")
+    if not on_gpu and str(kwargs.get("precision", "32")) not in FULL_PRECISION:
+        # The GPU configs train in bf16-mixed; on a CPU that is slow and changes nothing worth having.
+        log.info("no GPU: trainer.precision %s -> 32 (fp32 on CPU)", kwargs["precision"])
+        kwargs["precision"] = cfg.trainer.precision = 32
     plugins = []
     if where.is_distributed:
         kwargs["num_nodes"], kwargs["devices"] = where.nodes, where.devices
@@ -345,6 +364,13 @@ def train(
     storage.check_writable_root(out)
     paths = RunPaths.for_dst(out)
     train_entries = _prepare_data(cfg, paths, train_manifest, val_manifest, train_tars, place.world_size)
+    plan = budget.plan(cfg, train_entries, place.world_size, streamed=bool(train_tars))
+    budget.apply(cfg, plan, streamed=bool(train_tars))
+    for line in budget.describe(plan):
+        log.info(line)
+    warning = budget.global_batch_warning(plan)
+    if warning:
+        log.warning(warning)
     texts = [e["text"] for e in train_entries]
     if kind == train_config.CHAR:
         _check_characters(texts, cfg.model.labels, "vocabulary (model.labels)")
@@ -384,11 +410,18 @@ def train(
 
     # 3. Train, then one validation of the final weights unless the last one already was (all ranks).
     trainer.fit(model, ckpt_path=ckpt_path)
+    final_lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
     val_wer = progress.last_val_wer if progress.last_val_step == trainer.global_step else None
     if val_wer is None:
         results = trainer.validate(model, verbose=False)
         val_wer = float(results[0]["val_wer"]) if results and "val_wer" in results[0] else None
 
+    # utterances per optimizer step (unknown when resumed from a checkpoint that did not count them)
+    counted = progress.start_step == 0 or progress.utterances_before > 0
+    measured = progress.utterances / trainer.global_step if trainer.global_step and counted else None
+    note = budget.measured_batch_warning(plan, measured)
+    if note and trainer.is_global_zero:
+        log.warning(note)
     summary = {
         "world_size": trainer.world_size,
         "nodes": trainer.num_nodes,
@@ -397,6 +430,7 @@ def train(
         "epochs": trainer.current_epoch,
         "wall_seconds": round(time.time() - started, 1),
         "audio_hours_seen": round(progress.audio_seconds / 3600, 6),
+        "utterances_seen": progress.utterances,
         "final_train_loss": progress.last_loss,
         "val_wer": val_wer,
         "config": config,
@@ -404,7 +438,11 @@ def train(
         "overrides": list(overrides),
         "resumed_from_step": progress.start_step,
         "fit_seconds": round(progress.fit_seconds, 1),
+        "precision": str(cfg.trainer.precision),
+        "final_lr": final_lr,
+        **plan.as_summary(),
     }
+    summary["batch"]["measured_global_batch"] = None if measured is None else round(measured, 2)
 
     # 4. Rank 0 writes the artifacts; the other ranks leave without any further collective.
     trainer.strategy.barrier("habla-train-artifacts")

@@ -146,7 +146,7 @@ def test_bad_rows_are_rejected_with_reasons_and_the_run_goes_on(mini_copy, tmp_p
     ("args", "message"),
     [
         (["--release", "/nonexistent/release"], "no such file or folder"),
-        (["--shards", "0"], "--shards must be >= 1"),
+        (["--shards", "0"], "--shards must be an integer from 1 to"),
         (["--splits", "train,evil"], "--splits"),
         (["--min-duration", "5", "--max-duration", "2"], "--min-duration"),
     ],

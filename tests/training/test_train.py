@@ -128,8 +128,9 @@ def test_fastconformer_bpe_builds_its_tokenizer_and_trains(tmp_path, train_clips
     manifest = write_manifest(train_clips[:12], tmp_path / "train.json")
     small = ["model.encoder.n_layers=1", "model.encoder.d_model=32", "model.encoder.n_heads=2",
              "model.encoder.subsampling_conv_channels=16", "model.tokenizer.vocab_size=40",
-             "model.train_ds.batch_size=4", "model.train_ds.num_workers=0", "model.validation_ds.num_workers=0",
-             "model.optim.sched.warmup_steps=1", "trainer.max_steps=3"]  # fmt: skip
+             "model.train_ds.batch_size=4", "global_batch=4", "model.train_ds.num_workers=0",
+             "model.validation_ds.num_workers=0", "model.optim.sched.warmup_steps=1",
+             "trainer.max_steps=3"]  # fmt: skip
     summary = train("fastconformer_ctc_bpe", str(manifest), str(manifest), str(tmp_path / "out"), small)
     assert summary["steps"] == 3 and summary["val_wer"] is not None
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.model").is_file()

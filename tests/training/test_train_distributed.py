@@ -56,6 +56,14 @@ def test_two_torchrun_nodes_train_with_ddp_resume_from_s3_and_only_rank_0_writes
     assert summary["audio_hours_seen"] * 3600 == pytest.approx(20 * 2 * 8 * mean_clip, rel=0.25)
     assert storage.exists(f"{dst}/model.nemo") and storage.exists(f"{dst}/checkpoints/last.ckpt")
 
+    # the global-batch contract at world size 2: tiny_ctc_char is tuned for 8 (one CPU); 2 ranks × 8 cannot
+    # accumulate less than 1, so the global batch doubles, and both ranks say so
+    batch = summary["batch"]
+    assert (batch["world_size"], batch["per_device_batch"], batch["accumulate_grad_batches"]) == (2, 8, 1)
+    assert (batch["global_batch"], batch["tuned_global_batch"]) == (16, 8)
+    assert batch["measured_global_batch"] == 15  # 15 clips per rank: steps of 8 + 8, then 7 + 7 clips
+    assert all("× 2 devices × accumulate 1 (for the config's global_batch 8) = global batch 16" in t for t in text)
+    assert all("global batch 16 is 2.00× the 8" in t for t in text)
     assert "rank 0/2 (node 0/2, 1 process per node, torchrun)" in text[0]
     assert "rank 1/2 (node 1/2, 1 process per node, torchrun)" in text[1]
     assert "rank 0 wrote" in text[0] and "rank 1 done; rank 0 writes the artifacts" in text[1]

@@ -35,9 +35,10 @@ def test_train_from_tar_shards_in_s3_and_resume_from_s3(s3_bucket, tarred_in_s3,
 
     summary = train("tiny_ctc_char", manifest_pattern, val_manifest, dst, overrides, train_tars=tar_pattern)
     assert summary["steps"] == 12 and summary["resumed_from_step"] == 0
-    # 12 steps × 4 clips streamed from the shards
+    # batches of 4 clips' worth of audio, 2 of them per step for tiny_ctc_char's global batch of 8
+    assert (summary["batch"]["accumulate_grad_batches"], summary["batch"]["global_batch"]) == (2, 8)
     mean = sum(c["duration"] for c in clips) / len(clips)
-    assert summary["audio_hours_seen"] * 3600 == pytest.approx(12 * 4 * mean, rel=0.5)
+    assert summary["audio_hours_seen"] * 3600 == pytest.approx(12 * 8 * mean, rel=0.5)
     names = {info.uri[len(dst) + 1 :] for info in storage.list_files(dst)}
     assert {"model.nemo", "train_summary.json", "config.yaml", "checkpoints/last.ckpt"} <= names
     assert any(n.startswith("logs/") and "tfevents" in n for n in names)
