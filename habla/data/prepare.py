@@ -44,7 +44,7 @@ from habla.core.errors import HablaError
 from habla.core.layout import DatasetLayout
 from habla.core.progress import Progress
 from habla.data import audio, commonvoice
-from habla.data.options import MIN_CLIP_SECONDS, PrepareOptions
+from habla.data.options import MAX_SHARDS, MIN_CLIP_SECONDS, PrepareOptions
 from habla.data.text import TextRejected, normalize_text
 
 log = logging.getLogger("habla.prepare")
@@ -343,6 +343,11 @@ def shard_count(clips_by_split: dict[str, list[Clip]], options: PrepareOptions) 
     if options.format == "tar":
         readers = options.world_size * LOADER_WORKERS
         count = math.ceil(count / readers) * readers
+        if count > MAX_SHARDS:
+            raise HablaError(
+                f"--world-size {options.world_size} × {LOADER_WORKERS} loader workers needs {count} tar shards, over "
+                f"the {MAX_SHARDS} allowed: give --shards"
+            )
     return count
 
 

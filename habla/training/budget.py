@@ -10,10 +10,10 @@ keeps the global batch whatever the world size, by accumulating gradients::
     accumulate_grad_batches = max(1, round(global_batch / (world_size × per-device batch)))
 
 The learning rate is not rescaled: when the world is too large for the tuned global batch (accumulation 1
-already overshoots it) or the division is not exact, the global batch actually used is logged, written to
-train_summary.json, and a warning names the ratio. ``trainer.accumulate_grad_batches`` set in the config (or
+already overshoots it) or the division is not exact, the global batch actually used is logged and written
+to train_summary.json, and a warning names the ratio when it is more than 10 % off the tuned one. ``trainer.accumulate_grad_batches`` set in the config (or
 as an override) wins over the derived value. With dynamic bucketing (tar shards through Lhotse, below) the
-per-device batch is a duration; its expected size in utterances is ``batch_duration / mean clip duration``.
+per-device batch is a duration; its expected size in utterances is ``batch_duration / mean padded clip duration``.
 
 **Dynamic bucketing.** Tar shards stream through Lhotse, which groups clips of similar length into buckets
 (``use_bucketing``) and fills each batch up to ``batch_duration`` seconds of *padded* audio (clips × the
@@ -223,7 +223,7 @@ def plan(cfg, entries: Sequence[dict], world_size: int, streamed: bool) -> Budge
     else:
         per_device = batch_size
         per_rank = math.ceil(clips / world_size)  # Lightning's DistributedSampler pads the ranks evenly
-        batches = per_rank // batch_size if ds.get("drop_last") else math.ceil(per_rank / batch_size)
+        batches = int(per_rank // batch_size) if ds.get("drop_last") else math.ceil(per_rank / batch_size)
         if batches < 1:
             raise HablaError(
                 f"{clips} train clips over {world_size} rank(s) do not fill one batch of {batch_size:g} "
@@ -232,7 +232,7 @@ def plan(cfg, entries: Sequence[dict], world_size: int, streamed: bool) -> Budge
     limit = trainer.get("limit_train_batches")
     if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
         batches = limit if streamed else min(batches, limit)  # Lightning's cap (a stream's epoch length)
-    elif isinstance(limit, float) and 0 < limit < 1 and not streamed:
+    elif isinstance(limit, float) and 0 < limit < 1:  # a stream's epoch becomes that many whole batches
         batches = max(1, int(batches * limit))
 
     tuned = _positive(cfg.get("global_batch"), "global_batch")
@@ -268,6 +268,10 @@ def plan(cfg, entries: Sequence[dict], world_size: int, streamed: bool) -> Budge
         run_batches = math.ceil(max(1, steps) * accumulate / max(1, int(ds.get("num_workers") or 0)))
         buffer = int(ds.get("bucket_buffer_size") or min(10_000, clips))
         batch_duration, simulated = calibrate_batch_duration(durations, bins, batch_size, run_batches, buffer)
+        # never more padded audio than batch_size of the longest clips: what the per-device batch was sized for
+        if batch_duration > batch_size * max(durations):
+            batch_duration = batch_size * max(durations)
+            simulated = simulated_batch(durations, bins, batch_duration, run_batches, buffer)
 
     sched = cfg.model.get("optim", {}).get("sched") or {}
     warmup = sched.get("warmup_steps")

@@ -156,8 +156,8 @@ def _check_shard_count(shards: int, world_size: int, workers: int) -> None:
     if shards % readers:
         log.warning(
             "%d tar shards for %d rank(s) × %d loader worker(s): not a multiple of %d; prepare the data with "
-            "habla prepare --format tar --world-size %d (or set model.train_ds.num_workers)",
-            shards, world_size, max(1, workers), readers, world_size,
+            "habla prepare --format tar --shards <a multiple of %d> (or set model.train_ds.num_workers)",
+            shards, world_size, max(1, workers), readers, readers,
         )  # fmt: skip
 
 
