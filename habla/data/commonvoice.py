@@ -353,9 +353,11 @@ def _end_of_archive(tar) -> str | None:
 def _sidecar_sha256(archive: str) -> str | None:
     """The SHA-256 in ``<archive>.sha256`` (``sha256sum`` format), if the uploader wrote one."""
     try:
-        text = storage.read_text(archive + ".sha256")
+        text = storage.read_capped(archive + ".sha256", 64 * 1024).decode("utf-8", errors="replace")
     except FileNotFoundError:
         return None
+    except (storage.NotAFile, storage.TooLarge, IsADirectoryError):
+        raise HablaError(f"{archive}.sha256: not a checksum file") from None
     digest = (text.split() or [""])[0].lower()
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise HablaError(f"{archive}.sha256: not a SHA-256 checksum")
@@ -386,8 +388,9 @@ def stage_archive(archive: str, staging: str, locale: str, max_clip_bytes: int) 
     stamp = archive_stamp(archive)
     folder = storage.join(staging, locale)  # one folder per locale: runs for two locales never meet
     done = _read_json(storage.join(folder, STAGED))
-    if done and done.get("stamp") == stamp:
-        return StagedArchive(**{k: done[k] for k in ("root", "stamp", "index_sha256", "skipped")})
+    fields = ("root", "stamp", "index_sha256", "skipped")
+    if done and done.get("stamp") == stamp and all(k in done for k in fields):  # else: staged afresh
+        return StagedArchive(**{k: done[k] for k in fields})
     expected_sha256 = _sidecar_sha256(archive)
     progress = {"archive": archive, "stamp": stamp, "sha256": expected_sha256}
     marker = _read_json(storage.join(folder, STAGING)) or {}

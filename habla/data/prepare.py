@@ -34,7 +34,7 @@ import socket
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,14 +118,19 @@ def build_plan(release: str, root: str, options: PrepareOptions, skipped: dict |
     }
     durations = commonvoice.read_durations(root)
     plan = Plan(release, root, options, {}, tsv_of_split, durations is not None)
-    plan.inputs = [f for f in commonvoice.DURATION_FILES if durations is not None][:1]
+    # the duration table read (clip_durations.tsv, or times.txt in 14.0-style releases) is an input too
+    plan.inputs = (
+        [f for f in commonvoice.DURATION_FILES if storage.exists(storage.join(root, f))][:1]
+        if durations is not None
+        else []
+    )
     skipped = skipped or {}
 
     # Dev/test rows guard the train split even when they are not prepared themselves, and dev guards test.
     eval_paths: dict[str, set[str]] = {}
     eval_speakers: set[str] = set()
     eval_texts: set[str] = set()
-    guarded = set(EVAL_SPLITS) if "train" in options.splits else {"dev"} if "test" in options.splits else set()
+    guarded = _guarded_splits(options)
     for split in EVAL_SPLITS:
         uri = storage.join(root, f"{split}.tsv")
         if split not in guarded or (split not in options.splits and not storage.exists(uri)):
@@ -409,10 +414,17 @@ def _claim(out: str, release: str, options: PrepareOptions) -> bool:
     return created
 
 
-def _read_state(uri: str) -> dict | None:
+# The fields of plan.json that reusing or continuing a plan reads.
+PLAN_FIELDS = ("version", "release", "root", "inputs", "options", "rows_read", "num_shards", "shards", "tar_shards")
+
+
+def _read_state(uri: str, required: tuple[str, ...] = ()) -> dict | None:
     """A JSON state file this module wrote; None if absent. Raises HablaError if it is not what it should be."""
     try:
         value = jsonl.read_object(uri)
+        missing = [k for k in required if value is not None and k not in value]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
     except ValueError as exc:
         raise HablaError(f"{uri}: corrupt ({exc}); delete the dataset folder's plan/ (or use a new --out)") from None
     return value
@@ -423,6 +435,11 @@ def _check_plan(existing: dict, out: str, release: str, options: PrepareOptions)
     changed since (its TSVs, or its archive: size and mtime / ETag)."""
     if existing.get("version") != PLAN_VERSION:
         raise HablaError(f"{out} was planned by another version of habla (plan version {existing.get('version')})")
+    missing = [k for k in PLAN_FIELDS if k not in existing]
+    if missing:
+        raise HablaError(
+            f"{DatasetLayout(out).plan}: corrupt (no {', '.join(missing)}); delete the dataset folder's plan/"
+        )
     if existing["release"] != release or existing["options"] != options.as_json():
         raise HablaError(
             f"{out} holds data prepared from another release or with other options "
@@ -490,18 +507,23 @@ def plan(release: str, out: str, options: PrepareOptions) -> dict:
     created = _claim(out, release, options)
     try:
         return _make_plan(release, label, root, inputs, skipped, out, options)
-    except HablaError:
+    except BaseException:
         if created:  # nothing binding was written (plan.json is written last): free the folder again
-            storage.delete(layout.claim)
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                storage.delete(layout.claim)
         raise
+
+
+def _guarded_splits(options: PrepareOptions) -> set[str]:
+    """The evaluation splits whose rows guard another split: dev and test guard train, dev guards test."""
+    return set(EVAL_SPLITS) if "train" in options.splits else {"dev"} if "test" in options.splits else set()
 
 
 def _tsvs_read(root: str, options: PrepareOptions) -> list[str]:
     """The TSVs planning reads: each split's, and dev/test when they guard another split and exist."""
     names = ["validated.tsv" if s == "train" and options.train_source == "validated" else f"{s}.tsv"
              for s in options.splits]  # fmt: skip
-    guards = set(EVAL_SPLITS) if "train" in options.splits else {"dev"} if "test" in options.splits else set()
-    return names + [f"{s}.tsv" for s in sorted(guards) if s not in options.splits
+    return names + [f"{s}.tsv" for s in sorted(_guarded_splits(options)) if s not in options.splits
                     and storage.exists(storage.join(root, f"{s}.tsv"))]  # fmt: skip
 
 
@@ -559,7 +581,7 @@ def _make_plan(
 
 
 def read_plan(out: str) -> dict:
-    summary = _read_state(DatasetLayout(out).plan)
+    summary = _read_state(DatasetLayout(out).plan, PLAN_FIELDS)
     if summary is None:
         raise HablaError(f"{out}: no plan yet (run the plan step first)")
     return summary
@@ -732,18 +754,24 @@ def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
 
 def _shard_result(out: str, shard: int) -> dict | None:
     """A converted shard's summary, or None if the shard is not complete (or its summary is unreadable)."""
-    uri = DatasetLayout(out).shard_result(shard)
+    return _read_done(
+        DatasetLayout(out).shard_result(shard),
+        lambda r: isinstance(r.get("splits"), dict) and r.get("shard") == shard,
+        "converting the shard again",
+    )
+
+
+def _read_done(uri: str, valid: Callable[[dict], bool], redo: str) -> dict | None:
+    """The summary that marks a step done, or None: absent, or corrupt (logged; the step is ``redo``ne)."""
     try:
-        result = jsonl.loads_line(storage.read_text(uri))
-    except FileNotFoundError:
-        return None
+        value = jsonl.read_object(uri)
     except ValueError as exc:
-        log.warning("%s: corrupt (%s); converting the shard again", uri, exc)
+        log.warning("%s: corrupt (%s); %s", uri, exc, redo)
         return None
-    ok = isinstance(result, dict) and isinstance(result.get("splits"), dict) and result.get("shard") == shard
-    if not ok:
-        log.warning("%s: not a shard summary; converting the shard again", uri)
-    return result if ok else None
+    if value is not None and not valid(value):
+        log.warning("%s: not a summary this version writes; %s", uri, redo)
+        return None
+    return value
 
 
 def _rejection_order(r: dict) -> tuple:
@@ -860,14 +888,15 @@ def assemble(out: str) -> dict:
 
 
 def _read_report(out: str) -> dict | None:
-    try:
-        value = jsonl.loads_line(storage.read_text(DatasetLayout(out).report_json))
-    except FileNotFoundError:
-        return None
-    except ValueError as exc:
-        log.warning("%s: corrupt (%s); assembling again", DatasetLayout(out).report_json, exc)
-        return None
-    return value if isinstance(value, dict) and "splits" in value else None
+    def valid(report: dict) -> bool:
+        splits, rejected = report.get("splits"), report.get("rejected")
+        return (
+            isinstance(splits, dict)
+            and isinstance(rejected, dict)
+            and all(isinstance(v, dict) and isinstance(v.get("clips"), int) for v in splits.values())
+        )
+
+    return _read_done(DatasetLayout(out).report_json, valid, "assembling again")
 
 
 def _check_not_empty(report: dict, out: str) -> dict:

@@ -112,7 +112,7 @@ def gpu_count(value: str | int) -> int:
     """GPUs per node from the pipeline's ``gpus_per_node``: a STRING parameter (see pipelines/training_pipeline.py
     ``check_pod_spec_parameters``), a whole number >= 0."""
     text = str(value).strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # not "²": isdigit() but not int()
         raise HablaError(f"gpus_per_node must be a whole number >= 0, got {value!r}")
     return int(text)
 

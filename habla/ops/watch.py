@@ -42,6 +42,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import uuid
@@ -220,7 +221,7 @@ def _claim(folder: str, owner: str, lease: float) -> tuple[str | None, str]:
     Returns ``(claim_uri, "")``, or ``(None, why)`` when another watcher holds a live claim or won the race.
     """
     now = _now()
-    claims = sorted(i.uri for i in storage.list_files(folder) if storage.name(i.uri).startswith("claim-"))
+    claims = sorted(i.uri for i in storage.list_files(folder) if re.fullmatch(r"claim-\d+\.json", storage.name(i.uri)))
     attempt = 1
     if claims:
         last = _live_claim(claims[-1], now)

@@ -11,9 +11,10 @@ keeps the global batch whatever the world size, by accumulating gradients::
 
 The learning rate is not rescaled: when the world is too large for the tuned global batch (accumulation 1
 already overshoots it) or the division is not exact, the global batch actually used is logged and written
-to train_summary.json, and a warning names the ratio when it is more than 10 % off the tuned one. ``trainer.accumulate_grad_batches`` set in the config (or
-as an override) wins over the derived value. With dynamic bucketing (tar shards through Lhotse, below) the
-per-device batch is a duration; its expected size in utterances is ``batch_duration / mean padded clip duration``.
+to train_summary.json, and a warning names the ratio when it is more than 10 % off the tuned one.
+``trainer.accumulate_grad_batches`` set in the config (or as an override) wins over the derived value.
+With dynamic bucketing (tar shards through Lhotse, below) the per-device batch is a duration; its expected
+size in utterances is ``batch_duration / mean padded clip duration``.
 
 **Dynamic bucketing.** Tar shards stream through Lhotse, which groups clips of similar length into buckets
 (``use_bucketing``) and fills each batch up to ``batch_duration`` seconds of *padded* audio (clips × the

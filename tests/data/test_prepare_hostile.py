@@ -227,6 +227,32 @@ def test_a_changed_release_folder_or_a_corrupt_state_file(tmp_path, capsys):
     (out / "plan" / "plan.json").write_text("{not json")
     code, err = prepare(release, out, *SPLITS, capsys=capsys)
     assert code == 2 and "plan.json: corrupt" in err and "Traceback" not in err
+    (out / "plan" / "plan.json").write_text(json.dumps({"version": prep.PLAN_VERSION}))  # JSON, fields missing
+    code, err = prepare(release, out, *SPLITS, capsys=capsys)
+    assert code == 2 and "plan.json: corrupt (no release" in err and "Traceback" not in err
+
+
+def test_a_release_with_times_txt_only_is_planned_from_a_folder(tmp_path, capsys):
+    """14.0-style releases carry their durations in times.txt: it is recorded as an input as it is."""
+    release = two_split_release(tmp_path / "rel", [tsv_row("a.mp3")], {"a.mp3": CLIPS[0]})
+    (release / "times.txt").write_text("a.mp3\t1500\ndev0.mp3\t1500\n")
+    out = tmp_path / "out"
+    assert prepare(release, out, *SPLITS, capsys=capsys)[0] == 0
+    assert "times.txt" in json.loads((out / "plan" / "plan.json").read_text())["inputs"]
+    assert prepare(release, out, *SPLITS, capsys=capsys)[0] == 0  # and re-checked unchanged
+
+
+@pytest.mark.parametrize("sidecar", [b"\xff\xfe not utf-8 at all", "folder"])
+def test_a_sidecar_that_is_not_a_checksum_is_one_line(tmp_path, capsys, sidecar):
+    release = two_split_release(tmp_path / "rel", [tsv_row("a.mp3")], {"a.mp3": CLIPS[0]})
+    archive = _archive(tmp_path / "cv.tar", release)
+    if sidecar == "folder":
+        (tmp_path / "cv.tar.sha256").mkdir()
+    else:
+        (tmp_path / "cv.tar.sha256").write_bytes(sidecar)
+    code, err = prepare(archive, tmp_path / "out", *SPLITS, capsys=capsys)
+    assert code == 2 and "cv.tar.sha256: not a" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "plan" / "claim.json").exists()  # the failed run left the folder free
 
 
 # ---------------------------------------------------------------------------------------- line endings

@@ -214,3 +214,12 @@ def test_submit_refuses_unknown_parameters():
     result = run_habla("pipeline", "submit", "--host", "http://127.0.0.1:9", "--release", "s3://a/b", "--out", "s3://c",
                        "nodez=4")  # fmt: skip
     assert result.returncode == 2 and "unknown pipeline parameter 'nodez'" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "²", "eight", ""])
+def test_a_gpu_count_that_is_not_a_whole_number_is_one_line(value):
+    from habla.kubeflow.jobs import gpu_count
+
+    assert gpu_count(" 8 ") == 8
+    with pytest.raises(HablaError, match="gpus_per_node must be a whole number"):
+        gpu_count(value)
