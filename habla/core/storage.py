@@ -779,14 +779,12 @@ def remove_stale_parts(root: str) -> int:
     cutoff = time.time() - STALE_PART_SECONDS
     for folder, _, files in os.walk(root):
         for name in files:
-            if not name.endswith(PART_SUFFIX):
-                continue
             match = _PART_NAME.match(name)
+            if match is None:  # not a temporary file of ours (a staged clip may be called x.part)
+                continue
             path = os.path.join(folder, name)
             try:
-                stale = (match is not None and _writer_is_dead(match[1], int(match[2]))) or (
-                    os.lstat(path).st_mtime < cutoff
-                )
+                stale = _writer_is_dead(match[1], int(match[2])) or os.lstat(path).st_mtime < cutoff
                 if stale:
                     os.unlink(path)
                     removed += 1

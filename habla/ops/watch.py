@@ -22,17 +22,17 @@ Exactly once, crash-safe (the state store is a local folder or ``s3://…``)
   ``STATE/summary.json``                         a summary of all results, rewritten after each run.
   ``STATE/arrivals/<release>.json``              an archive's size and mtime/ETag when first seen (below).
   A state file that is not valid JSON (or lacks its fields) is logged and treated as absent, never fatal.
-
-Complete archives only
-  An archive is submitted only once it is complete: a ``<archive>.sha256`` sidecar exists (an uploader
-  writes it last), or its size and mtime/ETag held from one poll to the next and it reads to tar's
-  end-of-archive blocks (for ``.tar.gz``, one streaming read of the whole archive, done once). Until then
-  the decision is ``waiting``.
   A claim carries a lease. A submission that fails marks its claim ``failed``: the next watcher run takes a
   new attempt (claim-0002 …). A watcher killed mid-way leaves its claim ``submitting``; once the lease has
   expired another attempt may start. Every attempt first looks for a run of the experiment with the release's
   run name (``habla-<release>``) and adopts it instead of submitting again, so a crash between "run created"
   and "result written" does not lead to a second run.
+
+Complete archives only
+  An archive is submitted only once it is complete: a ``<archive>.sha256`` sidecar exists (an uploader
+  writes it last), or its size and mtime/ETag held from one poll to the next and it reads to tar's
+  end-of-archive blocks (for ``.tar.gz``, one streaming read of the whole archive per poll while it is
+  incomplete). Until then the decision is ``waiting``.
 """
 
 from __future__ import annotations
@@ -402,7 +402,8 @@ def archive_waiting(release: Release, state: str, record: bool = True) -> str | 
 
     A folder is complete once its TSVs are there (find_releases). An archive needs a ``.sha256`` sidecar,
     or the same size and mtime/ETag as at the previous poll (recorded in ``STATE/arrivals/``, when
-    ``record``) plus a readable end of archive; the end is read once per archive version.
+    ``record``) plus a readable end of archive; the end is read once per complete archive version (again at
+    each poll while it is incomplete).
     """
     if not release.name.archive or storage.exists(release.uri + ".sha256"):
         return None

@@ -137,7 +137,12 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
     assert not killed.exists() and live.exists() and elsewhere.exists(), "another machine's writer may be alive"
     old = time.time() - storage.STALE_PART_SECONDS - 60
     os.utime(elsewhere, (old, old))
+    data = tmp_path / "staging" / "clips" / "x.part"  # somebody's file, however old: not ours to delete
+    data.parent.mkdir(parents=True)
+    data.write_bytes(b"audio")
+    os.utime(data, (old, old))
     assert storage.remove_stale_parts(str(tmp_path)) == 1 and not elsewhere.exists() and live.exists()
+    assert data.exists()
 
 
 # ------------------------------------------------------------------------- compare-and-swap and the probe
