@@ -31,8 +31,8 @@ Exactly once, crash-safe (the state store is a local folder or ``s3://…``)
 Complete archives only
   An archive is submitted only once it is complete: a ``<archive>.sha256`` sidecar exists (an uploader
   writes it last), or its size and mtime/ETag held from one poll to the next and it reads to tar's
-  end-of-archive blocks (for ``.tar.gz``, one streaming read of the whole archive per poll while it is
-  incomplete). Until then the decision is ``waiting``.
+  end-of-archive blocks (for ``.tar.gz``, one streaming read of the whole archive per version of it). Until
+  then the decision is ``waiting``.
 """
 
 from __future__ import annotations
@@ -402,8 +402,8 @@ def archive_waiting(release: Release, state: str, record: bool = True) -> str | 
 
     A folder is complete once its TSVs are there (find_releases). An archive needs a ``.sha256`` sidecar,
     or the same size and mtime/ETag as at the previous poll (recorded in ``STATE/arrivals/``, when
-    ``record``) plus a readable end of archive; the end is read once per complete archive version (again at
-    each poll while it is incomplete).
+    ``record``) plus a readable end of archive; the end is read once per archive version (an incomplete one
+    waits until it changes).
     """
     if not release.name.archive or storage.exists(release.uri + ".sha256"):
         return None
@@ -419,12 +419,13 @@ def archive_waiting(release: Release, state: str, record: bool = True) -> str | 
         return f"{stamp['size']} bytes, new or still growing: submitted once it has not changed by the next poll"
     if seen.get("complete"):
         return None
+    if isinstance(seen.get("incomplete"), str):  # this very version was read to its end before
+        return f"not a complete archive: {seen['incomplete']}"
     problem = commonvoice.check_archive_end(release.uri)
-    if problem:
-        return f"not a complete archive: {problem}"
     if record:
-        storage.write_bytes(uri, _json({**seen, "complete": True, "checked_at": _iso(_now())}))
-    return None
+        verdict = {"incomplete": problem} if problem else {"complete": True}
+        storage.write_bytes(uri, _json({**seen, **verdict, "checked_at": _iso(_now())}))
+    return f"not a complete archive: {problem}" if problem else None
 
 
 def _mark_complete(state: str, release_name: str, uri: str) -> None:

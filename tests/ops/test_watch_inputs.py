@@ -31,7 +31,7 @@ def _real_archive(clips: int = 6) -> bytes:
     return buffer.getvalue()
 
 
-def test_an_archive_still_being_uploaded_is_not_submitted(kfp, tmp_path):  # noqa: F811
+def test_an_archive_still_being_uploaded_is_not_submitted(kfp, tmp_path, monkeypatch):  # noqa: F811
     """A third of an archive was submitted and marked done, never retried."""
     inbox, state, out = str(tmp_path / "inbox"), str(tmp_path / "state"), str(tmp_path / "out")
     archive = Path(inbox, f"{NAME}.tar.gz")
@@ -46,6 +46,10 @@ def test_an_archive_still_being_uploaded_is_not_submitted(kfp, tmp_path):  # noq
     assert poll()[0] == "waiting"  # first seen: its size must hold until the next poll
     action, detail = poll()  # the upload stalled: same size, but it does not read to its end
     assert action == "waiting" and "not a complete archive" in detail
+    reads = []
+    with monkeypatch.context() as m:
+        m.setattr(watch.commonvoice, "check_archive_end", lambda uri: reads.append(uri))
+        assert poll() == (action, detail) and not reads  # that version is not streamed again at every poll
     archive.write_bytes(whole)
     assert poll()[0] == "waiting"  # it grew: seen anew
     assert poll()[0] == "submitted"
