@@ -472,8 +472,9 @@ def plan(release: str, out: str, options: PrepareOptions) -> dict:
     """Step 1: locate (or unpack) the release, plan the shards, write ``<out>/plan``. Returns plan.json.
 
     If ``<out>`` already holds a plan made with the same release and options, it is returned unchanged.
-    The release is checked before ``<out>`` is claimed, so bad input leaves ``<out>`` as it was (an archive
-    leaves what it unpacked, in ``staging/``, to resume from).
+    A release folder is checked before ``<out>`` is claimed, so bad input leaves ``<out>`` as it was. An
+    archive is claimed before it is unpacked (into ``staging/``, left there to resume from); a run that fails
+    frees the claim it created.
     """
     options.validate()
     label = commonvoice.release_label(release)
@@ -488,24 +489,28 @@ def plan(release: str, out: str, options: PrepareOptions) -> dict:
         return existing
 
     storage.check_writable_root(out)
-    skipped: dict = {}
-    if commonvoice.is_archive(release):
-        log.info("unpacking %s (one streaming read) into %s", release, layout.staging)
-        storage.remove_stale_parts(storage.join(layout.staging, options.locale))
-        staged = commonvoice.stage_archive(release, layout.staging, options.locale, audio.MAX_CLIP_BYTES)
-        root, skipped, inputs = staged.root, staged.skipped, {".": staged.stamp}
-    else:
-        root, inputs = commonvoice.locate_release(release, options.locale), None
-    if not _has_clips(root):
-        raise HablaError(f"{root}: no clips/ folder (the release's audio); is the release complete?")
-    for name in _tsvs_read(root, options):
-        try:
-            commonvoice.read_tsv(storage.join(root, name))  # the header; the rows are read when planning
-        except FileNotFoundError:
-            raise HablaError(f"{storage.join(root, name)}: no such TSV in the release") from None
-
-    created = _claim(out, release, options)
+    archive = commonvoice.is_archive(release)
+    # An archive is unpacked into <out>/staging: claimed first, so that a concurrent run with another archive
+    # is refused instead of replacing the files this run is unpacking. A folder is checked before the claim.
+    created = _claim(out, release, options) if archive else False
     try:
+        skipped: dict = {}
+        if archive:
+            log.info("unpacking %s (one streaming read) into %s", release, layout.staging)
+            storage.remove_stale_parts(storage.join(layout.staging, options.locale))
+            staged = commonvoice.stage_archive(release, layout.staging, options.locale, audio.MAX_CLIP_BYTES)
+            root, skipped, inputs = staged.root, staged.skipped, {".": staged.stamp}
+        else:
+            root, inputs = commonvoice.locate_release(release, options.locale), None
+        if not _has_clips(root):
+            raise HablaError(f"{root}: no clips/ folder (the release's audio); is the release complete?")
+        for name in _tsvs_read(root, options):
+            try:
+                commonvoice.read_tsv(storage.join(root, name))  # the header; the rows are read when planning
+            except FileNotFoundError:
+                raise HablaError(f"{storage.join(root, name)}: no such TSV in the release") from None
+        if not archive:
+            created = _claim(out, release, options)
         return _make_plan(release, label, root, inputs, skipped, out, options)
     except BaseException:
         if created:  # nothing binding was written (plan.json is written last): free the folder again

@@ -195,6 +195,25 @@ def test_a_dataset_is_tied_to_its_archive_content(tmp_path, capsys):
     assert list(outcome(out2)[0]["train"]) == ["a.mp3"]
 
 
+def test_a_run_unpacking_an_archive_is_not_disturbed_by_one_with_another(tmp_path, capsys):
+    """Staging is claimed first: a second run with another archive is refused before it touches staging/."""
+    first = _archive(tmp_path / "one.tar", two_split_release(tmp_path / "one", [tsv_row("a.mp3")], {"a.mp3": CLIPS[0]}))
+    second = _archive(
+        tmp_path / "two.tar", two_split_release(tmp_path / "two", [tsv_row("b.mp3")], {"b.mp3": CLIPS[1]})
+    )
+    out = tmp_path / "out"
+    # the first run, caught while it unpacks: its claim is made, its staging half written
+    options = PrepareOptions(splits=("train", "dev"), shards=2)
+    assert prep._claim(str(out), prep.canonical_release(str(first)), options)
+    prep.commonvoice.stage_archive(str(first), str(out / "staging"), "es", 10**8)
+    staged = snapshot(out / "staging")
+    code, err = prepare(second, out, *SPLITS, capsys=capsys)
+    assert code == 2 and "is for another release" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(out / "staging") == staged
+    assert prepare(first, out, *SPLITS, capsys=capsys)[0] == 0  # the first run, started again, finishes
+    assert list(outcome(out)[0]["train"]) == ["a.mp3"]
+
+
 def test_a_truncated_archive_is_refused_and_the_fixed_one_is_used(tmp_path, capsys):
     release = two_split_release(tmp_path / "rel", [tsv_row(f"{k}.mp3") for k in range(4)],
                                 {f"{k}.mp3": CLIPS[k] for k in range(4)})  # fmt: skip
