@@ -252,14 +252,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
 
-@pytest.fixture
-def flaky_s3(moto_server, monkeypatch):
-    """A fresh bucket reached through :class:`FlakyProxy`; yields (bucket URI, proxy)."""
+def _bucket_behind_proxy(moto_server: str, monkeypatch, **proxy_options):
+    """A fresh bucket reached through a :class:`FlakyProxy` (AWS_* of this process and its children point at
+    the proxy); yields (bucket URI, proxy)."""
     _use_endpoint(monkeypatch, moto_server)
     bucket = _new_bucket()
-    proxy = FlakyProxy(moto_server)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
+    proxy = FlakyProxy(moto_server, **proxy_options)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
     _use_endpoint(monkeypatch, proxy.url)
     try:
         yield f"s3://{bucket}", proxy
@@ -268,25 +267,19 @@ def flaky_s3(moto_server, monkeypatch):
         from habla.core import storage
 
         storage._client_for_pid.cache_clear()
+
+
+@pytest.fixture
+def flaky_s3(moto_server, monkeypatch):
+    """A fresh bucket reached through :class:`FlakyProxy`; yields (bucket URI, proxy)."""
+    yield from _bucket_behind_proxy(moto_server, monkeypatch)
 
 
 @pytest.fixture
 def lax_s3(moto_server, monkeypatch):
     """A fresh bucket behind a :class:`FlakyProxy` that drops If-None-Match/If-Match and fails nothing: a store
-    that ignores conditional writes. Yields (bucket URI, proxy); AWS_* point this process and children at it."""
-    _use_endpoint(monkeypatch, moto_server)
-    bucket = _new_bucket()
-    proxy = FlakyProxy(moto_server, fail_before=0, fail_after=0, drop_conditions=True)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    _use_endpoint(monkeypatch, proxy.url)
-    try:
-        yield f"s3://{bucket}", proxy
-    finally:
-        proxy.shutdown()
-        from habla.core import storage
-
-        storage._client_for_pid.cache_clear()
+    that ignores conditional writes. Yields (bucket URI, proxy)."""
+    yield from _bucket_behind_proxy(moto_server, monkeypatch, fail_before=0, fail_after=0, drop_conditions=True)
 
 
 @pytest.fixture

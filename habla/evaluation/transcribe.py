@@ -108,14 +108,8 @@ def _expand_glob(pattern: str) -> list[str]:
 
 def _manifest_inputs(uri: str) -> list[AudioInput]:
     """The lines of a NeMo manifest; only ``audio_filepath`` is required (relative to the manifest's folder)."""
-    try:
-        text = storage.read_text(uri)
-    except FileNotFoundError:
-        raise HablaError(f"{uri}: manifest not found") from None
-    except UnicodeDecodeError:
-        raise HablaError(f"{uri}: manifest is not UTF-8 text") from None
     out = []
-    for number, line in jsonl.lines(text):
+    for number, line in jsonl.lines(manifests.read_manifest_text(uri)):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as exc:

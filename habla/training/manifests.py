@@ -72,6 +72,16 @@ def parse_manifest(text: str, uri: str) -> list[dict]:
     return entries
 
 
+def read_manifest_text(uri: str) -> str:
+    """A manifest's text; a missing or non-UTF-8 one is a one-line HablaError (storage faults propagate)."""
+    try:
+        return storage.read_text(uri)
+    except FileNotFoundError:
+        raise HablaError(f"{uri}: manifest not found") from None
+    except UnicodeDecodeError:
+        raise HablaError(f"{uri}: manifest is not UTF-8 text") from None
+
+
 def read_manifest(uri: str) -> list[dict]:
     """All entries of a manifest (or of every shard of a ``_OP_0..N_CL_`` pattern); never empty.
 
@@ -80,11 +90,9 @@ def read_manifest(uri: str) -> list[dict]:
     entries: list[dict] = []
     for shard in expand_shards(uri):
         try:
-            text = storage.read_text(shard)
-        except FileNotFoundError:
-            raise HablaError(f"{shard}: manifest not found") from None
-        except UnicodeDecodeError:
-            raise HablaError(f"{shard}: manifest is not UTF-8 text") from None
+            text = read_manifest_text(shard)
+        except HablaError:
+            raise
         except Exception as exc:  # storage errors: endpoint down, access denied ...
             raise HablaError(f"{shard}: cannot read manifest ({one_line(exc, with_type=True)})") from None
         entries.extend(parse_manifest(text, shard))
