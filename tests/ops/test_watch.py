@@ -235,30 +235,35 @@ def test_unreachable_kfp_fails_in_one_line_and_leaves_no_claim(tmp_path, capsys)
 # -------------------------------------------------------------------------- two watchers, one S3 store
 
 
+def _watchers_together(count: int, poll) -> list:
+    """``poll`` in ``count`` threads released at once; every decision they made (none may raise)."""
+    start = threading.Barrier(count)
+    decisions: list = []
+    errors: list = []
+
+    def one_watcher():
+        start.wait()
+        try:
+            decisions.extend(poll())
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one_watcher) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return decisions
+
+
 def test_concurrent_watcher_threads_submit_each_release_exactly_once(s3_bucket, kfp, tmp_path):
     inbox, state, out = f"{s3_bucket}/inbox", f"{s3_bucket}/state", f"{s3_bucket}/runs"
     for version in ("17.0-2024-03-15", "20.0-2024-12-06", "25.0-2026-03-09"):
         _archive(inbox, f"cv-corpus-{version}-es")
     kfp.run_delay = 0.3  # a slow API widens the window in which the watchers overlap
     for watcher_round in range(2):  # the second round finds everything processed
-        start = threading.Barrier(4)
-        decisions: list = []
-
-        errors: list = []
-
-        def one_watcher(start=start, decisions=decisions, errors=errors):
-            start.wait()
-            try:
-                decisions.extend(watch.watch(inbox, state, output_root=out, host=kfp.url))
-            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=one_watcher) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert not errors, errors
+        decisions = _watchers_together(4, lambda: watch.watch(inbox, state, output_root=out, host=kfp.url))
         actions = [d.action for d in decisions]
         assert actions.count("submitted") == (3 if watcher_round == 0 else 0), actions
         assert "failed" not in actions
@@ -530,23 +535,7 @@ def test_lease_claims_keep_watcher_threads_apart_and_a_crashed_holder_off_until_
     kfp.run_delay = 0.2
     with StandinK8s() as api:
         options = {"output_root": out, "host": kfp.url, "claims": "lease", "lease_namespace": "ml"}
-        start = threading.Barrier(3)
-        decisions: list = []
-        errors: list = []
-
-        def one_watcher():
-            start.wait()
-            try:
-                decisions.extend(watch.watch(inbox, state, kube_client=api.api_client(), **options))
-            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=one_watcher) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert not errors, errors
+        decisions = _watchers_together(3, lambda: watch.watch(inbox, state, kube_client=api.api_client(), **options))
         assert [d.action for d in decisions].count("submitted") == 2 and len(kfp.runs) == 2
 
         # A watcher that died after creating the run, before recording it, still holds its Lease: others keep
