@@ -149,13 +149,18 @@ def releases_in(catalog: dict[str, Any], locale: str) -> list[MdcRelease]:
 
 def newest_release(locale: str, session: requests.Session | None = None) -> MdcRelease | None:
     """The newest full Common Voice release of ``locale`` that the Data Collective lists."""
+    found = _listed_releases(locale, session)
+    return found[-1] if found else None
+
+
+def _listed_releases(locale: str, session: requests.Session | None) -> list[MdcRelease]:
+    """The full releases of ``locale`` in the Data Collective's catalog, oldest first."""
     response = _send(catalog_request(locale), session)
     try:
         catalog = response.json()
     except ValueError:
         raise HablaError("Mozilla Data Collective: the catalog answer is not JSON") from None
-    found = releases_in(catalog, locale)
-    return found[-1] if found else None
+    return releases_in(catalog, locale)
 
 
 SEGMENT_BYTES = 64 * 1024 * 1024  # S3 downloads: the unit that survives an interruption (>= S3's 5 MiB part)
@@ -424,18 +429,14 @@ def download(release: MdcRelease, inbox: str, session: requests.Session | None =
 
 def find_release(locale: str, version: str | None = None, session: requests.Session | None = None) -> MdcRelease:
     """The newest full release of ``locale`` the Data Collective lists, or the one of ``version`` (``25.0``)."""
-    response = _send(catalog_request(locale), session)
-    try:
-        catalog = response.json()
-    except ValueError:
-        raise HablaError("Mozilla Data Collective: the catalog answer is not JSON") from None
-    found = releases_in(catalog, locale)
+    listed = _listed_releases(locale, session)
+    found = listed
     if version is not None:
         wanted = tuple(int(p) for p in version.split("."))
-        found = [r for r in found if r.name.version == wanted]
+        found = [r for r in listed if r.name.version == wanted]
     if not found:
-        listed = ", ".join(r.name.version_str for r in releases_in(catalog, locale)) or "none"
+        names = ", ".join(r.name.version_str for r in listed) or "none"
         raise HablaError(
-            f"the Data Collective lists no Common Voice release {version or ''} for {locale!r} (listed: {listed})"
+            f"the Data Collective lists no Common Voice release {version or ''} for {locale!r} (listed: {names})"
         )
     return found[-1]
