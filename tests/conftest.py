@@ -340,6 +340,29 @@ def write_manifest(entries: list[dict], path: Path) -> Path:
     return path
 
 
+def in_threads(calls: dict, timeout: float = 60) -> dict:
+    """Each call in a thread of its own (named by its key), all released together; their results by key.
+    None of them may raise (the errors are the assertion's message)."""
+    start = threading.Barrier(len(calls))
+    results: dict = {}
+    errors: list = []
+
+    def run(name, call):
+        start.wait()
+        try:
+            results[name] = call()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=item, name=item[0]) for item in calls.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not errors, errors
+    return results
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return jsonl.loads(Path(path).read_text(encoding="utf-8"))
 

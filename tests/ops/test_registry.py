@@ -3,10 +3,12 @@ and promotions racing each other: best.json is replaced only by compare-and-swap
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 
 import pytest
+from conftest import in_threads
 
 from habla.core import jsonl, storage
 from habla.core.errors import HablaError
@@ -181,22 +183,12 @@ def _race(monkeypatch, out: str, names: list[str], first_writer: str) -> dict[st
 
     monkeypatch.setattr(storage, "read_versioned", read_versioned)
     monkeypatch.setattr(storage, "write_if_match", write_if_match)
-    outcomes: dict[str, registry.Promotion] = {}
-    errors: list = []
-
-    def promote(name: str) -> None:
-        try:
-            outcomes[name] = registry.promote_run(out, OutputLayout(out).run(name).root, model_of(out, name))
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=promote, args=(n,), name=n) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
-    return outcomes
+    return in_threads(
+        {
+            n: functools.partial(registry.promote_run, out, OutputLayout(out).run(n).root, model_of(out, n))
+            for n in names
+        }
+    )
 
 
 @pytest.mark.parametrize("where", ["local", "s3", "seaweedfs"])

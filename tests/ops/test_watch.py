@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import cli_env
+from conftest import cli_env, in_threads
 from k8s_standin import StandinK8s
 from kfp_standin import KfpStandin, compile_fake_training_pipeline
 
@@ -237,24 +237,7 @@ def test_unreachable_kfp_fails_in_one_line_and_leaves_no_claim(tmp_path, capsys)
 
 def _watchers_together(count: int, poll) -> list:
     """``poll`` in ``count`` threads released at once; every decision they made (none may raise)."""
-    start = threading.Barrier(count)
-    decisions: list = []
-    errors: list = []
-
-    def one_watcher():
-        start.wait()
-        try:
-            decisions.extend(poll())
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one_watcher) for _ in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
-    return decisions
+    return [d for decisions in in_threads({f"watcher-{k}": poll for k in range(count)}).values() for d in decisions]
 
 
 def test_concurrent_watcher_threads_submit_each_release_exactly_once(s3_bucket, kfp, tmp_path):
@@ -412,30 +395,8 @@ def test_two_watcher_processes_racing_on_s3_submit_each_release_once(s3_bucket, 
         _archive(inbox, f"cv-corpus-{version}-es")
     kfp.run_delay = 0.3
     package = compile_fake_training_pipeline(str(tmp_path))
-    env = dict(os.environ)
-    command = [
-        sys.executable,
-        "-m",
-        "habla.cli",
-        "watch",
-        "--inbox",
-        inbox,
-        "--state",
-        state,
-        "--output-root",
-        f"{s3_bucket}/runs",
-        "--host",
-        kfp.url,
-        "--package",
-        package,
-        "--json",
-    ]
-    procs = [
-        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
-    actions = [d["action"] for out, _ in outputs for d in json.loads(out)]
+    command = _watch_command(inbox, state, f"{s3_bucket}/runs", kfp, package)
+    actions, _ = _watcher_processes(command, dict(os.environ), 2)
     assert actions.count("submitted") == 2 and "failed" not in actions
     assert _runs_by_release(kfp) == {f"habla-cv-corpus-{v}-es": 1 for v in versions}
 
@@ -460,6 +421,15 @@ def test_an_unreachable_data_collective_does_not_hold_up_the_inbox(kfp, tmp_path
 def _watch_command(inbox: str, state: str, out: str, kfp: KfpStandin, package: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "habla.cli", "watch", "--inbox", inbox, "--state", state, "--output-root", out,
             "--host", kfp.url, "--package", package, "--json", *extra]  # fmt: skip
+
+
+def _watcher_processes(command: list[str], env: dict, count: int) -> tuple[list[str], list[str]]:
+    """``count`` watcher processes started together; each must exit 0. Their decisions' actions, and stderrs."""
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(count)]  # fmt: skip
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * count, [err for _, err in outputs]
+    return [d["action"] for out, _ in outputs for d in json.loads(out)], [err for _, err in outputs]
 
 
 def test_claims_s3_refuses_a_store_that_ignores_conditional_writes(lax_s3, kfp, tmp_path):
@@ -495,13 +465,9 @@ def test_two_watcher_processes_on_a_lax_store_fall_back_to_leases_and_submit_onc
     with StandinK8s() as api:
         env = cli_env(KUBECONFIG=api.kubeconfig(tmp_path / "kubeconfig", "kubeflow"))
         command = _watch_command(inbox, state, f"{bucket}/runs", kfp, package, "--claims", "auto")
-        procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]  # fmt: skip
-        outputs = [p.communicate(timeout=120) for p in procs]
+        actions, errs = _watcher_processes(command, env, 2)
         leases = dict(api.leases)
-    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
-    assert all("claiming through Kubernetes Leases in namespace kubeflow" in err for _, err in outputs)
-    actions = [d["action"] for out, _ in outputs for d in json.loads(out)]
+    assert all("claiming through Kubernetes Leases in namespace kubeflow" in err for err in errs)
     assert actions.count("submitted") == 2 and "failed" not in actions, actions
     assert _runs_by_release(kfp) == {f"habla-cv-corpus-{v}-es": 1 for v in versions}
     assert proxy.dropped > 0, "the conditional headers really were dropped"
@@ -563,11 +529,7 @@ def test_two_watcher_processes_racing_on_real_seaweedfs_submit_each_release_once
     kfp.run_delay = 0.3
     package = compile_fake_training_pipeline(str(tmp_path))
     command = _watch_command(inbox, state, f"{seaweedfs_bucket}/runs", kfp, package, "--claims", "s3")
-    procs = [subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]  # fmt: skip
-    outputs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outputs]
-    actions = [d["action"] for out, _ in outputs for d in json.loads(out)]
+    actions, _ = _watcher_processes(command, cli_env(), 3)
     assert actions.count("submitted") == 2 and "failed" not in actions, actions
     assert _runs_by_release(kfp) == {f"habla-cv-corpus-{v}-es": 1 for v in versions}
     assert {r["claims"] for r in watch.read_results(state).values()} == {"s3"}
