@@ -54,7 +54,7 @@ def run(data: dict, path: str, steps: int, batch: int, out: Path) -> dict:
     from habla.training.train import train
 
     overrides = [f"trainer.max_steps={steps}", f"model.train_ds.batch_size={batch}", f"global_batch={batch}",
-                 "trainer.val_check_interval=100000", "trainer.log_every_n_steps=100000"]  # fmt: skip
+                 "validate_every_steps=100000", "trainer.log_every_n_steps=100000"]  # fmt: skip
     started = time.monotonic()
     summary = train("tiny_ctc_char", data[path]["train_manifest"], data["dev"], str(out / "model"), overrides,
                     train_tars=data[path]["tars"])  # fmt: skip

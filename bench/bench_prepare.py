@@ -13,7 +13,8 @@
 * workers: ``convert_shard`` with 1 vs 2 worker processes (wall-clock throughput);
 * s3: the same shard written as tar shards / per-file WAVs to a loopback S3 server (moto) vs a local folder;
 * scale: planning and assembly of a synthetic release with ``--rows`` TSV rows (Common Voice 25.0 es has
-  1.68 M clips), wall time and peak memory, each in a fresh process.
+  1.68 M clips), wall and CPU time and peak memory, each in a fresh process; ``--reference REV`` also plans it
+  with the planner of git revision REV (``git archive REV habla``) and compares the plan files byte for byte.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from habla.core import jsonl, storage  # noqa: E402
 from habla.core.layout import DatasetLayout  # noqa: E402
-from habla.data import audio  # noqa: E402
+from habla.data import convert  # noqa: E402
 from habla.data import prepare as prep  # noqa: E402
+from habla.data.dataset import audio_name  # noqa: E402
 from habla.data.options import PrepareOptions  # noqa: E402
+from habla.speech import audio  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -239,7 +242,7 @@ def bench_s3(corpus: Path, work: Path) -> list[dict]:
     The server runs on the same 2 cores: its own CPU time is reported, since with both cores converting it
     competes with the conversion (a real S3 endpoint or MinIO runs elsewhere).
     """
-    from conftest import free_port
+    from fixtures.commands import free_port
 
     port = free_port()
     server = subprocess.Popen(
@@ -303,8 +306,9 @@ if step == "plan":
     prep.plan(release, out, PrepareOptions(shards=int(sys.argv[4])))
 else:
     prep.assemble(out)
+usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"step": step, "wall_s": round(time.perf_counter() - start, 1),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+                  "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}))
 """
 
 
@@ -351,7 +355,7 @@ def fake_convert(out: Path) -> None:
     for k in range(plan["num_shards"]):
         entries: dict[str, list[dict]] = {}
         for clip in jsonl.loads(storage.read_text(layout.plan_shard(k))):
-            record = prep._entry(clip, layout.wav(clip["split"], prep.audio_name(clip)), clip["duration"])
+            record = convert._entry(clip, layout.wav(clip["split"], audio_name(clip)), clip["duration"])
             entries.setdefault(record["split"], []).append(record["entry"])
         for split, items in entries.items():
             items.sort(key=lambda e: e["path"])
@@ -362,7 +366,34 @@ def fake_convert(out: Path) -> None:
         )
 
 
-def bench_scale(work: Path, rows: int) -> list[dict]:
+def reference_plan(work: Path, release: Path, out: Path, revision: str) -> dict:
+    """Plan ``release`` with the habla of git ``revision`` (a fresh process that imports that copy: run from
+    another folder, the editable install's finder comes after PYTHONPATH) and compare the plan files."""
+    code = work / "reference"
+    code.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "habla"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
+    reference = work / "reference-out"
+    command = [sys.executable, "-c", SCALE_CHILD, "plan", str(release), str(reference), "64"]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    done = subprocess.run(command, cwd=work, capture_output=True, text=True, check=True, env=env)
+    record = {**json.loads(done.stdout.splitlines()[-1]), "code": revision}
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {
+            p.name: p.read_bytes()
+            for p in sorted((folder / "plan").iterdir())
+            if p.name not in ("plan.json", "claim.json")
+        }
+
+    mine, theirs = files(out), files(reference)
+    record["identical_plan_files"] = mine == theirs
+    record["files_compared"] = len(mine)
+    record["differing"] = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))[:5]
+    return record
+
+
+def bench_scale(work: Path, rows: int, reference: str | None = None) -> list[dict]:
     release, out = work / "synthetic" / "es", work / "synthetic-out"
     start = time.perf_counter()
     synthesize_release(release, rows)
@@ -378,6 +409,9 @@ def bench_scale(work: Path, rows: int) -> list[dict]:
     )
     results.append(run("plan", release, out, 64))
     print(json.dumps(results[-1]), flush=True)
+    if reference:
+        results.append(reference_plan(work, release, out, reference))
+        print(json.dumps(results[-1]), flush=True)
     fake_convert(out)
     results.append(run("assemble", release, out))
     print(json.dumps(results[-1]), flush=True)
@@ -391,6 +425,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the whole-run comparison")
     parser.add_argument("--corpus", type=Path, help="reuse a corpus folder built before (its es/ folder)")
     parser.add_argument("--only", default="conversion,whole,workers,s3,scale")
+    parser.add_argument("--reference", help="scale: also plan with this git revision's habla and compare the files")
     args = parser.parse_args()
     only = set(args.only.split(","))
     results = {}
@@ -407,7 +442,7 @@ def main() -> int:
         if "s3" in only:
             results["s3"] = bench_s3(corpus, work)
         if "scale" in only:
-            results["scale"] = bench_scale(work, args.rows)
+            results["scale"] = bench_scale(work, args.rows, args.reference)
     print(json.dumps(results, indent=1))
     return 0
 

@@ -103,7 +103,7 @@ def training_rate(manifest: str, out: str, steps: int, config: str = "tiny_ctc_c
 
     overrides = [f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1000", *extra]
     if config == "tiny_ctc_char":
-        overrides.append("trainer.val_check_interval=1000000")  # no validation inside fit
+        overrides.append("validate_every_steps=1000000")  # no validation inside fit
     summary = train(config, manifest, manifest, out, overrides)
     return summary["audio_hours_seen"] * 3600 / summary["fit_seconds"]
 
@@ -117,7 +117,7 @@ def gpu_fastconformer(manifest: str, work: Path, steps: int) -> None:
     # the config's per-device batch (128, bf16-mixed: does it fit 80 GB?), no accumulation, no validation inside
     # fit: the rate is training alone
     extra = ("trainer.accelerator=gpu", "global_batch=128", "model.train_ds.num_workers=4",
-             "model.optim.sched.warmup_steps=10", "trainer.check_val_every_n_epoch=100000")  # fmt: skip
+             "model.optim.sched.warmup_steps=10", "validate_every_steps=100000")  # fmt: skip
     warm = training_rate(manifest, str(work / "gpu-warmup"), 10, "fastconformer_ctc_bpe", extra)
     rate = training_rate(manifest, str(work / "gpu"), steps, "fastconformer_ctc_bpe", extra)
     print(f"fastconformer_ctc_bpe bf16 on {torch.cuda.get_device_name()}: {rate:.0f} audio-s/s "

@@ -78,6 +78,13 @@ V25_COLUMNS = [
 V8_COLUMNS = ["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accent", "locale", "segment"]
 
 
+LICENSE = """cc-by-sa-3.0
+Recordings: the Spanish Asterisk core sound prompts by Digium, Inc., licensed under CC BY-SA 3.0
+(https://creativecommons.org/licenses/by-sa/3.0/); the MP3 files and TSVs here are an adaptation
+(re-encoded, re-sampled, re-organised) shared under the same licence (data/README.md).
+"""
+
+
 def client_id(speaker: int) -> str:
     return hashlib.sha512(f"habla-mini-speaker-{speaker}".encode()).hexdigest()
 
@@ -210,6 +217,9 @@ def build(root: Path, out: Path) -> None:
             write_tsv(v8 / "validated.tsv", V8_COLUMNS, [])
     validated_v8 = [r for s in ("train", "dev", "test") for r in (v8 / f"{s}.tsv").read_text().splitlines()[1:]]
     (v8 / "validated.tsv").write_text("\t".join(V8_COLUMNS) + "\n" + "\n".join(validated_v8) + "\n")
+
+    for folder in (v25, v8):  # the data's licence travels with the release (habla.speech.releases.release_license)
+        (folder / "LICENSE").write_text(LICENSE, encoding="utf-8")
 
     total = sum(ms for _, ms in durations) / 1000
     size = sum(p.stat().st_size for p in out.rglob("*.mp3"))

@@ -10,21 +10,39 @@
 """
 
 import re
+from pathlib import Path
 
 import yaml
 from habla.components.data import assemble_dataset, convert_shard, list_shards, plan_dataset, register_dataset
 from habla.components.evaluation import evaluate_models, package_model, promote_model
-from habla.components.training import start_run, train_here, train_on_cluster
+from habla.components.training import plan_training, start_run, train_here, train_on_cluster
 from kfp import compiler, dsl, kubernetes
 
 from habla.core.errors import HablaError
 from habla.kubeflow.compile import CompileOptions
-from habla.kubeflow.jobs import DEFAULT_RUNTIME
+from habla.kubeflow.jobs import SHM_SIZE
+from habla.runs.parameters import RunParameters
 
 PIPELINE_NAME = "habla-train"
 # Kubernetes objects the steps read S3 settings from (manifests/): credentials, and endpoint/region.
 S3_SECRET = "habla-s3-credentials"
 S3_CONFIG_MAP = "habla-s3-config"
+EVALUATION_SHM_SIZE = "4Gi"  # one process, its DataLoader workers: far less than a training node's SHM_SIZE
+
+
+# What every step reads from the ConfigMap, by whether the kubelet may start the step without it: a required key
+# missing from the ConfigMap is CreateContainerConfigError, and the step never starts (every overlay in manifests/
+# must hold the required ones; tests/kubeflow/test_manifests.py checks). No endpoint means AWS's own (the aws-s3
+# overlay).
+S3_CONFIG_REQUIRED = {"AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION"}
+S3_CONFIG_OPTIONAL = {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"}
+# Retries of the long steps (training, evaluation) must outlive the work they retry: Argo stops retrying a step once
+# backoff.maxDuration has passed since its first attempt started, and kills a retry at that deadline
+# (argo-workflows workflow/controller/operator.go, v3.7 and v4.0; KFP passes the IR's backoffMaxDuration through,
+# backend/src/v2/compiler/argocompiler/container.go); the SDK's default is 3600 s. Each attempt may take this long:
+LONGEST_ATTEMPT_S = 7 * 24 * 3600
+# and a data step's attempt (planning a 55 GB archive, converting one shard of a 1.7 M-clip release) this long:
+DATA_ATTEMPT_S = 12 * 3600
 
 
 def _step(task: dsl.PipelineTask, image: str) -> dsl.PipelineTask:
@@ -35,17 +53,53 @@ def _step(task: dsl.PipelineTask, image: str) -> dsl.PipelineTask:
         secret_name=S3_SECRET,
         secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
     )
+    kubernetes.use_config_map_as_env(task, config_map_name=S3_CONFIG_MAP, config_map_key_to_env=S3_CONFIG_REQUIRED)
     kubernetes.use_config_map_as_env(
-        task,
-        config_map_name=S3_CONFIG_MAP,
-        config_map_key_to_env={"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION"},
+        task, config_map_name=S3_CONFIG_MAP, config_map_key_to_env=S3_CONFIG_OPTIONAL, optional=True
     )
     return task
 
 
-def _shm(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """A RAM-backed /dev/shm: PyTorch DataLoader workers pass batches through it (a pod gets 64 MiB otherwise)."""
-    return kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+def _glue(task: dsl.PipelineTask, image: str) -> dsl.PipelineTask:
+    """A bookkeeping step (records, listings): small requests, so that a namespace whose ResourceQuota counts
+    requests and has no LimitRange admits it too."""
+    return _step(task, image).set_cpu_request("100m").set_memory_request("512Mi").set_memory_limit("2Gi")
+
+
+# The data steps' memory (request, limit), from bench/RESULTS.md ("A whole release through object storage"): at
+# 1.7 M TSV rows planning peaks under 1 GB, the archive pass adds at most its bundle buffers (256 MB) and four
+# 16 MB chunks in flight; a shard's conversion stays under 200 MB per process (its bundle is read from local
+# scratch, its tar streamed up in 16 MB parts); assembly of 1.7 M rows merges streams in about 540 MB. Each
+# limit leaves twice the request for releases larger than the one measured. CPU: planning uses a second core
+# (Arrow, the uploads), conversion one per worker (workers_per_shard, 2 by default: its CPU request).
+PLAN_MEMORY = ("2Gi", "4Gi")
+CONVERT_MEMORY = ("1Gi", "4Gi")
+ASSEMBLE_MEMORY = ("1Gi", "2Gi")
+
+
+def _shm(task: dsl.PipelineTask, size: str = SHM_SIZE) -> dsl.PipelineTask:
+    """A RAM-backed /dev/shm of at most ``size``: PyTorch DataLoader workers pass batches through it (a pod gets
+    64 MiB otherwise); it counts against the pod's memory limit."""
+    return kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                      size_limit=size)  # fmt: skip
+
+
+def _retry_long(
+    task: dsl.PipelineTask, retries: int, backoff_s: int = 120, attempt_s: int = LONGEST_ATTEMPT_S
+) -> dsl.PipelineTask:
+    """Retry a step ``retries`` times, ``backoff_s`` apart (doubling), for as long as its attempts (``attempt_s``
+    each) may take."""
+    window = (retries + 1) * attempt_s + sum(backoff_s * 2**k for k in range(retries))
+    return task.set_retry(num_retries=retries, backoff_duration=f"{backoff_s}s", backoff_factor=2.0,
+                          backoff_max_duration=f"{window}s")  # fmt: skip
+
+
+def _on_gpu_nodes(task: dsl.PipelineTask, p) -> dsl.PipelineTask:
+    """Let a GPU step onto the GPU nodes: the run's node selector and tolerations (STRUCT and LIST parameters,
+    resolved by KFP's driver: backend/src/v2/driver/k8s.go, 2.16 and 2.17)."""
+    kubernetes.add_node_selector_json(task, p.gpu_node_selector)
+    kubernetes.add_toleration_json(task, p.gpu_tolerations)
+    return task
 
 
 def build_pipeline(options: CompileOptions | None = None):
@@ -60,173 +114,122 @@ def build_pipeline(options: CompileOptions | None = None):
         A pipeline of its own so that the shards' tasks receive the dataset as a pipeline input.
         """
         shards = list_shards(dataset_uri=dataset_uri).set_caching_options(True)
-        _step(shards, prep)
+        _glue(shards, prep)
         with dsl.ParallelFor(shards.output, parallelism=options.conversion_parallelism, name="convert-shards") as shard:
             converted = convert_shard(dataset_uri=dataset_uri, shard=shard, workers=workers_per_shard)
-            converted.set_caching_options(True).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
-            _step(converted, prep).set_cpu_request("2").set_cpu_limit("2").set_memory_request("4Gi").set_memory_limit(
-                "8Gi"
-            )
+            _retry_long(converted.set_caching_options(True), retries=3, backoff_s=30, attempt_s=DATA_ATTEMPT_S)
+            _step(converted, prep).set_cpu_request("2").set_cpu_limit("2").set_memory_request(
+                CONVERT_MEMORY[0]
+            ).set_memory_limit(CONVERT_MEMORY[1])
 
         dataset = assemble_dataset(dataset_uri=dataset_uri, shard_hours=dsl.Collected(converted.output))
-        dataset.set_caching_options(True).set_retry(num_retries=2, backoff_duration="60s")
-        _step(dataset, prep).set_cpu_request("1").set_memory_request("8Gi").set_memory_limit("16Gi")
+        _retry_long(dataset.set_caching_options(True), retries=2, backoff_s=60, attempt_s=DATA_ATTEMPT_S)
+        _step(dataset, prep).set_cpu_request("1").set_memory_request(ASSEMBLE_MEMORY[0]).set_memory_limit(
+            ASSEMBLE_MEMORY[1]
+        )
         return dataset.outputs["Output"]
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="Common Voice release -> 16 kHz audio in object storage -> NeMo ASR model -> WER/CER; "
-        "promotes the model when it beats the current best.",
-    )
-    def habla_pipeline(
-        release_uri: str,
-        output_uri: str,
-        locale: str = "es",
-        num_shards: int = 32,
-        workers_per_shard: int = 2,
-        train_source: str = "train",
-        audio_format: str = "tar",
-        min_duration: float = 0.5,
-        max_duration: float = 20.0,
-        config: str = "fastconformer_ctc_bpe",
-        config_overrides: str = "",
-        init_from: str = "",
-        nodes: int = 1,
-        gpus_per_node: str = "1",
-        max_steps: int = 0,
-        max_epochs: int = 0,
-        launcher: str = "trainjob",
-        runtime: str = DEFAULT_RUNTIME,
-        train_image: str = options.train_image,
-        promotion_margin: float = 0.0,
-        run_name: str = "",
-    ):
-        """Prepare a Common Voice release, train a NeMo model on it, evaluate it and promote it if it is better.
+    def habla_pipeline(*values):
+        p = RunParameters.channels(values)  # the pipeline's parameters, by name (habla.runs.parameters)
+        run = start_run(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, step_image=train, **vars(p)).set_caching_options(False)
+        _glue(run, prep)
 
-        Args:
-            release_uri: The release: an extracted locale folder, a cv-corpus-*.tar.gz archive, or an s3:// prefix.
-            output_uri: Where everything goes (s3://bucket/prefix): datasets/, runs/<run>/, models/best.json.
-            locale: Common Voice locale folder inside the release.
-            num_shards: Conversion shards (parallel tasks); about one per 20 h of audio is a good size. With audio_format=tar they are also the train tar shards: a multiple of nodes × gpus_per_node × 8 loader workers streams best.
-            workers_per_shard: Conversion processes inside each shard's pod (matches its CPU request).
-            train_source: "train" (train.tsv) or "validated" (validated.tsv minus dev/test speakers and sentences).
-            audio_format: "tar" (train split as NeMo tarred shards, streamed from object storage) or "wav".
-            min_duration: Shortest clip kept, in seconds.
-            max_duration: Longest clip kept, in seconds.
-            config: Model config name (tiny_ctc_char, quartznet15x5_char, fastconformer_ctc_bpe) or a YAML path in the image.
-            config_overrides: Space-separated dotted key=value overrides, e.g. "model.optim.lr=0.001 trainer.precision=bf16-mixed".
-            init_from: Optional checkpoint to fine-tune from: a .nemo (path in the image or s3://) or a name in $HABLA_MODEL_STORE; CTC, hybrid RNNT/CTC (its CTC head) or transducer (its encoder).
-            nodes: Training nodes (pods).
-            gpus_per_node: GPUs per training node (one process per GPU); a string, e.g. "8", as KFP needs for a GPU limit.
-            max_steps: Training steps; 0 keeps the config's.
-            max_epochs: Training epochs; 0 keeps the config's.
-            launcher: "trainjob" (Kubeflow Trainer v2), "pytorchjob" (Training Operator) or "local" (inside this pipeline's pod).
-            runtime: The TrainJob's ClusterTrainingRuntime; the default (manifests/runtimes) gives the pods a RAM-backed /dev/shm.
-            train_image: Image of the training pods (CUDA + NeMo + habla).
-            promotion_margin: Promote only when the new WER is lower than the best model's by more than this (absolute), with 95 % confidence (paired bootstrap over test utterances).
-            run_name: Name of the run's folder under output_uri/runs/ (one run's only); empty: the KFP run's id.
-        """
-        run = start_run(
-            output_uri=output_uri,
-            run_name=run_name,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            release_uri=release_uri,
-            locale=locale,
-            config=config,
-            config_overrides=config_overrides,
-            nodes=nodes,
-            gpus_per_node=gpus_per_node,
-            max_steps=max_steps,
-            max_epochs=max_epochs,
-            train_source=train_source,
-            audio_format=audio_format,
-            num_shards=num_shards,
-            launcher=launcher,
-            promotion_margin=promotion_margin,
-        ).set_caching_options(False)
-        _step(run, prep)
-
-        plan = (
+        plan = _retry_long(
             plan_dataset(
-                release_uri=release_uri,
-                output_uri=output_uri,
-                locale=locale,
-                num_shards=num_shards,
-                train_source=train_source,
-                audio_format=audio_format,
-                min_duration=min_duration,
-                max_duration=max_duration,
-            )
-            .set_caching_options(True)
-            .set_retry(num_retries=2, backoff_duration="60s")
+                release_uri=p.release_uri,
+                output_uri=p.output_uri,
+                locale=p.locale,
+                num_shards=p.num_shards,
+                train_source=p.train_source,
+                audio_format=p.audio_format,
+                min_duration=p.min_duration,
+                max_duration=p.max_duration,
+            ).set_caching_options(True),
+            retries=2,
+            backoff_s=60,
+            attempt_s=DATA_ATTEMPT_S,
         )
-        _step(plan, prep).set_cpu_request("2").set_memory_request("8Gi").set_memory_limit("16Gi")
-        dataset = convert_dataset(dataset_uri=plan.output, workers_per_shard=workers_per_shard)
+        _step(plan, prep).set_cpu_request("2").set_memory_request(PLAN_MEMORY[0]).set_memory_limit(PLAN_MEMORY[1])
+        dataset = convert_dataset(dataset_uri=plan.output, workers_per_shard=p.workers_per_shard)
 
         train_args = dict(
             run_dir=run.output,
             dataset_uri=dataset.output,
-            config=config,
-            config_overrides=config_overrides,
-            max_steps=max_steps,
-            max_epochs=max_epochs,
-            init_from=init_from,
-            nodes=nodes,
-            gpus_per_node=gpus_per_node,
+            config=p.config,
+            config_overrides=p.config_overrides,
+            max_steps=p.max_steps,
+            max_epochs=p.max_epochs,
+            init_from=p.init_from,
+            nodes=p.nodes,
+            gpus_per_node=p.gpus_per_node,
         )
-        with dsl.If(launcher == "local", name="train-in-pipeline-pod"):
-            here = train_here(**train_args).set_caching_options(False).set_retry(num_retries=1)
-            _shm(_step(here, train).set_cpu_request("8").set_memory_request("32Gi"))
-            here.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus_per_node)
+        with dsl.If(p.launcher == "local", name="train-in-pipeline-pod"):
+            here = train_here(**train_args, train_cpu=p.train_cpu, train_memory=p.train_memory)
+            _retry_long(here.set_caching_options(False), retries=1)
+            _step(here, train).set_cpu_request(p.train_cpu).set_memory_request(p.train_memory)
+            _on_gpu_nodes(_shm(here.set_memory_limit(p.train_memory)), p)
+            here.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(p.gpus_per_node)
         with dsl.Else(name="train-as-cluster-job"):
-            job = (
-                train_on_cluster(
-                    **train_args,
-                    kind=launcher,
-                    runtime=runtime,
-                    image=train_image,
-                    job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                    task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
-                )
-                .set_caching_options(False)
-                .set_retry(num_retries=2, backoff_duration="120s")
-            )
+            planned = plan_training(**{k: v for k, v in train_args.items() if k != "run_dir"})
+            planned.set_caching_options(False).set_retry(num_retries=2, backoff_duration="60s")
+            _step(planned, train).set_cpu_request("2").set_memory_request("8Gi").set_memory_limit("8Gi")
+            job = train_on_cluster(
+                **train_args,
+                kind=p.launcher,
+                runtime=p.runtime,
+                image=p.train_image,
+                job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+                train_cpu=p.train_cpu,
+                train_memory=p.train_memory,
+                gpu_node_selector=p.gpu_node_selector,
+                gpu_tolerations=p.gpu_tolerations,
+                priority_class=p.priority_class,
+                plan=planned.outputs["Output"],
+            ).set_caching_options(False)
+            _retry_long(job, retries=2)
             _step(job, prep).set_cpu_request("500m").set_memory_request("1Gi")
         model = dsl.OneOf(here.outputs["Output"], job.outputs["Output"])
 
-        registered = _step(register_dataset(dataset_uri=dataset.output).set_caching_options(False), prep)
-        evaluation = (
-            evaluate_models(
-                run_dir=run.output,
-                dataset_uri=dataset.output,
-                model_uri=model,
-                output_uri=output_uri,
-                promotion_margin=promotion_margin,
-                dataset=registered.outputs["dataset"],
-            )
-            .set_caching_options(False)
-            .set_retry(num_retries=1)
-        )
-        _shm(_step(evaluation, train).set_cpu_request("4").set_memory_request("16Gi"))
-        evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        registered = _glue(register_dataset(dataset_uri=dataset.output).set_caching_options(False), prep)
+        evaluation = evaluate_models(
+            run_dir=run.output,
+            dataset_uri=dataset.output,
+            model_uri=model,
+            output_uri=p.output_uri,
+            promotion_margin=p.promotion_margin,
+            dataset=registered.outputs["dataset"],
+            init_from=p.init_from,
+            overlap_with=p.overlap_with,
+        ).set_caching_options(False)
+        _retry_long(evaluation, retries=1)
+        _step(evaluation, train).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("32Gi")
+        _on_gpu_nodes(_shm(evaluation, EVALUATION_SHM_SIZE), p)
+        evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(p.evaluate_gpus)
 
         with dsl.If(evaluation.outputs["Output"] == True, name="beats-best-model"):  # noqa: E712 - a KFP condition, not Python
             packaged = package_model(
                 run_dir=run.output,
                 dataset_uri=dataset.output,
                 model_uri=model,
-                output_uri=output_uri,
+                output_uri=p.output_uri,
                 candidate=evaluation.outputs["candidate"],
             ).set_caching_options(False)
             _step(packaged, train).set_cpu_request("2").set_memory_request("8Gi")
-            _step(
-                promote_model(output_uri=output_uri, run_dir=run.output, model_uri=model)
+            _glue(
+                promote_model(output_uri=p.output_uri, run_dir=run.output, model_uri=model)
                 .set_caching_options(False)
                 .after(packaged),
                 prep,
             )
 
-    return habla_pipeline
+    habla_pipeline.__signature__ = RunParameters.signature(train_image=options.train_image)
+    habla_pipeline.__doc__ = RunParameters.docstring()
+    return dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Common Voice release -> 16 kHz audio in object storage -> NeMo ASR model -> WER/CER; "
+        "promotes the model when it beats the current best.",
+    )(habla_pipeline)
 
 
 # An executor field the KFP driver fills from a parameter at run time: "{{$.inputs.parameters['NAME']}}".
@@ -300,3 +303,9 @@ def compile_pipeline(out_path: str, options: CompileOptions | None = None) -> st
     with open(out_path, encoding="utf-8") as f:
         check_pod_spec_parameters(next(yaml.safe_load_all(f)))
     return out_path
+
+
+def compile_into(folder: str, options: CompileOptions | None = None) -> str:
+    """Compile the training pipeline into ``folder`` (``training_pipeline.yaml``); its path. What the watcher
+    submits (habla.kubeflow.watch)."""
+    return compile_pipeline(str(Path(folder, "training_pipeline.yaml")), options)

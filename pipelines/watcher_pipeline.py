@@ -1,4 +1,4 @@
-"""The release watcher as a tiny KFP pipeline: one lightweight component that runs ``habla.watch.watch``.
+"""The release watcher as a tiny KFP pipeline: one step, ``components/watcher.py``, that runs habla.kubeflow.watch.
 
 ``habla schedule`` uploads it and makes it a recurring run. The component runs in the habla-prep image, which
 already holds habla and kfp: nothing is pip-installed at run time (offline clusters, kubeflow/pipelines
@@ -7,66 +7,26 @@ handed to the component as a constant, so the training pipeline the watcher comp
 same ones. Caching is off, or every poll after the first would be
 answered from the cache without looking.
 S3 credentials come from the Secret ``habla-s3-credentials`` (keys ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``); the Data Collective key from the optional Secret ``habla-mdc`` (``MDC_API_KEY``).
-With ``claims`` ``lease`` (or ``auto`` on a store that fails the conditional-write check) the pod claims releases
-through Leases in its own namespace: its service account needs the Role ``habla-watcher`` (manifests/base).
+``AWS_SECRET_ACCESS_KEY``), the endpoint and region from the ConfigMap ``habla-s3-config`` as for the training
+pipeline's steps (``s3_endpoint_url``, when given, wins); the Data Collective key from the optional Secret
+``habla-mdc`` (``MDC_API_KEY``). With ``claims`` ``lease`` (or ``auto`` on a store that fails the conditional-write
+check) the pod claims releases through Leases in its own namespace: its service account needs the Role
+``habla-watcher`` (manifests/base). Against a multi-user KFP it submits runs in its own namespace with a token
+of its own service account for the audience ``pipelines.kubeflow.org``, requested from the Kubernetes API (the
+Roles ``habla-kfp-client`` and ``habla-kfp-token``; habla.kubeflow.kfp_auth).
 """
 
 # no "from __future__ import annotations": KFP reads the real annotation types
+from habla.components.watcher import watch_releases
+from habla.pipelines.training_pipeline import S3_CONFIG_MAP, S3_CONFIG_OPTIONAL, S3_CONFIG_REQUIRED
 from kfp import compiler, dsl, kubernetes
 
-from habla.kubeflow.compile import DEFAULT_PREP_IMAGE, CompileOptions
+from habla.kubeflow.compile import CompileOptions
 
 S3_SECRET = "habla-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 MDC_SECRET = "habla-mdc"
 IN_CLUSTER_KFP = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
-
-
-@dsl.component(base_image=DEFAULT_PREP_IMAGE, install_kfp_package=False)
-def watch_releases(
-    inbox: str,
-    state: str,
-    output_root: str,
-    experiment: str,
-    locale: str,
-    kfp_host: str,
-    training_params: str,
-    s3_endpoint_url: str,
-    mdc: bool,
-    dry_run: bool,
-    compile_options: str,
-    claims: str = "auto",
-) -> str:
-    """Look at the inbox once; submit the training pipeline for each new release. Returns the decisions (JSON)."""
-    import json
-    import os
-    from dataclasses import asdict
-
-    if s3_endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
-    from habla.kubeflow.compile import CompileOptions
-    from habla.ops import watch
-
-    decisions = watch.watch(
-        inbox,
-        state,
-        output_root=output_root,
-        host=kfp_host,
-        experiment=experiment,
-        locale=locale,
-        params=json.loads(training_params or "{}"),
-        dry_run=dry_run,
-        mdc=mdc,
-        compile_options=CompileOptions.from_json(compile_options),
-        claims=claims,
-    )
-    report = json.dumps([asdict(d) for d in decisions], indent=2)
-    print(report)
-    failed = [d.release for d in decisions if d.action == "failed"]
-    if failed:  # the run shows as failed; the next scheduled run retries these
-        raise RuntimeError(f"submission failed for {', '.join(failed)}")
-    return report
 
 
 def build_pipeline(options: CompileOptions | None = None):
@@ -110,6 +70,8 @@ def build_pipeline(options: CompileOptions | None = None):
         task.set_cpu_request("100m").set_memory_request("256M").set_memory_limit("1G")
         task.set_container_image(options.prep_image)
         kubernetes.use_secret_as_env(task, S3_SECRET, S3_SECRET_KEYS)
+        kubernetes.use_config_map_as_env(task, S3_CONFIG_MAP, S3_CONFIG_REQUIRED)
+        kubernetes.use_config_map_as_env(task, S3_CONFIG_MAP, S3_CONFIG_OPTIONAL, optional=True)
         kubernetes.use_secret_as_env(task, MDC_SECRET, {"MDC_API_KEY": "MDC_API_KEY"}, optional=True)
 
     return watcher_pipeline

@@ -16,14 +16,23 @@ import logging
 import sys
 
 from habla import __version__
-from habla.core.errors import EXIT_BAD_INPUT, EXIT_FAULT, EXIT_INTERRUPTED, HablaError, one_line
+from habla.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAULT,
+    EXIT_INTERRUPTED,
+    Fault,
+    HablaError,
+    RedactingFilter,
+    one_line,
+    redact,
+)
 
 COMMANDS = ("prepare", "train", "evaluate", "pipeline", "launch", "watch", "schedule", "compare")
-COMMANDS += ("transcribe", "download")  # using a model; fetching a real release
+COMMANDS += ("transcribe", "download", "publish")  # using a model; fetching a real release; handing a model on
 # Top-level modules of the optional extras, and the extra that brings each (pyproject.toml).
 EXTRAS = {
     **dict.fromkeys(("torch", "nemo", "lightning", "omegaconf", "jiwer", "sentencepiece", "lhotse"), "train"),
-    **dict.fromkeys(("onnx", "onnxruntime"), "train"),
+    **dict.fromkeys(("onnx", "onnxruntime", "huggingface_hub"), "train"),
     **dict.fromkeys(("kfp", "kfp_server_api", "kubernetes", "requests"), "pipeline"),
 }
 
@@ -35,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name in COMMANDS:
         module = importlib.import_module(f"habla.cli.{name}")
-        command = sub.add_parser(name, help=module.HELP, description=module.__doc__.split("\n\n")[0])
+        description = module.__doc__.split("\n\n")[0].replace("``", "")  # plain text, not reStructuredText
+        command = sub.add_parser(name, help=module.HELP, description=description)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser
@@ -46,6 +56,11 @@ def _is_fault(exc: BaseException) -> bool:
     return type(exc).__module__.startswith(("botocore", "boto3", "s3transfer")) or isinstance(exc, OSError)
 
 
+def _line(exc: BaseException) -> str:
+    """A habla error's message as one line, without secrets."""
+    return redact(" ".join(str(exc).split()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,13 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # no signed URL or token in any log line
+        handler.addFilter(RedactingFilter())
     try:
         return int(args._run(args) or 0)
     except HablaError as exc:
-        print(f"habla {args.command}: error: {exc}", file=sys.stderr)
+        print(f"habla {args.command}: error: {_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Fault as exc:
+        print(f"habla {args.command}: error: {_line(exc)}", file=sys.stderr)
+        return EXIT_FAULT
     except KeyboardInterrupt:
         print(f"habla {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from habla.cli.common import add_compile_arguments, compile_options
+from habla.cli.common import add_compile_arguments, add_kfp_access_arguments, compile_options
 
 HELP = "The Kubeflow pipeline: compile it, run it here (kfp.local), or submit it"
 
@@ -19,7 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compile_.add_argument("--out", required=True, metavar="FILE.yaml")
     add_compile_arguments(compile_)
 
-    local = sub.add_parser("run-local", help="run the whole pipeline on this machine through kfp.local")
+    sub.add_parser(
+        "parameters",
+        help="list the pipeline's parameters with their types, defaults and descriptions (KFP's run form shows "
+        "only names and types)",
+    )
+
+    local = sub.add_parser(
+        "run-local",
+        help="run the whole pipeline on this machine through kfp.local",
+        description="Run the whole pipeline on this machine through kfp.local. The same --run-name as a failed or "
+        "interrupted run resumes it.",
+        epilog=parameters_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     local.add_argument("--release", help="release to prepare (default: the bundled mini release)")
     local.add_argument("--out", required=True, metavar="DST", help="output folder or s3:// prefix")
     local.add_argument("--config", help="model config (default: tiny_ctc_char)")
@@ -42,16 +55,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--service-account",
         help="account the run's steps run as (default: habla-pipeline-runner, from manifests/; '' for the namespace's)",
     )
+    add_kfp_access_arguments(submit)
     add_compile_arguments(submit)
     submit.add_argument("settings", nargs="*", metavar="key=value", help="pipeline parameters and config overrides")
+
+
+def parameters_epilog() -> str:
+    """The pipeline's parameters as run-local starts them (its own defaults), one line each."""
+    import dataclasses
+    import json
+
+    from habla.runs.parameters import RunParameters, default_of
+
+    local = RunParameters.local_defaults()
+    lines = ["pipeline parameters (key=value; run-local's defaults; `habla pipeline parameters` describes each):"]
+    for f in dataclasses.fields(RunParameters):
+        if f.name in ("release_uri", "output_uri", "run_name"):  # --release, --out, --run-name
+            continue
+        default = local.get(f.name, default_of(f))
+        shown = json.dumps(default, ensure_ascii=False)
+        lines.append(f"  {f.name}={shown if len(shown) <= 60 else shown[:57] + '...'}")
+    lines += ["", "a dotted key is a training config override: trainer.max_steps=300 model.optim.lr=0.001"]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "compile":
         from habla.pipelines import training_pipeline
 
-        path = training_pipeline.compile_pipeline(args.out, compile_options(args))
+        path = training_pipeline.compile_pipeline(args.out, compile_options(args, warn=True))
         print(f"compiled {path}: upload it in the KFP UI (Pipelines > Upload pipeline) or use habla pipeline submit")
+        return 0
+    if args.action == "parameters":
+        import dataclasses
+        import json
+
+        from habla.runs.parameters import RunParameters, default_of
+
+        for f in dataclasses.fields(RunParameters):
+            default = default_of(f)
+            shown = "(required)" if default is dataclasses.MISSING else json.dumps(default, ensure_ascii=False)
+            print(f"{f.name} ({f.type}) = {shown}\n    {f.metadata['help']}")
         return 0
     from habla.ops import pipeline_runs
 
@@ -91,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         run_name=args.run_name,
         compile_options=compile_options(args),
         service_account=args.service_account,
+        namespace=args.namespace,
+        token_file=args.token_file,
     )
     print(ref.url)
     return 0

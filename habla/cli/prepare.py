@@ -90,6 +90,7 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
 
 def run(args: argparse.Namespace) -> int:
     from habla.data import prepare, report
+    from habla.data.dataset import read_plan
 
     options = options_from_args(args)
     options.validate()
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.step in ("all", "plan"):
         prepare.plan(args.release, args.out, options)
     if args.step in ("all", "convert"):
-        summary = prepare.read_plan(args.out)
+        summary = read_plan(args.out)
         shards = [args.shard] if args.shard is not None else range(summary["num_shards"])
         for k in shards:
             prepare.convert_shard(args.out, k, args.workers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from habla.cli.common import add_compile_arguments, compile_options
+from habla.cli.common import add_compile_arguments, add_kfp_access_arguments, compile_options
 from habla.core.errors import HablaError
 from habla.core.settings import parse_pairs
 
@@ -15,7 +15,6 @@ DEFAULT_NAME = "habla-release-watcher"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="Kubeflow Pipelines API URL (default: $KF_PIPELINES_ENDPOINT)")
-    parser.add_argument("--namespace", help="KFP user namespace (multi-user deployments)")
     parser.add_argument("--cron", help="6-field cron, seconds first, e.g. '0 0 6 * * *' (daily at 06:00)")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"recurring run name (default {DEFAULT_NAME})")
     parser.add_argument(
@@ -49,8 +48,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the watcher claims a release: s3, lease (a Kubernetes Lease in its pod's namespace) or auto "
         "(default; see habla watch --help)",
     )
+    parser.add_argument(
+        "--service-account",
+        help="account the watcher's runs run as (default: habla-pipeline-runner, whose Roles in manifests/ let it "
+        "take Leases and submit runs; '' for the namespace's default)",
+    )
+    add_kfp_access_arguments(parser)
     parser.add_argument("--disable", action="store_true", help="create/keep the recurring run disabled")
     parser.add_argument("--delete", action="store_true", help="delete the recurring run instead")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything and print what would be scheduled (JSON: cron fields, days of the week, parameters) "
+        "without contacting KFP",
+    )
     add_compile_arguments(parser)
 
 
@@ -77,13 +88,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.delete:
         count = schedule.unschedule(
-            host=args.host, namespace=args.namespace, name=args.name, experiment=args.watcher_experiment
+            host=args.host,
+            namespace=args.namespace,
+            name=args.name,
+            experiment=args.watcher_experiment,
+            token_file=args.token_file,
         )
         print(f"deleted {count} recurring run(s) named {args.name}")
         return 0
     missing = [f"--{n.replace('_', '-')}" for n in ("cron", "inbox", "state", "output_root") if not getattr(args, n)]
     if missing:
         raise HablaError(f"{', '.join(missing)} required (or --delete)")
+    if args.dry_run:
+        planned = schedule.plan(name=args.name, experiment=args.watcher_experiment, cron=args.cron,
+                                params=watcher_params(args), compile_options=compile_options(args),
+                                enabled=not args.disable)  # fmt: skip
+        print(json.dumps(planned, indent=2, ensure_ascii=False))
+        return 0
     ref = schedule.schedule(
         host=args.host,
         namespace=args.namespace,
@@ -91,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
         experiment=args.watcher_experiment,
         cron=args.cron,
         params=watcher_params(args),
-        compile_options=compile_options(args),
+        compile_options=compile_options(args, warn=True),
         enabled=not args.disable,
+        token_file=args.token_file,
+        service_account=args.service_account,
     )
     print(
         f"recurring run {args.name} {ref.action}: id {ref.recurring_run_id}, cron '{' '.join(args.cron.split())}', "

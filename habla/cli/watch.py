@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from habla.cli.common import add_compile_arguments, compile_options
+from habla.cli.common import add_compile_arguments, add_kfp_access_arguments, compile_options
 from habla.core.settings import parse_pairs
 
 HELP = "submit the training pipeline once for each new Common Voice release in an inbox"
@@ -17,7 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", required=True, help="folder or s3:// prefix for the watcher's claims/results")
     parser.add_argument("--output-root", help="the training runs' output_uri (datasets/, runs/<run>/, models/)")
     parser.add_argument("--host", help="Kubeflow Pipelines API URL (default: $KF_PIPELINES_ENDPOINT)")
-    parser.add_argument("--namespace", help="KFP user namespace (multi-user deployments)")
     parser.add_argument("--experiment", default="habla", help="KFP experiment of the training runs")
     parser.add_argument("--locale", default="es", help="Common Voice locale to watch (default es)")
     parser.add_argument(
@@ -32,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--package", metavar="FILE.yaml", help="compiled training pipeline to submit (default: compile habla's own)"
     )
     add_compile_arguments(parser)
-    parser.add_argument("--lease", type=float, help="claim lease in seconds (default: habla.ops.watch.LEASE_SECONDS)")
+    parser.add_argument("--lease", type=float, help="claim lease in seconds (default 900)")
     parser.add_argument(
         "--claims",
         metavar="s3|lease|auto",
@@ -50,11 +49,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="first ask the Mozilla Data Collective for the newest release and download it into "
         "the inbox if it is new (download needs MDC_API_KEY)",
     )
+    parser.add_argument(
+        "--resubmit",
+        metavar="RELEASE",
+        help="submit this release (e.g. cv-corpus-25.0-2026-03-09-es) anew although it was submitted before: its "
+        "result is kept as result-<time>.json and the new run gets a run folder of its own",
+    )
+    add_kfp_access_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the decisions as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from habla.ops.watch import LEASE_SECONDS, REPORTED, watch
+    import functools
+
+    from habla.kubeflow.watch import LEASE_SECONDS, REPORTED, watch
+    from habla.pipelines.training_pipeline import compile_into
 
     decisions = watch(
         args.inbox,
@@ -68,10 +77,11 @@ def run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         lease_seconds=LEASE_SECONDS if args.lease is None else args.lease,
         mdc=args.mdc,
-        package=args.package,
-        compile_options=compile_options(args),
+        package=args.package or functools.partial(compile_into, options=compile_options(args)),
         claims=args.claims,
         lease_namespace=args.lease_namespace,
+        token_file=args.token_file,
+        resubmit=args.resubmit,
     )
     if args.json:
         print(json.dumps([asdict(d) for d in decisions], indent=2))

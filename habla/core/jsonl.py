@@ -12,8 +12,6 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from habla.core import storage
-
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 
 
@@ -35,20 +33,6 @@ def lines(text: str) -> Iterator[tuple[int, str]]:
 def loads_line(line: str) -> Any:
     """One JSON value; ``ValueError`` if it is not JSON or holds NaN/Infinity."""
     return _decode(line)
-
-
-def read_object(uri: str) -> dict | None:
-    """A JSON object file (a state file, a record) at a local path or ``s3://`` URI; None if it is absent.
-    ``ValueError`` if it is not one JSON object (the callers decide whether corrupt means absent or fatal)."""
-    try:
-        value = _decode(storage.read_text(uri))
-    except FileNotFoundError:
-        return None
-    except IsADirectoryError:
-        raise ValueError("a folder, not a file") from None
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    return value
 
 
 def loads(text: str) -> list[Any]:

@@ -31,7 +31,7 @@ def run_name(name: str, run_id: str) -> str:
     """The name of a pipeline run's folder: the ``run_name`` parameter, else the KFP run's id.
 
     Never the run's display name, which two runs may share. A named folder belongs to the first run that
-    claims it (habla.ops.registry.start_run), so no two runs ever share one either.
+    claims it (habla.runs.record.start_run), so no two runs ever share one either.
     """
     return name or run_id
 
@@ -60,6 +60,16 @@ class TrainLayout:
     @property
     def summary(self) -> str:
         return self._at("train_summary.json")
+
+    @property
+    def claim(self) -> str:
+        """Created once by the first run: which model this folder trains (config, checkpoint, model overrides)."""
+        return self._at("claim.json")
+
+    @property
+    def lease(self) -> str:
+        """Held by the one process writing the folder, renewed while it trains (habla.core.claims.Lease)."""
+        return self._at(".lease.json")
 
     @property
     def config(self) -> str:
@@ -98,6 +108,11 @@ class EvalLayout:
         return storage.join(self.root, "wer_by_group.png")
 
     @property
+    def log(self) -> str:
+        """``evaluate.log``: what NeMo printed while restoring the model (not the console)."""
+        return storage.join(self.root, "evaluate.log")
+
+    @property
     def promotion(self) -> str:
         """``promotion.json``: the best model this evaluation compared against, and whether it was replaced."""
         return storage.join(self.root, "promotion.json")
@@ -120,6 +135,17 @@ class TranscribeLayout:
     @property
     def rejected(self) -> str:
         return storage.join(self.root, "rejected.jsonl")
+
+    @property
+    def log(self) -> str:
+        """``transcribe.log``: what NeMo printed while restoring the model (not the console)."""
+        return storage.join(self.root, "transcribe.log")
+
+    def subtitles(self, index: int, audio: str, kind: str) -> str:
+        """``subtitles/<NNNN>-<recording's stem>.<srt|vtt>``: the recording's place in the input order first, so
+        that two recordings of one name (or one input named twice) never share a file."""
+        stem = slug(storage.name(audio).rsplit(".", 1)[0], limit=60) or "recording"
+        return storage.join(self.root, "subtitles", f"{index:04d}-{stem}.{kind}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +203,11 @@ class RunLayout:
     def best_eval(self) -> EvalLayout:
         """The current best model scored on this run's test set."""
         return EvalLayout(storage.join(self.root, "eval", "best"))
+
+    @property
+    def baseline_eval(self) -> EvalLayout:
+        """The checkpoint the run fine-tuned (``init_from``), scored zero-shot on this run's test set."""
+        return EvalLayout(storage.join(self.root, "eval", "baseline"))
 
 
 @dataclass(frozen=True)

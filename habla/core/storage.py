@@ -13,26 +13,21 @@ a response body that break half-way are retried here.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import io
 import itertools
 import os
-import re
 import shutil
 import socket
-import stat
-import threading
 import time
-import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from habla.core.errors import HablaError, one_line
+from habla.core.errors import Fault, HablaError, one_line
 
 S3_PREFIX = "s3://"
 _READ_ATTEMPTS = 5
@@ -104,12 +99,12 @@ def s3_client():
     return _client_for_pid(os.getpid())
 
 
-def _s3_error_code(exc: Exception) -> str:
+def error_code(exc: Exception) -> str:
     return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
 
 
-def _is_not_found(exc: Exception) -> bool:
-    return _s3_error_code(exc) in {"404", "NoSuchKey", "NotFound"}
+def is_not_found(exc: Exception) -> bool:
+    return error_code(exc) in {"404", "NoSuchKey", "NotFound"}
 
 
 # ------------------------------------------------------------------------------------------------ reads
@@ -123,7 +118,7 @@ def exists(uri: str) -> bool:
         s3_client().head_object(Bucket=bucket, Key=key)
         return True
     except Exception as exc:  # botocore.exceptions.ClientError
-        if _is_not_found(exc):
+        if is_not_found(exc):
             return False
         raise
 
@@ -142,10 +137,10 @@ def read_bytes(uri: str, *, byte_range: tuple[int, int] | None = None) -> bytes:
         try:
             return s3_client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
         except Exception as exc:
-            if _is_not_found(exc):
+            if is_not_found(exc):
                 raise FileNotFoundError(uri) from None
             # botocore already retried the request itself; this covers a body that broke while streaming.
-            if _s3_error_code(exc) or attempt == _READ_ATTEMPTS - 1:
+            if error_code(exc) or attempt == _READ_ATTEMPTS - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
@@ -163,7 +158,7 @@ def open_stream(uri: str) -> BinaryIO:
     try:
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
     except Exception as exc:
-        if _is_not_found(exc):
+        if is_not_found(exc):
             raise FileNotFoundError(uri) from None
         raise
 
@@ -189,7 +184,7 @@ def list_files(prefix: str) -> Iterator[ObjectInfo]:
 def download_file(uri: str, local_path: str | Path) -> None:
     """Copy an object to a local file, atomically."""
     local_path = Path(local_path)
-    fd, tmp = _local_tmp(local_path)
+    fd, tmp = temp_beside(local_path)
     os.close(fd)
     try:
         if is_s3(uri):
@@ -197,7 +192,7 @@ def download_file(uri: str, local_path: str | Path) -> None:
             try:
                 s3_client().download_file(bucket, key, str(tmp))
             except Exception as exc:
-                if _is_not_found(exc):
+                if is_not_found(exc):
                     raise FileNotFoundError(uri) from None
                 raise
         else:
@@ -210,7 +205,7 @@ def download_file(uri: str, local_path: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------- writes
 
 
-def _local_tmp(path: Path) -> tuple[int, str]:
+def temp_beside(path: Path) -> tuple[int, str]:
     """A new temporary file beside ``path``: ``.<name, cut to 80 bytes>.<host>-<pid>-<n>.part``, open for writing.
 
     The name stays far below the 255-byte limit of a file name whatever ``path`` is, and names its writer,
@@ -219,7 +214,7 @@ def _local_tmp(path: Path) -> tuple[int, str]:
     unreadable to a pod running as another user). The folder is created when missing.
     """
     short = path.name.encode("utf-8", "surrogateescape")[:80].decode("utf-8", "ignore")
-    prefix = f".{short}.{_host_tag()}-{os.getpid()}-"
+    prefix = f".{short}.{host_tag()}-{os.getpid()}-"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         tmp = str(path.parent / f"{prefix}{next(_tmp_counter)}{PART_SUFFIX}")
@@ -242,7 +237,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
     path = Path(uri)
-    fd, tmp = _local_tmp(path)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -278,7 +273,7 @@ class AtomicWriter(io.RawIOBase):
             self._pool = ThreadPoolExecutor(max_workers=uploads)
         else:
             path = Path(uri)
-            fd, self._tmp = _local_tmp(path)
+            fd, self._tmp = temp_beside(path)
             self._file = os.fdopen(fd, "wb")
 
     def writable(self) -> bool:
@@ -362,7 +357,7 @@ def upload_file(local_path: str | Path, uri: str) -> None:
         s3_client().upload_file(str(local_path), bucket, key)
         return
     path = Path(uri)
-    fd, tmp = _local_tmp(path)
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         shutil.copyfile(local_path, tmp)
@@ -392,218 +387,6 @@ def delete(uri: str) -> None:
         Path(uri).unlink(missing_ok=True)
 
 
-def create_exclusive(uri: str, data: bytes) -> bool:
-    """Create ``uri`` only if nothing exists there; False if something does. Safe between concurrent writers.
-
-    S3: a conditional PUT (``If-None-Match: *``), which AWS S3, MinIO and SeaweedFS honour.
-    Local: a hard link of a finished temporary file, which fails if the name exists.
-    """
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            return True
-        except Exception as exc:
-            if _s3_error_code(exc) in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
-                return False
-            raise
-    path = Path(uri)
-    fd, tmp = _local_tmp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------------------ compare-and-swap, probe
-
-_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-
-
-@dataclass(frozen=True)
-class Versioned:
-    """An object's bytes and the version a compare-and-swap must name: the S3 ETag, or locally a content hash."""
-
-    data: bytes
-    etag: str
-
-
-def _content_tag(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-@contextlib.contextmanager
-def _folder_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``.<name>.lock`` beside ``path``: local compare-and-swaps of one file take turns."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def read_versioned(uri: str) -> Versioned | None:
-    """The object and its version (for :func:`write_if_match`), or None when there is none."""
-    if not is_s3(uri):
-        try:
-            data = Path(uri).read_bytes()
-        except FileNotFoundError:
-            return None
-        return Versioned(data, _content_tag(data))
-    bucket, key = split_s3(uri)
-    try:
-        response = s3_client().get_object(Bucket=bucket, Key=key)
-        return Versioned(response["Body"].read(), response["ETag"])
-    except Exception as exc:
-        if _is_not_found(exc):
-            return None
-        raise
-
-
-def write_if_match(uri: str, data: bytes, etag: str | None) -> bool:
-    """Replace ``uri`` only if it is still at version ``etag`` (None: only if nothing is there).
-
-    False when another writer changed it first: re-read and decide again. S3: a ``PUT`` with ``If-Match: <etag>``
-    (``If-None-Match: *`` for None); a store must enforce these (:func:`probe_conditional_writes`). Local: the
-    version is checked and the new file renamed into place under a lock file, so two writers cannot interleave.
-    """
-    if etag is None:
-        return create_exclusive(uri, data)
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=etag)
-            return True
-        except Exception as exc:
-            if _s3_error_code(exc) in _CONFLICT_CODES or _is_not_found(exc):
-                return False
-            raise
-    path = Path(uri)
-    with _folder_lock(path):
-        try:
-            current = _content_tag(path.read_bytes())
-        except FileNotFoundError:
-            return False
-        if current != etag:
-            return False
-        write_bytes(uri, data)
-        return True
-
-
-@dataclass(frozen=True)
-class StoreProbe:
-    """What a store showed about conditional writes, checked by writing to it (:func:`probe_conditional_writes`)."""
-
-    store: str  # "s3://bucket at http://endpoint" or "local folder /path"
-    conditional_create: bool  # PUT If-None-Match: * refuses an existing key (also when two race)
-    compare_and_swap: bool  # PUT If-Match: <etag> refuses a stale ETag and accepts the current one
-    detail: str  # what the store answered, one line
-    checked: float  # time.monotonic() of the check
-
-    @property
-    def ok(self) -> bool:
-        return self.conditional_create and self.compare_and_swap
-
-
-PROBE_TTL_SECONDS = 3600.0
-_probes: dict[tuple[str, str], StoreProbe] = {}
-
-
-def _put_outcome(bucket: str, key: str, body: bytes, **condition: str) -> str:
-    """The status of one conditional PUT: 200, 412, 409, or 501 (the store refuses the header). Other errors
-    (access denied, endpoint down) raise: they say nothing about conditional writes."""
-    try:
-        s3_client().put_object(Bucket=bucket, Key=key, Body=body, **condition)
-        return "200"
-    except Exception as exc:
-        code = _s3_error_code(exc)
-        if code in ("PreconditionFailed", "412"):
-            return "412"
-        if code in ("ConditionalRequestConflict", "409"):
-            return "409"
-        if code in ("NotImplemented", "501"):
-            return "501"
-        raise
-
-
-def _probe_s3(bucket: str, key: str) -> tuple[bool, bool, str]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    refused = {"412", "409"}  # 409 ConditionalRequestConflict: AWS's answer to a PUT that raced another
-    bodies = [b"habla probe: writer A", b"habla probe: writer B"]
-    start = threading.Barrier(2)
-
-    def racer(body: bytes) -> str:
-        start.wait(timeout=30)
-        return _put_outcome(bucket, key, body, IfNoneMatch="*")
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        first = list(pool.map(racer, bodies))
-    retry = _put_outcome(bucket, key, b"habla probe: sequential retry", IfNoneMatch="*")
-    stored = read_versioned(f"{S3_PREFIX}{bucket}/{key}")
-    winners = [body for body, outcome in zip(bodies, first) if outcome == "200"]
-    if "501" in first:
-        return False, False, "a PUT with If-None-Match: * answered 501 NotImplemented"
-    if len(winners) > 1:
-        return False, False, "two concurrent PUTs with If-None-Match: * both answered 200 OK"
-    if retry not in refused:
-        return False, False, f"a PUT with If-None-Match: * onto an existing key answered {retry} and overwrote it"
-    if stored is None or stored.data not in (winners or bodies):  # none won: a success retried after a dropped reply
-        answers = f"{'/'.join(first)}, then {retry}"
-        return False, False, f"conditional PUTs answered {answers}, but the key holds another writer's body"
-    # Compare-and-swap: the current ETag is accepted, a stale one refused.
-    swapped = _put_outcome(bucket, key, b"habla probe: swapped", IfMatch=stored.etag)
-    if swapped != "200":
-        return True, False, f"a PUT with If-Match: <the current ETag> answered {swapped}"
-    stale = _put_outcome(bucket, key, b"habla probe: stale writer", IfMatch=stored.etag)
-    after = read_versioned(f"{S3_PREFIX}{bucket}/{key}")
-    if stale not in refused or after is None or after.data != b"habla probe: swapped":
-        return True, False, f"a PUT with a stale If-Match ETag answered {stale} and overwrote the object"
-    return True, True, f"If-None-Match: * answered {'/'.join(sorted(first))} then {retry}; stale If-Match {stale}"
-
-
-def probe_conditional_writes(root: str, *, ttl: float = PROBE_TTL_SECONDS) -> StoreProbe:
-    """Check, by writing, that the store under ``root`` enforces conditional creates and compare-and-swap.
-
-    S3: two concurrent ``PUT``s with ``If-None-Match: *`` to a fresh probe key (one must win, the other get 412,
-    409 accepted), one more sequential ``PUT`` (412), then ``If-Match`` with the current ETag (200) and with the
-    stale one (412), each checked against what the key holds afterwards; the probe key is deleted. The result is
-    cached per endpoint and bucket for ``ttl`` seconds. A local folder needs no probe: the OS gives the same
-    guarantees (``link(2)`` refuses an existing name; a rename under an ``flock`` lock file).
-    A store that answers with an error (no access, unreachable) raises HablaError; nothing is cached then.
-    """
-    if not is_s3(root):
-        detail = "a local folder: link(2) refuses an existing name; compare-and-swap renames under a lock file"
-        return StoreProbe(f"local folder {root}", True, True, detail, time.monotonic())
-    bucket, prefix = split_s3(root)
-    endpoint = s3_client().meta.endpoint_url
-    cached = _probes.get((endpoint, bucket))
-    if cached is not None and time.monotonic() - cached.checked < ttl:
-        return cached
-    key = f"{prefix.strip('/') + '/' if prefix.strip('/') else ''}.habla-probe/{uuid.uuid4().hex}"
-    try:
-        try:
-            create, swap, detail = _probe_s3(bucket, key)
-        finally:
-            s3_client().delete_object(Bucket=bucket, Key=key)
-    except Exception as exc:  # noqa: BLE001 - botocore errors: the probe could not run, which is no verdict
-        raise HablaError(f"cannot check conditional writes on s3://{bucket}: {one_line(exc, with_type=True)}") from None
-    probe = StoreProbe(f"s3://{bucket} at {endpoint}", create, swap, detail, time.monotonic())
-    _probes[(endpoint, bucket)] = probe
-    return probe
-
-
 # ------------------------------------------------------------------------------------------ preflights
 
 
@@ -617,7 +400,9 @@ def check_readable_root(uri: str) -> None:
     try:
         s3_client().head_bucket(Bucket=bucket)
     except Exception as exc:
-        raise HablaError(f"cannot reach bucket s3://{bucket}: {one_line(exc, with_type=True)}") from None
+        why = f"cannot reach bucket s3://{bucket}: {one_line(exc, with_type=True)}"
+        code = error_code(exc)  # an answer (no such bucket, access denied) is the user's to fix; none is a fault
+        raise (HablaError(why) if code and not code.startswith("5") else Fault(why)) from None
 
 
 def check_writable_root(uri: str) -> None:
@@ -632,91 +417,13 @@ def check_writable_root(uri: str) -> None:
             return
         try:
             path.mkdir(parents=True, exist_ok=True)
-            fd, probe = _local_tmp(path / "habla-write-probe")  # a name of its own per process and thread
+            fd, probe = temp_beside(path / "habla-write-probe")  # a name of its own per process and thread
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
             raise HablaError(f"{uri}: cannot write ({exc.strerror})") from None
         return
     check_readable_root(uri)
-
-
-# ----------------------------------------------------------------------------- untrusted files, leftovers
-
-
-class NotAFile(Exception):
-    """The location is not a regular file (a FIFO, a device, a folder, a socket, a symlink loop)."""
-
-
-class TooLarge(Exception):
-    """The file is larger than the caller's cap."""
-
-
-_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFDIR: "a folder", stat.S_IFSOCK: "a socket"}  # fmt: skip
-
-
-def _open_regular(path: str) -> tuple[int, int]:
-    """``(fd, size)`` of a regular file, opened without blocking on a FIFO; :class:`NotAFile` otherwise."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotAFile("a symbolic link loop") from None
-        if exc.errno == errno.ENXIO:
-            raise NotAFile("a socket") from None
-        raise
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise NotAFile(_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file"))
-    return fd, info.st_size
-
-
-def open_regular(uri: str) -> BinaryIO:
-    """:func:`open_stream` for untrusted locations: a local FIFO, device or folder raises :class:`NotAFile`."""
-    if is_s3(uri):
-        return open_stream(uri)
-    fd, _ = _open_regular(uri)
-    return os.fdopen(fd, "rb")
-
-
-def read_capped(uri: str, limit: int) -> bytes:
-    """The whole content of a regular file of at most ``limit`` bytes, in bounded memory and time.
-
-    For data whose files are untrusted: a FIFO is opened without blocking and refused, so is a device
-    (a symlink to ``/dev/zero`` would never end) or a folder (:class:`NotAFile`); a file over ``limit``
-    raises :class:`TooLarge` before it is read. FileNotFoundError if absent; other OSErrors as they come.
-    """
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limit}")
-        except Exception as exc:
-            if _is_not_found(exc):
-                raise FileNotFoundError(uri) from None
-            if _s3_error_code(exc) == "InvalidRange":  # a range on an empty object
-                return b""
-            raise
-        total = int(str(response.get("ContentRange", "")).rpartition("/")[2] or response["ContentLength"])
-        if total > limit:
-            raise TooLarge(f"{total} bytes, more than {limit}")
-        return response["Body"].read()
-    fd, size = _open_regular(uri)
-    if size > limit:
-        os.close(fd)
-        raise TooLarge(f"{size} bytes, more than {limit}")
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = f.read(limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    if size > limit:  # it grew while being read
-        raise TooLarge(f"more than {limit} bytes")
-    return b"".join(chunks)
 
 
 def stamp(uri: str) -> dict:
@@ -728,66 +435,13 @@ def stamp(uri: str) -> dict:
     try:
         head = s3_client().head_object(Bucket=bucket, Key=key)
     except Exception as exc:
-        if _is_not_found(exc):
+        if is_not_found(exc):
             raise FileNotFoundError(uri) from None
         raise
     return {"size": head["ContentLength"], "etag": head.get("ETag", "")}
 
 
 @functools.cache
-def _host_tag() -> str:
+def host_tag() -> str:
+    """This machine, in the names of temporary files (habla.core.leftovers tells whose writer is gone)."""
     return f"{zlib.crc32(socket.gethostname().encode()):08x}"
-
-
-_PART_NAME = re.compile(r"^\..*\.([0-9a-f]{8})-(\d+)-[^./]*" + re.escape(PART_SUFFIX) + "$")
-
-
-def _writer_is_dead(host: str, pid: int) -> bool:
-    if host != _host_tag():
-        return False  # another machine's: only its age tells
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def remove_stale_parts(root: str) -> int:
-    """Delete what killed writers left under ``root``; returns how many. Live writers' files are kept.
-
-    Local: temporary files of :func:`write_bytes` & co. whose process on this machine is gone, or older
-    than :data:`STALE_PART_SECONDS` (another machine's). S3: multipart uploads under the prefix started
-    more than :data:`STALE_PART_SECONDS` ago (an upload in progress cannot be told from a dead one sooner).
-    """
-    removed = 0
-    if is_s3(root):
-        bucket, key = split_s3(root)
-        prefix = key.rstrip("/") + "/" if key else ""
-        cutoff = time.time() - STALE_PART_SECONDS
-        for page in s3_client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
-            for upload in page.get("Uploads", []):
-                if upload["Initiated"].timestamp() < cutoff:
-                    s3_client().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-                    removed += 1
-        return removed
-    if not os.path.isdir(root):
-        return 0
-    cutoff = time.time() - STALE_PART_SECONDS
-    for folder, _, files in os.walk(root):
-        for name in files:
-            match = _PART_NAME.match(name)
-            if match is None:  # not a temporary file of ours (a staged clip may be called x.part)
-                continue
-            path = os.path.join(folder, name)
-            try:
-                stale = _writer_is_dead(match[1], int(match[2])) or os.lstat(path).st_mtime < cutoff
-                if stale:
-                    os.unlink(path)
-                    removed += 1
-            except FileNotFoundError:
-                pass  # its writer finished meanwhile
-    return removed

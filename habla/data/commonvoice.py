@@ -9,19 +9,16 @@ characters inside sentences are data, so the TSVs are read with quoting disabled
 from __future__ import annotations
 
 import codecs
-import dataclasses
-import hashlib
 import itertools
-import json
 import logging
 import math
 import re
-import shutil
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import BinaryIO
 
-from habla.core import jsonl, storage
+from habla.core import storage, untrusted
 from habla.core.errors import HablaError
 
 log = logging.getLogger("habla.commonvoice")
@@ -35,58 +32,6 @@ NAME_MAX = 255
 #: A TSV line longer than this (characters) is a malformed row; it is not held in memory whole.
 MAX_LINE_CHARS = 1_000_000
 _CHUNK = 1 << 20
-
-_RELEASE_RE = re.compile(
-    r"cv-corpus-(?P<version>\d+(?:\.\d+)*)(?P<delta>-delta)?-(?P<date>\d{4}-\d{2}-\d{2})(?:-(?P<locale>[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)*))?"
-    r"(?P<ext>\.tar\.gz|\.tgz)?$"
-)
-
-
-@dataclass(frozen=True, order=True)
-class ReleaseName:
-    """A parsed ``cv-corpus-<version>[-delta]-<date>-<locale>[.tar.gz]`` name; orders by version."""
-
-    version: tuple[int, ...]
-    date: str
-    locale: str
-    delta: bool = False
-    archive: bool = False
-
-    @property
-    def version_str(self) -> str:
-        return ".".join(map(str, self.version))
-
-    @property
-    def name(self) -> str:
-        delta = "-delta" if self.delta else ""
-        return f"cv-corpus-{self.version_str}{delta}-{self.date}-{self.locale}"
-
-
-def parse_release_name(text: str) -> ReleaseName | None:
-    """Parse a release name from a file or folder name (or the last component of a path/URI)."""
-    match = _RELEASE_RE.search(storage.name(text))
-    if not match:
-        return None
-    return ReleaseName(
-        version=tuple(int(p) for p in match["version"].split(".")),
-        date=match["date"],
-        locale=match["locale"] or "",  # an extracted corpus folder has no locale suffix: it is the subfolder
-        delta=bool(match["delta"]),
-        archive=bool(match["ext"]),
-    )
-
-
-def release_label(uri: str) -> str:
-    """A human label for a release location: its cv-corpus name if one appears in the path, else the path."""
-    parts = [p for p in str(uri).rstrip("/").replace("\\", "/").split("/") if p]
-    for i in range(len(parts) - 1, -1, -1):
-        parsed = parse_release_name(parts[i])
-        if parsed and not parsed.locale and i + 1 < len(parts):  # cv-corpus-8.0-2022-01-19/es
-            parsed = dataclasses.replace(parsed, locale=parts[i + 1])
-        if parsed:
-            return parsed.name
-    return "/".join(parts[-2:]) if parts else str(uri)
-
 
 # ------------------------------------------------------------------------------------------------- TSVs
 
@@ -119,14 +64,18 @@ def name_too_long(name: str) -> bool:
     return len(name.encode("utf-8", "surrogateescape")) > NAME_MAX
 
 
+def open_table(uri: str) -> BinaryIO:
+    """A TSV (or duration table) of the release, as a stream; HablaError if it is not a regular file."""
+    try:
+        return untrusted.open_regular(uri)
+    except untrusted.NotAFile as exc:
+        raise HablaError(f"{uri}: not a regular file ({exc})") from None
+
+
 def _decoded_chunks(uri: str) -> Iterator[str]:
     """The text of a TSV in chunks, streamed: UTF-8 (a BOM is dropped), or UTF-16 when it starts with a
     UTF-16 BOM. Bytes that cannot be decoded become U+FFFD (the row is rejected later, not lost)."""
-    try:
-        stream = storage.open_regular(uri)
-    except storage.NotAFile as exc:
-        raise HablaError(f"{uri}: not a regular file ({exc})") from None
-    with stream:
+    with open_table(uri) as stream:
         chunk = stream.read(_CHUNK)
         encoding = "utf-8"
         if chunk.startswith(codecs.BOM_UTF8):
@@ -144,45 +93,41 @@ def _decoded_chunks(uri: str) -> Iterator[str]:
             yield text
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def split_lines(chunks: Iterable[str]) -> Iterator[str | None]:
     """Lines without their terminator, from text chunks; None for a line over :data:`MAX_LINE_CHARS`.
 
-    Lines end with ``\n`` (``\r\n`` tolerated), or with ``\r`` alone in a file whose first line ends so
-    (classic Mac). Nothing else ends a line: U+2028, U+0085 or a form feed inside a sentence is data.
+    A line ends with ``\n``, ``\r\n`` or ``\r``, in any mix (a file written on one system and appended to on
+    another; a CR inside a field ends the line too). Nothing else ends a line: U+2028, U+0085 or a form feed
+    inside a sentence is data.
     """
-    sep: str | None = None
     buffer = ""
     skipping = False  # inside a line that was already reported as too long
     for chunk in chunks:
         buffer += chunk
-        if sep is None:
-            i = next((k for k, c in enumerate(buffer) if c in "\r\n"), -1)
-            if i < 0 or (buffer[i] == "\r" and i + 1 == len(buffer)):
-                if len(buffer) > MAX_LINE_CHARS:
-                    yield None
-                    buffer, skipping, sep = "", True, "\n"
-                continue  # the terminator is not known yet
-            sep = "\r" if buffer[i] == "\r" and buffer[i + 1] != "\n" else "\n"
-        *complete, buffer = buffer.split(sep)
+        # A CR at the very end may be the first half of a CRLF: it stays in the buffer until the next chunk.
+        held = buffer.endswith("\r")
+        *complete, buffer = _LINE_END.split(buffer[:-1] if held else buffer)
         for line in complete:
             if skipping:
                 skipping = False
                 continue
-            line = line.removesuffix("\r") if sep == "\n" else line
             yield None if len(line) > MAX_LINE_CHARS else line
         if len(buffer) > MAX_LINE_CHARS:
             if not skipping:
                 yield None
             buffer, skipping = "", True
-    if buffer and not skipping:
-        if sep is None:  # no terminator, or a lone \r at the very end
-            sep = "\r" if buffer.endswith("\r") else "\n"
-        for line in buffer.split(sep):
-            line = line.removesuffix("\r") if sep == "\n" else line
-            yield None if len(line) > MAX_LINE_CHARS else line
+        if held:
+            buffer += "\r"
+    if buffer and not skipping:  # the last line, without a terminator or with a lone CR
+        line = buffer.removesuffix("\r")
+        yield None if len(line) > MAX_LINE_CHARS else line
 
 
-def _open_lines(uri: str) -> Iterator[str | None]:
+def read_lines(uri: str) -> Iterator[str | None]:
+    """The lines of a table (see :func:`split_lines`), streamed."""
     return split_lines(_decoded_chunks(uri))
 
 
@@ -193,19 +138,35 @@ def read_tsv(uri: str) -> tuple[list[str], Iterator[TsvRow | MalformedRow]]:
     :class:`MalformedRow` (never dropped), so callers can account for every line.
     Raises FileNotFoundError if the file is missing, HablaError if the header lacks a required column.
     """
-    lines = _open_lines(uri)
+    lines = read_lines(uri)
+    header = _header(uri, lines)
+    return header, _rows(header, lines)
+
+
+def read_header(uri: str) -> list[str]:
+    """The column names of a Common Voice TSV (reads its first line; the errors of :func:`read_tsv`)."""
+    lines = read_lines(uri)
+    try:
+        return _header(uri, lines)
+    finally:
+        lines.close()
+
+
+def _header(uri: str, lines: Iterator[str | None]) -> list[str]:
     try:
         first = next(lines)
     except StopIteration:
         raise HablaError(f"{uri}: empty TSV (no header line)") from None
     if first is None:
         raise HablaError(f"{uri}: not a Common Voice TSV (its first line is over {MAX_LINE_CHARS} characters)")
-    header = first.lstrip("\ufeff").split("\t")
-    header = [h.strip() for h in header]
+    header = [h.strip() for h in first.lstrip("\ufeff").split("\t")]
+    repeated = sorted({h for h in header if h and header.count(h) > 1})
+    if repeated:  # which of the two columns holds the transcripts cannot be told: never guess
+        raise HablaError(f"{uri}: not a Common Voice TSV (its header names {', '.join(repeated)} more than once)")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise HablaError(f"{uri}: not a Common Voice TSV (missing column(s) {', '.join(missing)})")
-    return header, _rows(header, lines)
+    return header
 
 
 def _rows(header: list[str], lines: Iterator[str | None]) -> Iterator[TsvRow | MalformedRow]:
@@ -247,7 +208,7 @@ def read_durations(root: str) -> dict[str, float] | None:
     """
     for filename in DURATION_FILES:
         uri = storage.join(root, filename)
-        lines = _open_lines(uri)
+        lines = read_lines(uri)
         try:
             first = next(lines, None)
         except FileNotFoundError:
@@ -292,46 +253,7 @@ def is_archive(src: str) -> bool:
     return str(src).endswith((".tar.gz", ".tgz", ".tar"))
 
 
-@dataclass
-class StagedArchive:
-    """What :func:`stage_archive` unpacked, and which archive it was (recorded in ``_STAGED.json``)."""
-
-    root: str  # the staged locale folder
-    stamp: dict  # the archive's size and mtime / ETag when it was read
-    index_sha256: str  # over every member's name, type, size and mtime: which content this was
-    skipped: dict[str, list[str]] = field(default_factory=dict)  # clip name -> [reason, detail]: not unpacked
-
-    def as_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-STAGED = "_STAGED.json"  # a complete staging, and the archive it came from
-STAGING = "_STAGING.json"  # a staging in progress, and the archive it comes from
-
-
-def _read_json(uri: str) -> dict | None:
-    """A small JSON state file, or None if absent or corrupt (a corrupt one is logged and ignored)."""
-    try:
-        return jsonl.read_object(uri)
-    except ValueError as exc:
-        log.warning("%s: %s, ignored", uri, exc)
-        return None
-
-
-class _Reader:
-    """A forward-only stream that hashes what passes through it (for a checksum sidecar)."""
-
-    def __init__(self, stream, digest) -> None:
-        self._stream, self.digest = stream, digest
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        if self.digest is not None:
-            self.digest.update(data)
-        return data
-
-
-def _end_of_archive(tar) -> str | None:
+def end_of_archive(tar) -> str | None:
     """After iterating a stream-mode archive: None if it ended with the end-of-archive blocks, else why not.
 
     tarfile stops silently at the end of the data (an archive cut at a member boundary) or at a header it
@@ -350,140 +272,15 @@ def _end_of_archive(tar) -> str | None:
     return None
 
 
-def _sidecar_sha256(archive: str) -> str | None:
-    """The SHA-256 in ``<archive>.sha256`` (``sha256sum`` format), if the uploader wrote one."""
-    try:
-        text = storage.read_capped(archive + ".sha256", 64 * 1024).decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return None
-    except (storage.NotAFile, storage.TooLarge, IsADirectoryError):
-        raise HablaError(f"{archive}.sha256: not a checksum file") from None
-    digest = (text.split() or [""])[0].lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise HablaError(f"{archive}.sha256: not a SHA-256 checksum")
-    return digest
-
-
-def archive_stamp(archive: str) -> dict:
-    try:
-        return storage.stamp(archive)
-    except FileNotFoundError:
-        raise HablaError(f"{archive}: no such archive") from None
-
-
-def stage_archive(archive: str, staging: str, locale: str, max_clip_bytes: int) -> StagedArchive:
-    """Unpack the TSVs, duration tables and clips of one locale from a release archive into ``staging``.
-
-    The archive is read once, as a stream (it can be tens of GB, local or in object storage), each member
-    copied in bounded memory. Only ``<top>/<locale>/*.tsv|.txt`` and ``<top>/<locale>/clips/*`` are kept;
-    member names are checked so that nothing lands outside ``staging``; clips over ``max_clip_bytes`` are
-    not unpacked (listed in ``skipped``). The archive must end with tar's end-of-archive blocks (an archive
-    cut short is refused) and match ``<archive>.sha256`` when there is one.
-
-    A staging is tied to the archive's content, not its path: ``staging/<locale>/_STAGED.json`` records the
-    archive's size, mtime (ETag on S3) and a hash of its index; a changed archive at the same path is staged
-    afresh. An interrupted staging of the same archive resumes, skipping files already written whole.
-    """
-
-    stamp = archive_stamp(archive)
-    folder = storage.join(staging, locale)  # one folder per locale: runs for two locales never meet
-    done = _read_json(storage.join(folder, STAGED))
-    fields = ("root", "stamp", "index_sha256", "skipped")
-    if done and done.get("stamp") == stamp and all(k in done for k in fields):  # else: staged afresh
-        return StagedArchive(**{k: done[k] for k in fields})
-    expected_sha256 = _sidecar_sha256(archive)
-    progress = {"archive": archive, "stamp": stamp, "sha256": expected_sha256}
-    marker = _read_json(storage.join(folder, STAGING)) or {}
-    same = {k: marker.get(k) for k in progress} == progress
-    if same and marker.get("failed"):  # this very archive was found unusable before: not read again
-        raise HablaError(marker["failed"])
-    if done or not same:
-        for info in storage.list_files(folder):  # another archive's (or an older version's) files
-            storage.delete(info.uri)
-        storage.write_text(storage.join(folder, STAGING), json.dumps(progress))
-    try:
-        staged = _unpack(archive, stamp, folder, locale, max_clip_bytes, expected_sha256)
-    except HablaError as exc:
-        storage.write_text(storage.join(folder, STAGING), json.dumps({**progress, "failed": str(exc)}))
-        raise
-    storage.write_text(storage.join(folder, STAGED), json.dumps({"archive": archive, **staged.as_json()}))
-    storage.delete(storage.join(folder, STAGING))
-    return staged
-
-
-def _unpack(
-    archive: str, stamp: dict, folder: str, locale: str, max_clip_bytes: int, expected_sha256: str | None
-) -> StagedArchive:
-    """The streaming read of :func:`stage_archive`. HablaError for an archive that is not a whole release;
-    OSError (a storage fault) as it comes."""
-    import tarfile
-
-    already = {info.uri: info.size for info in storage.list_files(folder)}
-    index = hashlib.sha256()
-    skipped: dict[str, list[str]] = {}
-    root = top = None
-    try:
-        stream = storage.open_regular(archive)
-    except (FileNotFoundError, storage.NotAFile) as exc:
-        raise HablaError(f"{archive}: no such archive ({exc})") from None
-    reader = _Reader(stream, hashlib.sha256() if expected_sha256 else None)
-    mode = "r|" if archive.endswith(".tar") else "r|gz"
-    try:
-        with stream, tarfile.open(fileobj=reader, mode=mode) as tar:
-            for member in tar:
-                tar.members = []  # stream mode keeps every TarInfo otherwise: millions of clips
-                index.update(
-                    f"{member.name}\t{member.type!r}\t{member.size}\t{member.mtime}\n".encode("utf-8", "replace")
-                )
-                parts = member.name.split("/")
-                if not member.isfile() or member.name.startswith("/") or ".." in parts or len(parts) < 3:
-                    continue
-                if parts[1] != locale or not all(is_safe_clip_name(p) for p in parts[2:]):
-                    continue
-                is_table = len(parts) == 3 and parts[2].endswith((".tsv", ".txt"))
-                is_clip = len(parts) == 4 and parts[2] == "clips"
-                if not (is_table or is_clip) or name_too_long(parts[-1]):
-                    continue
-                if top not in (None, parts[0]):
-                    raise HablaError(
-                        f"{archive}: holds two corpus folders with a '{locale}' locale ({top}, {parts[0]})"
-                    )
-                top = parts[0]
-                root = folder
-                if is_clip and member.size > max_clip_bytes:
-                    skipped[parts[3]] = ["too_large", f"{member.size} bytes in the archive, more than {max_clip_bytes}"]
-                    continue
-                target = storage.join(folder, *parts[2:])
-                if already.get(target) == member.size:
-                    continue
-                source = tar.extractfile(member)
-                if member.size <= _CHUNK:  # read whole first: a member cut short leaves no trace
-                    data = source.read()
-                    storage.write_bytes(target, data)
-                    continue
-                with storage.AtomicWriter(target) as out:
-                    shutil.copyfileobj(source, out, _CHUNK)
-            problem = _end_of_archive(tar)
-    except (tarfile.TarError, EOFError) as exc:
-        raise HablaError(f"{archive}: cannot read the archive ({exc})") from None
-    if problem:
-        raise HablaError(f"{archive}: incomplete archive: {problem}; nothing was prepared from it")
-    if expected_sha256 and reader.digest.hexdigest() != expected_sha256:
-        raise HablaError(f"{archive}: its SHA-256 differs from {archive}.sha256 (damaged or still arriving)")
-    if root is None:
-        raise HablaError(f"{archive}: holds no '{locale}' locale folder (<top>/{locale}/*.tsv)")
-    return StagedArchive(storage.absolute(root), stamp, index.hexdigest(), skipped)
-
-
 def check_archive_end(archive: str) -> str | None:
     """None if ``archive`` reads to its end-of-archive blocks (the whole stream is read), else what is wrong."""
     import tarfile
 
     mode = "r|" if archive.endswith(".tar") else "r|gz"
     try:
-        with storage.open_regular(archive) as stream, tarfile.open(fileobj=stream, mode=mode) as tar:
+        with untrusted.open_regular(archive) as stream, tarfile.open(fileobj=stream, mode=mode) as tar:
             for _ in tar:
                 tar.members = []
-            return _end_of_archive(tar)
-    except (tarfile.TarError, EOFError, OSError, storage.NotAFile) as exc:
+            return end_of_archive(tar)
+    except (tarfile.TarError, EOFError, OSError, untrusted.NotAFile) as exc:
         return f"cannot read it ({exc})"

@@ -21,6 +21,8 @@ SPLITS = ("train", "dev", "test")
 MAX_SHARDS = 10_000
 #: The shortest clip kept whatever --min-duration says (a few STFT windows; less cannot be trained on).
 MIN_CLIP_SECONDS = 0.1
+#: Test clips are decoded up to this long (the training range does not apply to them; a bound on the work).
+TEST_MAX_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class PrepareOptions:
     splits: tuple[str, ...] = SPLITS
     train_source: str = "train"  # "validated": validated.tsv minus dev/test speakers, sentences and clips
     format: str = "wav"  # "tar": the train split as NeMo tarred shards
-    shards: int | None = None  # None: from the data size and world_size (prepare.shard_count)
+    shards: int | None = None  # None: from the data size and world_size (habla.data.shards.shard_count)
     world_size: int = 1  # GPUs in all of the training the tar shards are sized for
     shard_seed: int = 0  # the shuffle of the train clips over the tar shards
     locale: str = "es"

@@ -7,13 +7,13 @@ README lists) and the main accents; rejections counted by reason; the accounting
 from __future__ import annotations
 
 import io
-import json
 import math
 from array import array
 from collections import Counter
 
-from habla.core import jsonl, render, storage
+from habla.core import render, state, storage
 from habla.core.layout import DatasetLayout
+from habla.speech.dataset import age_key
 
 UNKNOWN = "unknown"
 
@@ -117,11 +117,12 @@ def markdown(report: dict) -> str:
     reasons = sorted({r for v in splits.values() for r in v["rejected"]})
     rejected = [{"reason": r, **{s: v["rejected"].get(r, 0) for s, v in splits.items()}} for r in reasons]
     acc = report["accounting"]
+    per_tsv = render.md(", ".join(f"{k}: {v}" for k, v in report["rows_read"].items()))
     lines = [
-        f"# Dataset report: {report['release']}",
+        f"# Dataset report: {render.md(report['release'])}",
         "",
-        f"Source: `{report['release_uri']}`  ",
-        f"Options: {', '.join(f'{k}={v}' for k, v in report['options'].items())}",
+        f"Source: {render.md_code(report['release_uri'])}  ",
+        f"Options: {render.md(', '.join(f'{k}={v}' for k, v in report['options'].items()))}",
         "",
         "## Splits",
         "",
@@ -147,23 +148,12 @@ def markdown(report: dict) -> str:
         "",
         "## Accounting",
         "",
-        f"{acc['rows_read']} rows read ({', '.join(f'{k}: {v}' for k, v in report['rows_read'].items())}) = "
-        f"{acc['in_manifests']} in manifests + {acc['rejected']} rejected.",
+        f"{acc['rows_read']} rows read ({per_tsv}) = {acc['in_manifests']} in manifests + {acc['rejected']} rejected.",
         "",
         "![dataset](report.png)",
         "",
     ]
     return "\n".join(lines)
-
-
-#: Common Voice's age groups, youngest first ("fourties" is Common Voice's spelling); others sort after them.
-AGE_ORDER = ("teens", "twenties", "thirties", "fourties", "forties", "fifties", "sixties", "seventies", "eighties",
-             "nineties")  # fmt: skip
-
-
-def age_key(group: str) -> tuple[int, str]:
-    """Sort key putting age groups in age order, then anything else (``unknown``) by name."""
-    return (AGE_ORDER.index(group), "") if group in AGE_ORDER else (len(AGE_ORDER), group)
 
 
 _COLORS = ((76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82))
@@ -263,8 +253,24 @@ def write_report(out: str, summary: dict, stats: dict[str, SplitStats], rejected
     report = build_report(summary, stats, rejected, tarred, out)
     storage.write_bytes(layout.report_png, plot(report, stats))
     storage.write_text(layout.report_md, markdown(report))
-    storage.write_text(layout.report_json, jsonl.dump(report))
+    state.write(layout.report_json, report)
     return report
+
+
+def split_numbers(report: dict) -> dict[str, float]:
+    """Hours and clips per split (``train_hours``, ``train_clips`` ...): what the KFP UI shows of a dataset."""
+    out: dict[str, float] = {}
+    for split, stats in report["splits"].items():
+        out.update({f"{split}_hours": stats["hours"], f"{split}_clips": stats["clips"]})
+    return out
+
+
+def for_ui(dataset_uri: str) -> tuple[str, bytes]:
+    """``report.md`` with its plot inlined (the KFP UI cannot follow a relative link), and the plot (PNG)."""
+    layout = DatasetLayout(dataset_uri)
+    png = storage.read_bytes(layout.report_png)
+    markdown = storage.read_text(layout.report_md)
+    return render.markdown_for_ui(markdown, storage.name(layout.report_png), png, where=layout.report_md), png
 
 
 def summary_table(report: dict) -> str:
@@ -278,13 +284,3 @@ def summary_table(report: dict) -> str:
         + (f" ({', '.join(f'{k}: {v}' for k, v in report['rejected'].items())})" if report["rejected"] else "")
     )
     return "\n".join(lines)
-
-
-def read_report(dataset_uri: str) -> dict:
-    """``report.json`` of a prepared dataset (its manifests, tar shards, statistics)."""
-    from habla.core.errors import HablaError
-
-    try:
-        return json.loads(storage.read_text(DatasetLayout(dataset_uri).report_json))
-    except FileNotFoundError:
-        raise HablaError(f"{dataset_uri}: not a prepared dataset (no report.json)") from None

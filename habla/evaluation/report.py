@@ -7,11 +7,15 @@ import io
 from collections.abc import Sequence
 
 from habla.core import render, storage
-from habla.data.report import age_key
 from habla.evaluation.scoring import GROUPS
+from habla.speech.dataset import age_key
 
 PLOT_GROUPS_MAX = 15  # the largest groups of a breakdown drawn in the plot (Common Voice has many accents)
 TABLE_SPEAKERS_MAX = 20  # speakers listed in report.md (all of them are in metrics.json)
+# accents listed in report.md: Common Voice's accents are free text, thousands of them in a full release (all are
+# in metrics.json)
+TABLE_ACCENTS_MAX = 40
+TABLE_LIMITS = {"by_speaker": (TABLE_SPEAKERS_MAX, "speakers"), "by_accent": (TABLE_ACCENTS_MAX, "accents")}
 TITLES = {"by_gender": "gender", "by_age": "age", "by_accent": "accent", "by_speaker": "speaker"}
 PLOTTED = ("by_gender", "by_age", "by_accent")
 HEADERS = {"wer": "WER", "cer": "CER", "word_errors": "errors", "text": "reference", "pred_text": "hypothesis",
@@ -40,24 +44,54 @@ def _group_rows(name: str, metrics: dict, limit: int | None = None) -> list[dict
     return rows
 
 
+def _heads_and_overlap(metrics: dict) -> list[str]:
+    """A hybrid's two heads, and what the checkpoint's training data shares with the test set."""
+    out = []
+    heads = metrics.get("heads") or {}
+    if len(heads) > 1:
+        reported = metrics.get("decoder")
+        rows = [{"head": f"{name.upper()}{' (reported)' if name == reported else ''}", **m,
+                 "wer_95": interval(m.get("wer_ci")), "cer_95": interval(m.get("cer_ci"))}
+                for name, m in heads.items()]  # fmt: skip
+        out += ["## Heads", render.table(rows, ["head", "wer", "wer_95", "cer", "cer_95"], headers=HEADERS)]
+    o = metrics.get("overlap")
+    if o:
+        without = "n/a" if o.get("wer_without") is None else f"{o['wer_without']:.4f} ({interval(o['wer_without_ci'])})"
+        out += [
+            "## Overlap with the checkpoint's training data",
+            f"{render.md_code(o['with'])} ({o['training_clips']} clips) holds {o['clips']} test clip(s), "
+            f"{o['speakers']} test speaker(s) ({o['utterances_of_seen_speakers']} utterances) and the sentences of "
+            f"{o['sentences']} test utterance(s): {o['overlapping_utterances']} utterance(s) overlap. On the "
+            f"{o['utterances_without']} that share nothing with it: WER {without}.",
+        ]
+    return out
+
+
 def render_report(metrics: dict, rows: Sequence[dict], model: str, manifest: str, worst: int) -> str:
     """``report.md``: overall scores with intervals, a table per breakdown, confusions, the worst utterances."""
     overall = {**metrics, "wer_95": interval(metrics.get("wer_ci")), "cer_95": interval(metrics.get("cer_ci"))}
     sections = [
         "# Evaluation",
-        f"Model `{model}` on `{manifest}`"
-        + (f", transcribed at {metrics['rtfx']}x real time on {metrics['device']}." if metrics.get("rtfx") else "."),
+        f"Model {render.md_code(model)} on {render.md_code(manifest)}"
+        + (
+            f", transcribed at {metrics['rtfx']}x real time on {render.md(metrics['device'])}."
+            if metrics.get("rtfx")
+            else "."
+        ),  # fmt: skip
         render.table([overall], ["utterances", "hours", "wer", "wer_95", "cer", "cer_95"], headers=HEADERS),
         f"Word errors: {metrics.get('substitutions', 0)} substitutions, {metrics.get('deletions', 0)} deletions, "
         f"{metrics.get('insertions', 0)} insertions over {metrics.get('words', 0)} reference words. Intervals: "
-        "95 % percentile bootstrap over utterances; a group of a few utterances has a wide one.",
+        "95 % percentile bootstrap over speakers (client_id; utterances within one speaker); a group of a few "
+        "speakers has a wide one.",
     ]
+    sections += _heads_and_overlap(metrics)
     for name, _key in GROUPS:
         title = TITLES[name]
-        groups = _group_rows(name, metrics, TABLE_SPEAKERS_MAX if name == "by_speaker" else None)
+        limit, what = TABLE_LIMITS.get(name, (None, ""))
+        groups = _group_rows(name, metrics, limit)
         heading = f"## WER by {title}"
-        if name == "by_speaker":
-            heading += f" ({len(groups)} of {len(metrics.get(name) or {})} speakers, most utterances first)"
+        if limit is not None and (name == "by_speaker" or len(metrics.get(name) or {}) > limit):
+            heading += f" ({len(groups)} of {len(metrics.get(name) or {})} {what}, most utterances first)"
         sections += [heading, render.table(groups, [title, "utterances", "wer", "wer_95", "cer"], headers=HEADERS)]
     sections.append("![WER by group](wer_by_group.png)")
     confusions = metrics.get("confusions") or {}
@@ -89,35 +123,36 @@ def render_plot(metrics: dict, model: str = "", test_set: str = "") -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    breakdowns = [(name, ordered_groups(name, metrics.get(name) or {})[:PLOT_GROUPS_MAX]) for name in PLOTTED]
-    breakdowns = [(name, groups) for name, groups in breakdowns if groups]
-    heights = [max(1.4, 0.38 * len(groups) + 0.9) for _, groups in breakdowns]
-    fig, axes = plt.subplots(len(breakdowns), 1, figsize=(9, sum(heights) + 0.9), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})  # fmt: skip
-    highest = max([1.0] + [m.get("wer_ci", [0, m["wer"]])[1] for _, groups in breakdowns for _, m in groups])
-    for (ax,), (name, groups) in zip(axes, breakdowns):
-        labels = [f"{g} (n={m['utterances']})" for g, m in groups]
-        values = [m["wer"] for _, m in groups]
-        lows = [max(0.0, m["wer"] - m.get("wer_ci", [m["wer"]] * 2)[0]) for _, m in groups]
-        highs = [max(0.0, m.get("wer_ci", [m["wer"]] * 2)[1] - m["wer"]) for _, m in groups]
-        ax.barh(labels, values, xerr=[lows, highs], color="#4c72b0", ecolor="#555555", capsize=3)
-        for y, (value, high) in enumerate(zip(values, highs)):
-            ax.text(value + high + 0.01 * highest, y, f"{value:.3f}", va="center", fontsize=8)
-        ax.axvline(metrics["wer"], color="#c44e52", linestyle="--", linewidth=1)
-        ax.invert_yaxis()
-        ax.set_title(f"WER by {TITLES[name]}  (dashed: overall {metrics['wer']:.3f})", fontsize=10, loc="left")
-        ax.set_xlim(0, highest * 1.18)  # room for the value labels
-        ax.tick_params(axis="y", labelsize=8)
-    axes[-1][0].set_xlabel("WER (bars: 95 % bootstrap interval)")
-    heading = "WER by speaker group"
-    if model or test_set:
-        heading += f"\nmodel {_short(model)} · test set {_short(test_set)} ({metrics['utterances']} utterances)"
-    fig.suptitle(heading, fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    with matplotlib.rc_context(render.PLAIN_TEXT):  # a '$' in a group name is text, not mathematics
+        breakdowns = [(name, ordered_groups(name, metrics.get(name) or {})[:PLOT_GROUPS_MAX]) for name in PLOTTED]
+        breakdowns = [(name, groups) for name, groups in breakdowns if groups]
+        heights = [max(1.4, 0.38 * len(groups) + 0.9) for _, groups in breakdowns]
+        fig, axes = plt.subplots(len(breakdowns), 1, figsize=(9, sum(heights) + 0.9), squeeze=False,
+                                 gridspec_kw={"height_ratios": heights})  # fmt: skip
+        highest = max([1.0] + [m.get("wer_ci", [0, m["wer"]])[1] for _, groups in breakdowns for _, m in groups])
+        for (ax,), (name, groups) in zip(axes, breakdowns):
+            labels = [f"{g} (n={m['utterances']})" for g, m in groups]
+            values = [m["wer"] for _, m in groups]
+            lows = [max(0.0, m["wer"] - m.get("wer_ci", [m["wer"]] * 2)[0]) for _, m in groups]
+            highs = [max(0.0, m.get("wer_ci", [m["wer"]] * 2)[1] - m["wer"]) for _, m in groups]
+            ax.barh(labels, values, xerr=[lows, highs], color="#4c72b0", ecolor="#555555", capsize=3)
+            for y, (value, high) in enumerate(zip(values, highs)):
+                ax.text(value + high + 0.01 * highest, y, f"{value:.3f}", va="center", fontsize=8)
+            ax.axvline(metrics["wer"], color="#c44e52", linestyle="--", linewidth=1)
+            ax.invert_yaxis()
+            ax.set_title(f"WER by {TITLES[name]}  (dashed: overall {metrics['wer']:.3f})", fontsize=10, loc="left")
+            ax.set_xlim(0, highest * 1.18)  # room for the value labels
+            ax.tick_params(axis="y", labelsize=8)
+        axes[-1][0].set_xlabel("WER (bars: 95 % bootstrap interval)")
+        heading = "WER by speaker group"
+        if model or test_set:
+            heading += f"\nmodel {_short(model)} · test set {_short(test_set)} ({metrics['utterances']} utterances)"
+        fig.suptitle(heading, fontsize=10)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        return buffer.getvalue()
 
 
 def _short(uri: str, keep: int = 3) -> str:

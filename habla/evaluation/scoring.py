@@ -1,16 +1,20 @@
 """Scoring transcripts: WER and CER, overall, by speaker group and by speaker, with bootstrap intervals.
 
 References and hypotheses go through the same normalization as the training text
-(``habla.data.text.normalize_text``); text it cannot normalize is only lower-cased, so its odd characters
+(``habla.speech.text.normalize_text``); text it cannot normalize is only lower-cased, so its odd characters
 count as errors instead of vanishing. WER and CER are corpus-level: all edits over all reference words
 (characters, spaces included), from jiwer's alignments.
 
-Confidence intervals are percentile bootstrap intervals over utterances (:func:`bootstrap_interval`): the
-test set's utterances are resampled with replacement ``BOOTSTRAP_REPLICATES`` times with a fixed seed, and
-each replicate's corpus-level rate is computed. Utterances are the unit because their errors are not
-independent word by word (Bisani & Ney, 2004). A group of a handful of utterances gets a wide interval: read
-it as "unknown", not as a ranking. :func:`paired_improvement` is the same resampling applied to two models'
-errors on the same utterances (the promotion rule in habla.ops.registry).
+Confidence intervals are percentile bootstrap intervals over **speakers** (:func:`bootstrap_interval`): the
+test set's speakers (``client_id``) are resampled with replacement ``BOOTSTRAP_REPLICATES`` times with a fixed
+seed, each drawn speaker bringing all of their utterances, and each replicate's corpus-level rate is computed.
+Errors are not independent word by word, nor utterance by utterance: they cluster by speaker (a voice, an
+accent, a microphone), so resampling utterances understates the uncertainty of a test set of a few hundred
+speakers (Bisani & Ney, 2004, for the utterance level; a cluster bootstrap for the speaker level). An utterance
+without a ``client_id`` is a speaker of its own; within one speaker (``by_speaker``) utterances are the unit.
+``metrics.json`` records the unit. A group of a handful of speakers gets a wide interval: read it as "unknown",
+not as a ranking. :func:`paired_improvement` is the same resampling applied to two models' errors on the same
+utterances (the promotion rule in habla.evaluation.verdict).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from habla.data.text import TextRejected, normalize_text
-from habla.training.manifests import total_hours
+from habla.core.errors import HablaError
+from habla.speech.manifests import total_hours
+from habla.speech.text import TextRejected, normalize_text
 
 #: Breakdowns of metrics.json: (metrics key, manifest field).
 GROUPS = (("by_gender", "gender"), ("by_age", "age"), ("by_accent", "accents"), ("by_speaker", "client_id"))
@@ -145,12 +150,45 @@ def _rates(errors: np.ndarray, totals: np.ndarray) -> np.ndarray:
     return np.where(totals > 0, errors / safe, (errors > 0).astype(float))
 
 
-def _resampled_sums(values: np.ndarray, replicates: int, seed: int, block: int = 200) -> np.ndarray:
-    """Column sums of ``values`` (utterances x k) over ``replicates`` resamplings of its rows with replacement.
+def speakers_of(entries: Sequence[dict]) -> list[str]:
+    """The bootstrap's cluster of each utterance: its ``client_id``, or a speaker of its own without one."""
+    out = []
+    for i, entry in enumerate(entries):
+        speaker = str(entry.get("client_id") or "").strip()
+        out.append(speaker if speaker and speaker != UNKNOWN else f"\0utterance {i}")
+    return out
+
+
+def unit_of(clusters: Sequence[str] | None) -> str:
+    """What a bootstrap over ``clusters`` resamples (recorded with the figures)."""
+    if clusters is None or all(c.startswith("\0") for c in clusters):
+        return "utterance"
+    return "speaker (client_id)"
+
+
+def _clustered(values: np.ndarray, clusters: Sequence[str] | None) -> np.ndarray:
+    """Rows summed per cluster (one row per speaker), in order of first appearance; ``values`` without clusters."""
+    if clusters is None:
+        return values
+    if len(clusters) != values.shape[0]:
+        raise ValueError("one cluster per utterance")
+    ids: dict[str, int] = {}
+    index = np.array([ids.setdefault(c, len(ids)) for c in clusters], dtype=int)
+    out = np.zeros((len(ids), values.shape[1]))
+    np.add.at(out, index, values)
+    return out
+
+
+def _resampled_sums(
+    values: np.ndarray, replicates: int, seed: int, block: int = 200, clusters: Sequence[str] | None = None
+) -> np.ndarray:
+    """Column sums of ``values`` (utterances x k) over ``replicates`` resamplings of its rows with replacement
+    (of its clusters' summed rows, with ``clusters``: one id per utterance, e.g. its speaker).
 
     Returns an array (replicates x k). The same seed draws the same utterances, whatever the columns: this
     is what makes a comparison of two models "paired".
     """
+    values = _clustered(values, clusters)
     rng = np.random.default_rng(seed)
     n = values.shape[0]
     out = np.empty((replicates, values.shape[1]))
@@ -173,11 +211,13 @@ def bootstrap_interval(
     replicates: int = BOOTSTRAP_REPLICATES,
     seed: int = BOOTSTRAP_SEED,
     confidence: float = CONFIDENCE,
+    clusters: Sequence[str] | None = None,
 ) -> list[float]:
-    """Percentile bootstrap interval of the corpus-level rate sum(errors) / sum(totals), utterances resampled."""
+    """Percentile bootstrap interval of the corpus-level rate sum(errors) / sum(totals), utterances resampled
+    (or, with ``clusters``, one id per utterance, the clusters: speakers)."""
     if len(errors) == 0:
         return [0.0, 0.0]
-    sums = _resampled_sums(np.column_stack([errors, totals]).astype(float), replicates, seed)
+    sums = _resampled_sums(np.column_stack([errors, totals]).astype(float), replicates, seed, clusters=clusters)
     return _interval(_rates(sums[:, 0], sums[:, 1]), confidence)
 
 
@@ -188,27 +228,31 @@ def paired_improvement(
     replicates: int = BOOTSTRAP_REPLICATES,
     seed: int = BOOTSTRAP_SEED,
     confidence: float = CONFIDENCE,
+    clusters: Sequence[str] | None = None,
 ) -> dict:
     """How much lower the new model's error rate is than the best one's, on the same utterances.
 
     ``improvement`` = rate(best) - rate(new) (positive: the new model is better) and its paired bootstrap
-    interval: each replicate draws one set of utterances and scores both models on it.
+    interval: each replicate draws one set of utterances (of speakers, with ``clusters``: one id per
+    utterance) and scores both models on it.
     """
     new, best, tot = (np.asarray(v, dtype=float) for v in (new_errors, best_errors, totals))
     if not (len(new) == len(best) == len(tot)) or len(tot) == 0:
         raise ValueError("a paired comparison needs the same, non-empty, list of utterances for both models")
-    sums = _resampled_sums(np.column_stack([new, best, tot]), replicates, seed)
+    sums = _resampled_sums(np.column_stack([new, best, tot]), replicates, seed, clusters=clusters)
     deltas = _rates(sums[:, 1], sums[:, 2]) - _rates(sums[:, 0], sums[:, 2])
     point = float(_rates(best.sum(), tot.sum()) - _rates(new.sum(), tot.sum()))
-    return {"improvement": round(point, 6), "interval": _interval(deltas, confidence), "utterances": len(tot)}
+    speakers = len(set(clusters)) if clusters is not None else len(tot)
+    return {"improvement": round(point, 6), "interval": _interval(deltas, confidence), "utterances": len(tot),
+            "speakers": speakers, "unit": unit_of(clusters)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def _summarize(scores: Sequence[Scored], with_counts: bool = False) -> dict:
+def _summarize(scores: Sequence[Scored], with_counts: bool = False, clusters: Sequence[str] | None = None) -> dict:
     counts = np.array([(s.word_errors, s.words, s.char_errors, s.chars) for s in scores], dtype=float)
-    sums = _resampled_sums(counts, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED)  # one draw for both rates
+    sums = _resampled_sums(counts, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED, clusters=clusters)  # both rates, one draw
     word_errors, words, char_errors, chars = (int(v) for v in counts.sum(axis=0))
     out = {
         "wer": round(_rate(word_errors, words), 6),
@@ -270,17 +314,39 @@ def compute_metrics(entries: Sequence[dict], hypotheses: Sequence[str]) -> tuple
         if "path" in entry:
             row["path"] = entry["path"]
         rows.append(row)
-    overall = _summarize(scores, with_counts=True)
+    speakers = speakers_of(entries)
+    overall = _summarize(scores, with_counts=True, clusters=speakers)
+    if overall["words"] == 0:  # no reference word at all: every rate would be 0/0, reported as a perfect 0.0
+        raise HablaError(
+            f"none of the {len(scores)} references holds a word once normalized: WER and CER are undefined "
+            "(is this the right manifest, with its text in 'text'?)"
+        )
     metrics = {k: overall.pop(k) for k in ("wer", "cer", "utterances")}
     metrics["hours"] = round(total_hours(entries), 6)
     metrics.update(overall)
     metrics["bootstrap"] = {"replicates": BOOTSTRAP_REPLICATES, "confidence": CONFIDENCE, "seed": BOOTSTRAP_SEED,
-                            "unit": "utterance", "method": "percentile"}  # fmt: skip
+                            "unit": unit_of(speakers), "speakers": len(set(speakers)), "by_speaker_unit": "utterance",
+                            "method": "percentile"}  # fmt: skip
     for name, key in GROUPS:
-        members = defaultdict(list)
-        for row, scored in zip(rows, scores):
+        members, member_speakers = defaultdict(list), defaultdict(list)
+        for row, scored, speaker in zip(rows, scores, speakers):
             members[row[key]].append(scored)
+            member_speakers[row[key]].append(speaker)
         ordered = sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-        metrics[name] = {group: _summarize(group_scores) for group, group_scores in ordered}
+        within = key == "client_id"  # one speaker per group: its utterances are the unit
+        metrics[name] = {group: _summarize(group_scores, clusters=None if within else member_speakers[group])
+                         for group, group_scores in ordered}  # fmt: skip
     metrics["confusions"] = {"words": _top(word_confusions), "characters": _top(char_confusions)}
+    filtered = [i for i, e in enumerate(entries) if e.get("training_filter")]
+    if filtered:  # habla prepare keeps every decodable test clip and notes the training filter it fails
+        kept = [i for i in range(len(entries)) if not entries[i].get("training_filter")]
+        subset = _summarize([scores[i] for i in kept], clusters=[speakers[i] for i in kept]) if kept else None
+        reasons = Counter(str(entries[i]["training_filter"]) for i in filtered)
+        metrics["filtered_subset"] = {
+            "what": "the utterances the training filters would have kept (the figures above score every one)",
+            "utterances": len(kept),
+            "excluded": len(filtered),
+            "excluded_by_filter": dict(sorted(reasons.items())),
+            **({k: subset[k] for k in ("wer", "cer", "wer_ci", "cer_ci")} if subset else {"wer": None, "cer": None}),
+        }
     return metrics, rows

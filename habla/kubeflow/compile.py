@@ -14,13 +14,12 @@ import json
 import re
 from dataclasses import dataclass
 
-from habla import __version__
 from habla.core.errors import HablaError
+from habla.runs.parameters import DEFAULT_PREP_IMAGE, DEFAULT_TRAIN_IMAGE
 
-DEFAULT_PREP_IMAGE = f"ghcr.io/habla-asr/habla-prep:{__version__}"
-DEFAULT_TRAIN_IMAGE = f"ghcr.io/habla-asr/habla-train:{__version__}"
 DEFAULT_CONVERSION_PARALLELISM = 16
 _IMAGE = re.compile(r"^[^\s]+$")
+_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,12 @@ class CompileOptions:
         value = self.conversion_parallelism
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise HablaError(f"--conversion-parallelism must be an integer >= 1, got {value!r}")
+
+    def unpinned(self) -> list[str]:
+        """The images named by a tag rather than a digest (``…@sha256:<64 hex>``): a tag can be moved, so a run
+        may not get the image it was compiled with (infra/build.sh prints the digests to use)."""
+        images = dict.fromkeys((self.prep_image, self.train_image))
+        return [i for i in images if not _DIGEST.search(i)]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

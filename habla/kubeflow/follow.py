@@ -17,13 +17,28 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from habla.core.errors import HablaError, one_line
-from habla.kubeflow.jobs import KINDS, SPEC_HASH_ANNOTATION, JobKind, Log, TrainLaunch, build_job, print_log
+from habla.core.errors import Fault, HablaError, one_line
+from habla.kubeflow.api import api_error, is_transient, kubernetes_client, status_of
+from habla.kubeflow.jobs import (
+    KINDS,
+    SPEC_HASH_ANNOTATION,
+    JobKind,
+    Log,
+    TrainLaunch,
+    build_disruption_budget,
+    build_job,
+    owner_reference,
+    print_log,
+    spec_hash,
+)
 
-# What run_on_cluster asks of the API server: manifests/ must grant all of it (tests check the Role).
-REQUIRED_PERMISSIONS: tuple[tuple[str, str, str], ...] = tuple(
-    (k.group, k.plural, verb) for k in KINDS.values() for verb in ("create", "get", "delete")
-) + (("", "pods", "list"), ("", "pods/log", "get"))
+# What run_on_cluster asks of the API server: manifests/ must grant all of it (tests check the Role). ``patch``
+# re-points an adopted job's owner to the step's new pod; ``pods get`` reads the launcher's own pod (its uid).
+REQUIRED_PERMISSIONS: tuple[tuple[str, str, str], ...] = (
+    tuple((k.group, k.plural, verb) for k in KINDS.values() for verb in ("create", "get", "delete", "patch"))
+    + (("", "pods", "list"), ("", "pods", "get"), ("", "pods/log", "get"))
+    + (("policy", "poddisruptionbudgets", "create"),)
+)
 
 
 # -------------------------------------------------------------------------------------------- status
@@ -83,49 +98,19 @@ def _replica_summary(status: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ cluster API
 
 
-def kubernetes_client(api_client: Any = None) -> Any:
-    """An ApiClient: the one given, else in-cluster config when in a pod, else the local kubeconfig."""
-    if api_client is not None:
-        return api_client
-    try:
-        from kubernetes import client, config
-        from kubernetes.config.config_exception import ConfigException
-    except ImportError:
-        raise HablaError("the kubernetes client is missing: pip install 'habla[pipeline]'") from None
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except ConfigException:
-        try:
-            config.load_kube_config(client_configuration=configuration)
-        except (ConfigException, OSError) as exc:
-            why = one_line(exc, first_line=True)
-            raise HablaError(f"no Kubernetes access: not running in a pod and no usable kubeconfig ({why})") from None
-    return client.ApiClient(configuration)
-
-
-def _api_error(exc: Any, kind: JobKind, verb: str, namespace: str) -> HablaError:
-    status = getattr(exc, "status", None)
+def _api_error(exc: Any, kind: JobKind, verb: str, namespace: str, name: str = "") -> HablaError | Fault:
     where = f"{kind.plural}.{kind.group} in namespace {namespace}"
-    if status in (401, 403):
-        return HablaError(
-            f"not allowed to {verb} {where} (HTTP {status}): apply manifests/ (kubectl apply -k "
-            "manifests/overlays/<overlay>) and run the step under a service account bound to habla-launcher"
-        )
-    if status == 404 and verb == "create":
-        return HablaError(
-            f"{kind.api_version} {kind.plural} not found in namespace {namespace}: is {kind.installs_with} "
-            f"installed and does the namespace exist? ({one_line(exc)})"
-        )
-    if status in (400, 422):
-        return HablaError(f"the cluster rejected the {kind.kind}: {one_line(exc)}")
-    return HablaError(f"Kubernetes API error on {verb} {where}: {one_line(exc)}")
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Worth retrying: throttling, a 5xx, or no HTTP answer at all (connection refused or reset)."""
-    status = getattr(exc, "status", None)
-    return status is None or status == 429 or status >= 500
+    return api_error(
+        exc,
+        f"{verb} {kind.kind} {namespace}/{name}" if name else f"{verb} {where}",
+        rbac=f"{verb} {where}",
+        forbidden="apply manifests/ (kubectl apply -k manifests/overlays/<overlay>) and run the step under a service "
+        "account bound to habla-launcher",
+        missing=f"{kind.api_version} {kind.plural} not found in namespace {namespace}: is {kind.installs_with} "
+        "installed and does the namespace exist?"
+        if verb == "create"
+        else "",
+    )
 
 
 class _Cluster:
@@ -160,9 +145,21 @@ class _Cluster:
         except self.ApiException as exc:
             if exc.status == 404:
                 return None
-            if _is_transient(exc):
+            if is_transient(exc):
                 raise
             raise _api_error(exc, self.kind, "get", self.namespace) from None
+
+    def set_owner(self, name: str, owner: Mapping[str, str]) -> None:
+        """Make ``owner`` the job's (only) owner: a JSON merge patch of ``metadata.ownerReferences``."""
+        body = {"metadata": {"ownerReferences": [owner_reference(owner)]}}
+        self.custom.patch_namespaced_custom_object(name=name, body=body, _request_timeout=self.TIMEOUT, **self._args())
+
+    def create_disruption_budget(self, body: dict[str, Any]) -> None:
+        from kubernetes import client
+
+        client.PolicyV1Api(self.custom.api_client).create_namespaced_pod_disruption_budget(
+            self.namespace, body, _request_timeout=self.TIMEOUT
+        )
 
     def delete(self, name: str) -> None:
         self.custom.delete_namespaced_custom_object(
@@ -234,14 +231,19 @@ def run_on_cluster(
         f"{jk.kind} {namespace}/{name}: {launch.nodes} node(s) x {launch.procs_per_node} process(es){gpus} per "
         f"node, image {launch.image}"
     )
+    if kind == "trainjob" and (launch.node_selector or launch.tolerations or launch.priority_class):
+        log(f"TrainJob {name}: node selector, tolerations and priority class come from ClusterTrainingRuntime "
+            f"{launch.runtime} (docs/operators.md)")  # fmt: skip
     ours = True  # whether the job under this name is this step's to clean up
     try:
         with _sigterm_as_interrupt():
             try:
-                _create_or_adopt(cluster, body, log, poll_s)
+                created = _create_or_adopt(cluster, body, log, poll_s, launch.owner)
             except HablaError:
                 ours = False  # nothing was created, or the job of that name belongs to something else
                 raise
+            if created is not None and launch.disruption_budget:
+                _protect(cluster, launch, kind, created, log)
             return _follow(cluster, name, log, poll_s, timeout_s, log_tail_lines)
     except KeyboardInterrupt:
         log(f"{jk.kind} {name}: interrupted")
@@ -253,23 +255,38 @@ def run_on_cluster(
             _delete_quietly(cluster, name, log)
 
 
-def _create_or_adopt(cluster: _Cluster, body: dict[str, Any], log: Log, poll_s: float) -> None:
-    """Create the job; if one of that name exists, adopt it (same spec) or replace it (it had failed)."""
+def _protect(cluster: _Cluster, launch: TrainLaunch, kind: str, job: Mapping[str, Any], log: Log) -> None:
+    """Give the new job a PodDisruptionBudget (logged, never fatal: training matters more than the drain guard)."""
+    uid = (job.get("metadata") or {}).get("uid")
+    if not uid:
+        return
+    try:
+        budget = build_disruption_budget(launch, kind, uid)
+        cluster.create_disruption_budget(budget)
+        log(f"{cluster.kind.kind} {launch.name}: PodDisruptionBudget {budget['metadata']['name']} (no voluntary "
+            "evictions)")  # fmt: skip
+    except cluster.errors as exc:
+        if status_of(exc) != 409:
+            log(f"{cluster.kind.kind} {launch.name}: no PodDisruptionBudget ({one_line(exc, first_line=True)})")
+
+
+def _create_or_adopt(
+    cluster: _Cluster, body: dict[str, Any], log: Log, poll_s: float, owner: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
+    """Create the job (returns it as created); if one of that name exists, adopt it (same spec; returns None,
+    and makes ``owner`` its owner: the step's new pod) or replace it (it had failed)."""
     jk, ns = cluster.kind, cluster.namespace
     name = body["metadata"]["name"]
     wanted_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
     deadline = time.monotonic() + max(120.0, 10 * poll_s)  # how long a replaced job may take to go away
     while True:
         try:
-            cluster.create(body)
+            created = cluster.create(body)
             log(f"{jk.kind} {name}: created")
-            return
-        except cluster.ApiException as exc:
-            if exc.status != 409:
-                raise _api_error(exc, jk, "create", ns) from None
+            return created if isinstance(created, dict) else {}
         except cluster.errors as exc:
-            why = one_line(exc, with_type=True, first_line=True)
-            raise HablaError(f"cannot reach the Kubernetes API to create {jk.kind} {name}: {why}") from None
+            if status_of(exc) != 409:
+                raise _api_error(exc, jk, "create", ns, name) from None
         if time.monotonic() > deadline:
             raise HablaError(f"{jk.kind} {ns}/{name} exists but could not be adopted or replaced; try again later")
         existing = cluster.get(name)
@@ -279,7 +296,7 @@ def _create_or_adopt(cluster: _Cluster, body: dict[str, Any], log: Log, poll_s: 
         if meta.get("deletionTimestamp"):  # a replaced job on its way out
             time.sleep(poll_s)
             continue
-        if (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != wanted_hash:
+        if spec_hash(existing) != wanted_hash:
             raise HablaError(
                 f"{jk.kind} {ns}/{name} already exists with a different spec: delete it "
                 f"(kubectl delete {jk.plural}.{jk.group} -n {ns} {name}) or use another job name"
@@ -290,7 +307,12 @@ def _create_or_adopt(cluster: _Cluster, body: dict[str, Any], log: Log, poll_s: 
             _delete_quietly(cluster, name, log)
             continue
         log(f"{jk.kind} {name}: exists from an earlier attempt of this step; following it ({state.summary})")
-        return
+        if owner and [r.get("uid") for r in meta.get("ownerReferences") or []] != [owner["uid"]]:
+            try:
+                cluster.set_owner(name, owner)
+            except cluster.errors as exc:
+                log(f"{jk.kind} {name}: could not make this pod its owner ({one_line(exc, first_line=True)})")
+        return None
 
 
 def _follow(

@@ -14,10 +14,10 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from habla.core.errors import HablaError
+from habla.runs.parameters import DEFAULT_RUNTIME, QUANTITY
 
 Log = Callable[[str], None]
 
@@ -32,10 +32,23 @@ DEFAULT_S3_SECRET = "habla-s3-credentials"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # The ClusterTrainingRuntime of habla's TrainJobs (manifests/runtimes/): Trainer's stock torch-distributed plus a
 # RAM-backed /dev/shm for DataLoader workers (64 MiB otherwise), and it is not installed by Trainer's Helm chart.
-DEFAULT_RUNTIME = "habla-torch-distributed"
 TRAIN_COMMAND = ("habla", "train")  # the console script, as installed in the images
 LOCAL_PROGRAM = ("-m", "habla.cli", "train")  # the same, run by this Python (no PATH lookup)
-SPEC_HASH_ANNOTATION = "habla.kubeflow.org/spec-hash"
+PLAN_ANNOTATION = "habla.dev/plan"  # the run's plan in brief (habla launch), as compact JSON
+SPEC_HASH_ANNOTATION = "habla.dev/spec-hash"  # habla's own domain, as its Lease annotations (not kubeflow.org's)
+OLD_SPEC_HASH_ANNOTATION = "habla.kubeflow.org/spec-hash"  # what jobs created before 0.2 carry: still adopted
+# Istio's opt-out, as a label (what Istio's injector reads first) and an annotation (what KFP sets on its own pods:
+# kubeflow/pipelines backend/src/common/util/consts.go AnnotationKeyIstioSidecarInject). A sidecar in a training
+# pod keeps the pod from completing and sits in the torchrun rendezvous; the profile namespaces of multi-user
+# Kubeflow inject one into every pod that does not opt out.
+NO_ISTIO_SIDECAR = {"sidecar.istio.io/inject": "false"}
+# The RAM-backed /dev/shm of training pods: its most, so that it cannot take the node's memory (it counts against
+# the pod's memory limit). PyTorch's DataLoader workers pass batches through it: 8 workers x 2 prefetched batches x
+# 8 processes of a node, at some 40 MB a batch of audio, is about 5 GB.
+SHM_SIZE = "16Gi"
+# NCCL's own defaults, unless the launch sets them: warnings (a failed collective names its cause) in the pod log
+# the launcher copies when the job fails.
+NCCL_DEFAULTS = {"NCCL_DEBUG": "WARN"}
 # Job names become pod names with suffixes (JobSet: <name>-node-0-0-xxxxx; PyTorchJob: <name>-worker-N).
 MAX_NAME = 40
 
@@ -77,7 +90,26 @@ KINDS: dict[str, JobKind] = {
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+# Label keys and values as the API server checks them (k8s.io/apimachinery validation.IsQualifiedName,
+# IsValidLabelValue): an optional DNS-subdomain prefix and "/", a name of at most 63 characters.
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def label_problem(key: str, value: str) -> str | None:
+    """Why the API server would refuse the label ``key=value``, or None."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return f"label {key!r}: its prefix must be a DNS subdomain of at most 253 characters"
+    if not name or not _LABEL_NAME.match(name):
+        return f"label {key!r}: a name of 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
+    if not isinstance(value, str) or not _LABEL_NAME.match(value):
+        return (
+            f"label {key}={value!r}: a value of at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends"
+        )
+    return None
+
+
 # Plain env values end up in the job spec and in compiled pipelines: credentials must come from the Secret.
 _SECRET_LOOKING = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
 
@@ -102,19 +134,25 @@ class TrainLaunch:
     runtime: str = DEFAULT_RUNTIME  # TrainJob: the ClusterTrainingRuntime to use
     service_account: str | None = None  # PyTorchJob pods only (a TrainJob's pods get theirs from the runtime)
     image_pull_policy: str | None = None  # PyTorchJob: "Always", "IfNotPresent", "Never"; None: the default
+    # PyTorchJob pods only (a TrainJob's pods take them from its runtime, manifests/runtimes):
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    priority_class: str = ""
+    # The object the job belongs to (an ownerReference: apiVersion, kind, name, uid), e.g. the launcher's pod:
+    # when it is deleted, Kubernetes' garbage collector deletes the job and frees its GPUs.
+    owner: Mapping[str, str] | None = None
+    disruption_budget: bool = True  # a PodDisruptionBudget keeps node drains from evicting the gang's pods
+    annotations: Mapping[str, str] = field(default_factory=dict)  # the job's, beside habla's spec hash
 
     @property
     def procs_per_node(self) -> int:
         return self.nproc_per_node or self.gpus_per_node or 1
 
 
-def gpu_count(value: str | int) -> int:
-    """GPUs per node from the pipeline's ``gpus_per_node``: a STRING parameter (see pipelines/training_pipeline.py
-    ``check_pod_spec_parameters``), a whole number >= 0."""
-    text = str(value).strip()
-    if not (text.isascii() and text.isdigit()):  # not "²": isdigit() but not int()
-        raise HablaError(f"gpus_per_node must be a whole number >= 0, got {value!r}")
-    return int(text)
+def plan_annotation(plan: dict) -> str:
+    """The figures of a run's plan (``habla train --dry-run``) a person looking at the job wants first."""
+    brief = {section: plan[section] for section in ("world", "batch", "learning_rate", "schedule", "cadence", "node")}
+    return json.dumps(brief, separators=(",", ":"), sort_keys=True)
 
 
 def job_name(*parts: str, prefix: str = "habla-train") -> str:
@@ -127,17 +165,6 @@ def job_name(*parts: str, prefix: str = "habla-train") -> str:
     clean = re.sub(r"^[^a-z]+", "", clean) or "habla"
     digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:10]
     return f"{clean[: MAX_NAME - len(digest) - 1].rstrip('-')}-{digest}"
-
-
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-
-def current_namespace(default: str = "kubeflow", path: str = SERVICE_ACCOUNT_NAMESPACE) -> str:
-    """The namespace this pod runs in (a pipeline step launches its job beside itself), else ``default``."""
-    try:
-        return Path(path).read_text(encoding="utf-8").strip() or default
-    except OSError:
-        return default
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -165,8 +192,11 @@ def validate(launch: TrainLaunch) -> None:
             "each process drives one GPU"
         )
     for what, value in (("cpu", launch.cpu), ("memory", launch.memory)):
-        if value is not None and not _QUANTITY.match(str(value)):
+        if value is not None and not QUANTITY.match(str(value)):
             raise HablaError(f"{what} must be a Kubernetes quantity such as '8' or '32Gi', got {value!r}")
+    for key, value in launch.labels.items():
+        if (problem := label_problem(key, value)) is not None:
+            raise HablaError(problem)
     for env_name in launch.env:
         if not _ENV_NAME.match(env_name):
             raise HablaError(f"environment variable name {env_name!r} is not valid")
@@ -181,6 +211,13 @@ def validate(launch: TrainLaunch) -> None:
         raise HablaError(f"image_pull_policy must be Always, IfNotPresent or Never, got {launch.image_pull_policy!r}")
     if not all(isinstance(a, str) for a in launch.train_args):
         raise HablaError("train_args must be strings")
+    if launch.priority_class and not _DNS_SUBDOMAIN.match(launch.priority_class):
+        raise HablaError(f"priority class {launch.priority_class!r} is not a valid Kubernetes name")
+    for key, value in launch.node_selector.items():
+        if (problem := label_problem(key, value)) is not None:
+            raise HablaError(f"node selector: {problem}")
+    if launch.owner is not None and set(launch.owner) != {"apiVersion", "kind", "name", "uid"}:
+        raise HablaError("owner must name apiVersion, kind, name and uid")
 
 
 # -------------------------------------------------------------------------------------------- builders
@@ -188,7 +225,7 @@ def validate(launch: TrainLaunch) -> None:
 
 def _env(launch: TrainLaunch) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]  # logs reach the pod log at once
-    env += [{"name": k, "value": str(v)} for k, v in sorted(launch.env.items())]
+    env += [{"name": k, "value": str(v)} for k, v in sorted({**NCCL_DEFAULTS, **launch.env}.items())]
     if launch.s3_secret:
         env += [
             {"name": key, "valueFrom": {"secretKeyRef": {"name": launch.s3_secret, "key": key}}} for key in SECRET_KEYS
@@ -212,11 +249,48 @@ def _resources(launch: TrainLaunch) -> dict[str, dict[str, str]]:
 def _metadata(launch: TrainLaunch, spec: dict[str, Any]) -> dict[str, Any]:
     labels = {"app.kubernetes.io/name": "habla", "app.kubernetes.io/component": "train", **launch.labels}
     spec_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return {
+    meta: dict[str, Any] = {
         "name": launch.name,
         "namespace": launch.namespace,
         "labels": labels,
-        "annotations": {SPEC_HASH_ANNOTATION: spec_hash},
+        "annotations": {**launch.annotations, SPEC_HASH_ANNOTATION: spec_hash},
+    }
+    if launch.owner:
+        meta["ownerReferences"] = [owner_reference(launch.owner)]
+    return meta
+
+
+def owner_reference(owner: Mapping[str, str]) -> dict[str, Any]:
+    """An ownerReference to ``owner``: deleting it deletes the owned object (never blocks the owner's deletion,
+    which would take the right to set finalizers on it)."""
+    return {**{k: owner[k] for k in ("apiVersion", "kind", "name", "uid")}, "blockOwnerDeletion": False}
+
+
+def spec_hash(job: Mapping[str, Any]) -> str | None:
+    """The spec hash a job was created with (also under the annotation key of earlier habla releases)."""
+    annotations = (job.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(SPEC_HASH_ANNOTATION) or annotations.get(OLD_SPEC_HASH_ANNOTATION)
+
+
+def build_disruption_budget(launch: TrainLaunch, kind: str, job_uid: str) -> dict[str, Any]:
+    """A PodDisruptionBudget that lets no voluntary disruption (a node drain, the cluster autoscaler) evict one
+    of the job's pods: a gang job loses all its nodes' work when one pod goes. It belongs to the job (deleted
+    with it). A drain waits until the job ends; an involuntary failure is still the pipeline's retry's to mend."""
+    jk = KINDS[kind]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            # Named after this job's uid too: the budget of a failed job replaced under the same name may not be
+            # garbage-collected yet, and a name clash would leave the new job without one.
+            "name": f"{launch.name}-{hashlib.sha256(job_uid.encode()).hexdigest()[:8]}",
+            "namespace": launch.namespace,
+            "labels": {"app.kubernetes.io/name": "habla", "app.kubernetes.io/component": "train"},
+            "ownerReferences": [
+                owner_reference({"apiVersion": jk.api_version, "kind": jk.kind, "name": launch.name, "uid": job_uid})
+            ],  # fmt: skip
+        },
+        "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {jk.pod_label: launch.name}}},
     }
 
 
@@ -293,16 +367,23 @@ def build_pytorchjob(launch: TrainLaunch) -> dict[str, Any]:
     container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     pod_spec: dict[str, Any] = {
         "containers": [container],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}}],
     }
     if launch.service_account:
         pod_spec["serviceAccountName"] = launch.service_account
-    pod_labels = {"app.kubernetes.io/name": "habla", "app.kubernetes.io/component": "train", **launch.labels}
+    if launch.node_selector:
+        pod_spec["nodeSelector"] = dict(launch.node_selector)
+    if launch.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in launch.tolerations]
+    if launch.priority_class:
+        pod_spec["priorityClassName"] = launch.priority_class
+    pod_labels = {"app.kubernetes.io/name": "habla", "app.kubernetes.io/component": "train", **launch.labels,
+                  **NO_ISTIO_SIDECAR}  # fmt: skip
 
     def replica(count: int) -> dict[str, Any]:
         # Never restart a pod in place: a static torchrun rendezvous cannot take a lone node back; the job
         # fails, and the pipeline's retry starts it again (training resumes from its checkpoints).
-        template = {"metadata": {"labels": pod_labels}, "spec": pod_spec}
+        template = {"metadata": {"labels": pod_labels, "annotations": dict(NO_ISTIO_SIDECAR)}, "spec": pod_spec}
         return {"replicas": count, "restartPolicy": "Never", "template": copy.deepcopy(template)}
 
     replicas = {"Master": replica(1)}

@@ -17,15 +17,15 @@ import hashlib
 import json
 import logging
 import os
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from habla.core.errors import HablaError, one_line
+from habla.core.errors import HablaError
+from habla.kubeflow import kfp_auth
+from habla.kubeflow.api import api_error
 
 if TYPE_CHECKING:
     import kfp
@@ -37,6 +37,16 @@ UI_ENV = "KF_PIPELINES_UI_ENDPOINT"
 PAGE_SIZE = 100
 # The account runs execute as (manifests/base/serviceaccount.yaml; its Roles let the train step launch jobs).
 PIPELINE_SERVICE_ACCOUNT = "habla-pipeline-runner"
+# What a multi-user KFP API server authorizes for the calls the release watcher makes (submit_run and what it
+# calls): (group, resource, verb) of the SubjectAccessReviews of kubeflow/pipelines backend/src/apiserver/server/
+# experiment_server.go (list, create), pipeline_server.go and pipeline_upload_server.go (list, create; versions are
+# checked as their pipeline), run_server.go (list, create); 2.16 and 2.17. manifests/base/role-kfp-client.yaml
+# grants them (tests/kubeflow/test_manifests.py); the stand-in KFP server enforces them.
+REQUIRED_PERMISSIONS: tuple[tuple[str, str, str], ...] = tuple(
+    ("pipelines.kubeflow.org", resource, verb)
+    for resource in ("experiments", "pipelines", "runs")
+    for verb in ("list", "create")
+)
 # Python types a value of each KFP parameter type may have (bool is an int in Python: refused for numbers).
 PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
     "STRING": (str,),
@@ -66,15 +76,6 @@ class VersionRef:
     created: bool
 
 
-@dataclass(frozen=True)
-class RecurringRef:
-    """A recurring run after :func:`ensure_recurring_run`; ``action`` is created, updated or unchanged."""
-
-    recurring_run_id: str
-    version_id: str
-    action: str
-
-
 @dataclass
 class KfpRun:
     """One run of an experiment as the API reports it (metrics are not part of the v2beta1 run object)."""
@@ -101,47 +102,55 @@ def resolve_host(host: str | None) -> str:
     return host
 
 
-def _probe(host: str, timeout: float) -> None:
-    """Fail fast, in one line, when nothing answers at ``host`` (kfp.Client would retry for ~25 s)."""
-    url = f"{host}/apis/v2beta1/healthz"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            return  # reachable, behind authentication: kfp.Client's credentials may get through
-        raise HablaError(f"{host} does not look like a Kubeflow Pipelines API: HTTP {exc.code} on {url}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise HablaError(f"cannot reach Kubeflow Pipelines at {host}: {reason}") from None
+def connect(
+    host: str | None = None, *, namespace: str | None = None, token_file: str | None = None, timeout: float = 10.0
+) -> kfp.Client:
+    """A ``kfp.Client`` for ``host`` (or ``$KF_PIPELINES_ENDPOINT``), after checking that the API answers, without
+    a login page in the way, and is KFP 2.16 or newer.
 
-
-def connect(host: str | None = None, *, namespace: str | None = None, timeout: float = 10.0) -> kfp.Client:
-    """A ``kfp.Client`` for ``host`` (or ``$KF_PIPELINES_ENDPOINT``), after checking that the API answers.
-
-    ``namespace`` is the user namespace of a multi-user deployment (None for a standalone KFP).
-    Authentication is kfp.Client's own (``~/.config/kfp/context.json``, in-cluster service account token).
+    Multi-user deployments: the token is found as habla.kubeflow.kfp_auth.credentials says (``token_file``,
+    ``$HABLA_KFP_TOKEN``, the projected token, a requested one); ``namespace`` is the user namespace (default: the
+    pod's own). A standalone KFP needs neither.
     """
     host = resolve_host(host)
-    _probe(host, timeout)
+    source = kfp_auth.token_source(token_file)
+    server = kfp_auth.check_server(host, kfp_auth.read_token(source), timeout)
+    auth = kfp_auth.credentials(source, server)
+    namespace = kfp_auth.namespace_for(namespace, server)
     import kfp
 
-    with warnings.catch_warnings(), _api_errors(f"connecting to {host}"):
+    with warnings.catch_warnings(), api_errors(f"connect to {host}"):
         warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP v2.0.0-beta.2 and later"
-        return kfp.Client(host=host, namespace=namespace or "kubeflow")
+        client = kfp.Client(host=host, namespace=namespace or "kubeflow", **auth)
+    if namespace:
+        client._context_setting["namespace"] = namespace  # kfp.Client keeps "kubeflow" out of its context
+    return client
 
 
 @contextlib.contextmanager
-def _api_errors(doing: str) -> Iterator[None]:
-    """Turn API and connection failures into a one-line HablaError that says what was being done."""
+def api_errors(action: str) -> Iterator[None]:
+    """Turn API and connection failures into a one-line HablaError that says what was being done (``action``)."""
     import kfp_server_api
     import urllib3
 
     try:
         yield
     except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-        why = one_line(exc, with_type=True, first_line=True)
-        raise HablaError(f"Kubeflow Pipelines API error while {doing}: {why}") from None
+        status = getattr(exc, "status", None)
+        if status in (401, 403) or (status == 400 and "authoriz" in _server_message(exc).lower()):
+            raise HablaError(
+                f"Kubeflow Pipelines refused to {action} (HTTP {status}: {_server_message(exc)}): {kfp_auth.TOKEN_HINT}"
+            ) from None
+        raise api_error(exc, action, api="Kubeflow Pipelines") from None
+
+
+def _server_message(exc: BaseException) -> str:
+    """The API server's own message (its JSON error body), one line; never the request (or its token)."""
+    try:
+        message = json.loads(getattr(exc, "body", "") or "{}").get("message", "")
+    except (ValueError, AttributeError):
+        message = ""
+    return " ".join(str(message).split())[:300] or str(getattr(exc, "reason", "") or "")
 
 
 def _ui_url(client: kfp.Client, path: str) -> str:
@@ -149,7 +158,7 @@ def _ui_url(client: kfp.Client, path: str) -> str:
     return f"{base.rstrip('/')}/#/{path}"
 
 
-def _name_filter(name: str) -> str:
+def name_filter(name: str) -> str:
     # The exact form kfp.Client itself sends (operation 1 = EQUALS), known to work with the real server.
     return json.dumps({"predicates": [{"operation": 1, "key": "display_name", "stringValue": name}]})
 
@@ -169,7 +178,7 @@ def _created_or_found(create, find):
     return found
 
 
-def _pages(list_call, items: str, **kwargs) -> Iterator[Any]:
+def pages(list_call, items: str, **kwargs) -> Iterator[Any]:
     """Every item of a paginated v2beta1 list call."""
     token = ""
     while True:
@@ -242,7 +251,7 @@ def explicit_params(package_path: str, params: dict[str, Any]) -> dict[str, Any]
 
 def find_experiment(client: kfp.Client, name: str) -> str | None:
     """The id of the experiment named ``name``, or None."""
-    with _api_errors(f"looking up experiment {name!r}"):
+    with api_errors(f"look up experiment {name!r}"):
         try:
             return client.get_experiment(experiment_name=name, namespace=client.get_user_namespace()).experiment_id
         except ValueError as exc:
@@ -259,7 +268,7 @@ def ensure_experiment(client: kfp.Client, name: str) -> str:
     if experiment_id:
         return experiment_id
     body = kfp_server_api.V2beta1Experiment(display_name=name, namespace=client.get_user_namespace() or None)
-    with _api_errors(f"creating experiment {name!r}"):
+    with api_errors(f"create experiment {name!r}"):
         return _created_or_found(
             lambda: client.experiments.experiment_service_create_experiment(experiment=body).experiment_id,
             lambda: find_experiment(client, name),
@@ -268,7 +277,7 @@ def ensure_experiment(client: kfp.Client, name: str) -> str:
 
 def _find_pipeline(client: kfp.Client, name: str) -> str | None:
     found = client.list_pipelines(
-        filter=_name_filter(name), namespace=client.get_user_namespace() or None, page_size=2
+        filter=name_filter(name), namespace=client.get_user_namespace() or None, page_size=2
     ).pipelines
     if found and len(found) > 1:
         raise HablaError(f"several pipelines are named {name!r}; delete the extra ones")
@@ -276,7 +285,7 @@ def _find_pipeline(client: kfp.Client, name: str) -> str | None:
 
 
 def _find_version(client: kfp.Client, pipeline_id: str, version_name: str) -> str | None:
-    found = client.list_pipeline_versions(pipeline_id, page_size=1, filter=_name_filter(version_name))
+    found = client.list_pipeline_versions(pipeline_id, page_size=1, filter=name_filter(version_name))
     return found.pipeline_versions[0].pipeline_version_id if found.pipeline_versions else None
 
 
@@ -290,7 +299,7 @@ def ensure_pipeline_version(client: kfp.Client, package_path: str, name: str | N
 
     name = name or pipeline_name(package_path)
     version_name = f"{name}-{package_digest(package_path)[:12]}"
-    with _api_errors(f"uploading pipeline {name!r}"):
+    with api_errors(f"upload pipeline {name!r}"):
         pipeline_id = _find_pipeline(client, name)
         if pipeline_id is None:
             body = kfp_server_api.V2beta1Pipeline(display_name=name, namespace=client.get_user_namespace() or None)
@@ -318,12 +327,20 @@ def ensure_pipeline_version(client: kfp.Client, package_path: str, name: str | N
 
 def find_run(client: kfp.Client, experiment_id: str, run_name: str) -> RunRef | None:
     """A run of the experiment with this display name, if one exists (the newest)."""
-    with _api_errors(f"looking up run {run_name!r}"):
+    with api_errors(f"look up run {run_name!r}"):
         response = client.list_runs(
-            experiment_id=experiment_id, filter=_name_filter(run_name), sort_by="created_at desc", page_size=1
+            experiment_id=experiment_id, filter=name_filter(run_name), sort_by="created_at desc", page_size=1
         )
     runs = response.runs or []
     return RunRef(runs[0].run_id, _ui_url(client, f"runs/details/{runs[0].run_id}")) if runs else None
+
+
+def count_runs(client: kfp.Client, experiment_id: str, run_name: str) -> int:
+    """How many runs of the experiment have this display name."""
+    with api_errors(f"look up runs {run_name!r}"):
+        return sum(
+            1 for _ in pages(client.list_runs, "runs", experiment_id=experiment_id, filter=name_filter(run_name))
+        )
 
 
 def submit_run(
@@ -336,6 +353,7 @@ def submit_run(
     client: kfp.Client | None = None,
     namespace: str | None = None,
     service_account: str = PIPELINE_SERVICE_ACCOUNT,
+    token_file: str | None = None,
 ) -> RunRef:
     """Submit one run of a compiled pipeline package to the experiment (created if missing).
 
@@ -348,7 +366,7 @@ def submit_run(
     """
     import kfp_server_api
 
-    client = client or connect(host, namespace=namespace)
+    client = client or connect(host, namespace=namespace, token_file=token_file)
     arguments = explicit_params(pipeline_package, params)
     experiment_id = ensure_experiment(client, experiment)
     version = ensure_pipeline_version(client, pipeline_package)
@@ -361,7 +379,7 @@ def submit_run(
         runtime_config=kfp_server_api.V2beta1RuntimeConfig(parameters=arguments),
         service_account=service_account or None,
     )
-    with _api_errors(f"submitting run {run_name!r}"):
+    with api_errors(f"submit run {run_name!r}"):
         run = client.runs.run_service_create_run(run=body)
     log.info("submitted run %s (%s)", run_name, run.run_id)
     return RunRef(run.run_id, _ui_url(client, f"runs/details/{run.run_id}"))
@@ -373,8 +391,8 @@ def list_runs(client: kfp.Client, experiment: str) -> list[KfpRun]:
     if experiment_id is None:
         raise HablaError(f"no experiment named {experiment!r}")
     runs = []
-    with _api_errors(f"listing the runs of {experiment!r}"):
-        for run in _pages(client.list_runs, "runs", experiment_id=experiment_id, sort_by="created_at"):
+    with api_errors(f"list the runs of {experiment!r}"):
+        for run in pages(client.list_runs, "runs", experiment_id=experiment_id, sort_by="created_at"):
             runs.append(
                 KfpRun(
                     run_id=run.run_id,
@@ -387,105 +405,3 @@ def list_runs(client: kfp.Client, experiment: str) -> list[KfpRun]:
                 )
             )
     return runs
-
-
-# --------------------------------------------------------------------------------------- recurring runs
-
-
-def _normalized(value: Any) -> Any:
-    """Parameters as the server echoes them (numbers travel as doubles): 2.0 and 2 compare equal."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _normalized(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_normalized(v) for v in value]
-    return value
-
-
-def _same_schedule(
-    existing, version: VersionRef, cron: str, params: dict, max_concurrency: int, no_catchup: bool, enabled: bool
-) -> bool:
-    ref = existing.pipeline_version_reference
-    trigger = existing.trigger.cron_schedule if existing.trigger else None
-    return (
-        ref is not None
-        and ref.pipeline_version_id == version.version_id
-        and trigger is not None
-        and trigger.cron == cron
-        and _normalized((existing.runtime_config.parameters if existing.runtime_config else None) or {})
-        == _normalized(params)
-        and str(existing.max_concurrency) == str(max_concurrency)
-        and bool(existing.no_catchup) == no_catchup
-        and (existing.mode == "ENABLE") == enabled
-    )
-
-
-def find_recurring_runs(client: kfp.Client, experiment_id: str, name: str) -> list:
-    """The recurring runs of the experiment with this display name (normally zero or one)."""
-    with _api_errors(f"listing recurring runs named {name!r}"):
-        return list(
-            _pages(client.list_recurring_runs, "recurring_runs", experiment_id=experiment_id, filter=_name_filter(name))
-        )
-
-
-def ensure_recurring_run(
-    client: kfp.Client,
-    *,
-    package_path: str,
-    name: str,
-    experiment: str,
-    cron: str,
-    params: dict[str, Any],
-    max_concurrency: int = 1,
-    no_catchup: bool = True,
-    enabled: bool = True,
-) -> RecurringRef:
-    """Create, or bring up to date, the one recurring run called ``name`` in the experiment. Idempotent.
-
-    An existing recurring run that already matches (same pipeline version, cron, parameters, concurrency,
-    catch-up and mode) is left alone. One that differs is replaced: the v2beta1 API cannot edit a
-    recurring run, so the new one is created first and the old one(s) deleted after — a few seconds with two
-    schedules rather than a window with none if the creation fails.
-    """
-    experiment_id = ensure_experiment(client, experiment)
-    version = ensure_pipeline_version(client, package_path)
-    arguments = explicit_params(package_path, params)
-    existing = find_recurring_runs(client, experiment_id, name)
-    matching = [
-        r for r in existing if _same_schedule(r, version, cron, arguments, max_concurrency, no_catchup, enabled)
-    ]
-    if matching and len(existing) == 1:
-        return RecurringRef(matching[0].recurring_run_id, version.version_id, "unchanged")
-    keep = matching[0] if matching else None
-    if keep is None:
-        with _api_errors(f"creating recurring run {name!r}"):
-            keep = client.create_recurring_run(
-                experiment_id=experiment_id,
-                job_name=name,
-                description="habla: look for new Common Voice releases and train on each (habla schedule)",
-                cron_expression=cron,
-                max_concurrency=max_concurrency,
-                no_catchup=no_catchup,
-                params=arguments,
-                pipeline_id=version.pipeline_id,
-                version_id=version.version_id,
-                enabled=enabled,
-            )
-    for old in existing:
-        if old.recurring_run_id != keep.recurring_run_id:
-            with _api_errors(f"deleting the outdated recurring run {old.recurring_run_id}"):
-                client.delete_recurring_run(old.recurring_run_id)
-    return RecurringRef(keep.recurring_run_id, version.version_id, "created" if not existing else "updated")
-
-
-def delete_recurring_run(client: kfp.Client, experiment: str, name: str) -> int:
-    """Delete every recurring run called ``name`` in the experiment; how many there were."""
-    experiment_id = find_experiment(client, experiment)
-    if experiment_id is None:
-        return 0
-    existing = find_recurring_runs(client, experiment_id, name)
-    for old in existing:
-        with _api_errors(f"deleting recurring run {old.recurring_run_id}"):
-            client.delete_recurring_run(old.recurring_run_id)
-    return len(existing)

@@ -23,21 +23,23 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
+import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from habla.core.errors import HablaError, one_line
-from habla.kubeflow.follow import kubernetes_client
+from habla.core import conditional
+from habla.core.claims import Attempt, AttemptClaims, Claims
+from habla.core.errors import Fault, HablaError
+from habla.kubeflow.api import api_error, current_namespace, kubernetes_client
+
+log = logging.getLogger(__name__)
 
 GROUP = "coordination.k8s.io"
 # What LeaseClaims asks of the API server: manifests/ must grant all of it (tests check the Role).
 REQUIRED_PERMISSIONS: tuple[tuple[str, str, str], ...] = tuple(
     (GROUP, "leases", verb) for verb in ("get", "create", "update")
 )
-IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 LABEL = "app.kubernetes.io/part-of"
 ANNOTATION_PREFIX = "habla.dev/"
 TIMEOUT = 30  # seconds per request
@@ -58,20 +60,6 @@ def lease_name(*parts: str) -> str:
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
     readable = _NOT_DNS.sub("-", "-".join(parts[1:] or parts).lower()).strip("-.")
     return f"habla-{digest}-{readable}"[:253].rstrip("-.")
-
-
-def current_namespace() -> str:
-    """The pod's namespace in a cluster, else the kubeconfig context's namespace, else ``default``."""
-    if IN_CLUSTER_NAMESPACE.is_file():
-        return IN_CLUSTER_NAMESPACE.read_text().strip() or "default"
-    try:
-        from kubernetes import config
-
-        # KUBECONFIG as it is now (the client reads it once, when imported).
-        _, active = config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG") or None)
-        return (active or {}).get("context", {}).get("namespace") or "default"
-    except Exception:  # noqa: BLE001 - no kubeconfig: kubernetes_client() reports that when it matters
-        return "default"
 
 
 @dataclass(frozen=True)
@@ -113,18 +101,13 @@ class LeaseClaims:
 
     # ------------------------------------------------------------------------------------------ calls
 
-    def _error(self, exc: Exception, verb: str, name: str) -> HablaError:
-        status = getattr(exc, "status", None)
-        where = f"leases.{GROUP} in namespace {self.namespace}"
-        if status in (401, 403):
-            return HablaError(
-                f"not allowed to {verb} {where} (HTTP {status}): apply manifests/ and run the watcher under a "
-                "service account bound to the Role habla-watcher"
-            )
-        if status is None:
-            why = one_line(exc, with_type=True)
-            return HablaError(f"cannot reach the Kubernetes API to {verb} Lease {self.namespace}/{name}: {why}")
-        return HablaError(f"Kubernetes API error on {verb} Lease {self.namespace}/{name}: {one_line(exc)}")
+    def _error(self, exc: Exception, verb: str, name: str) -> HablaError | Fault:
+        return api_error(
+            exc,
+            f"{verb} Lease {self.namespace}/{name}",
+            rbac=f"{verb} leases.{GROUP} in namespace {self.namespace}",
+            forbidden="apply manifests/ and run the watcher under a service account bound to the Role habla-watcher",
+        )
 
     def _call(self, verb: str, name: str, fn, *args, **kwargs) -> Any:
         """The API call, or None on 409 (AlreadyExists / Conflict: another writer got there first)."""
@@ -232,3 +215,70 @@ class LeaseClaims:
         body = self._body(held.name, spec, annotations, held.resource_version, held.uid)
         released = self._call("update", held.name, self.api.replace_namespaced_lease, held.name, self.namespace, body)
         return released is not None
+
+
+class LeaseAttempts:
+    """habla.core.claims.Claims over Kubernetes Leases: one Lease per release (or download) and state store, for
+    stores that do not enforce conditional writes."""
+
+    mode = "lease"
+
+    def __init__(self, state: str, namespace: str | None, api_client: Any) -> None:
+        self.state = state
+        self.leases = LeaseClaims(namespace, api_client)
+
+    def take(self, folder: str, owner: str, lease: float) -> tuple[Attempt | None, str]:
+        kind, name = folder.rstrip("/").split("/")[-2:]  # STATE/releases/<name>, STATE/downloads/<name>
+        annotations = {"state": self.state, "release": name, "status": "submitting"}
+        held, why = self.leases.acquire(lease_name(self.state, kind, name), owner, lease, annotations)
+        if held is None:
+            return None, why
+        return Attempt(held.transitions + 1, held.expires, held=held, annotations=annotations), ""
+
+    def still_ours(self, attempt: Attempt) -> bool:
+        renewed = self.leases.renew(attempt.held, attempt.annotations)
+        if renewed is None:
+            return False
+        attempt.held, attempt.expires = renewed, renewed.expires
+        return True
+
+    def finish(self, attempt: Attempt, status: str, **fields: Any) -> None:
+        self.leases.release(attempt.held, {**attempt.annotations, "status": status, **fields})
+
+    def fail(self, attempt: Attempt, error: str) -> None:
+        self.leases.release(attempt.held, {**attempt.annotations, "status": "failed", "error": error[:1000]})
+
+    def drop(self, attempt: Attempt) -> None:
+        """Give back an attempt that found the work done: the Lease keeps the outcome its last holder wrote."""
+        self.leases.release(attempt.held, attempt.held.previous or attempt.annotations)
+
+
+CLAIM_MODES = ("s3", "lease", "auto")
+
+
+def choose_claims(state: str, mode: str, lease_namespace: str | None = None, kube_client: Any = None) -> Claims:
+    """The claims for ``--claims`` ``s3`` (the state store's conditional writes, refused unless the probe
+    passes), ``lease`` (a Kubernetes Lease) or ``auto`` (s3 when the probe passes, else the Lease)."""
+    if mode not in CLAIM_MODES:
+        raise HablaError(f"--claims {mode!r}: expected one of {', '.join(CLAIM_MODES)}")
+    if mode == "lease":
+        return LeaseAttempts(state, lease_namespace, kube_client)
+    probe = conditional.probe_conditional_writes(state)
+    if probe.ok:
+        log.info("claims: conditional writes on %s (%s)", probe.store, probe.detail)
+        return AttemptClaims()
+    refusal = (
+        f"the state store {probe.store} does not enforce conditional writes: {probe.detail}; two watchers could "
+        "both submit a release"
+    )
+    if mode == "s3":
+        raise HablaError(
+            f"{refusal}: use --claims lease (a Kubernetes Lease, in a cluster) or a store that enforces them "
+            "(docs/operations.md, 'Object stores')"
+        )
+    try:
+        claims = LeaseAttempts(state, lease_namespace, kube_client)
+    except HablaError as exc:
+        raise HablaError(f"{refusal}, and --claims auto found no Kubernetes API for a Lease: {exc}") from None
+    log.warning("%s; claiming through Kubernetes Leases in namespace %s instead", refusal, claims.leases.namespace)
+    return claims

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,8 +14,10 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from habla.core.errors import HablaError
+from habla.core.errors import Fault, HablaError
 from habla.kubeflow.jobs import LOCAL_PROGRAM, Log, print_log
+from habla.runs.parameters import gpu_count
+from habla.training.command import TrainStep
 
 # ------------------------------------------------------------------------------------------------ local
 
@@ -89,6 +92,15 @@ def run_local(
     child_env.update(env or {})
     child_env["PYTHONUNBUFFERED"] = "1"
     commands = torchrun_commands(nproc_per_node, nnodes, program, list(train_args))
+    bad_input: list[str] = []  # `habla train`'s one-line errors on bad input (it exits 2; torchrun exits 1)
+    shown = log
+
+    def log(line: str) -> None:
+        match = _BAD_INPUT_LINE.search(line)
+        if match:
+            bad_input.append(match[1])
+        shown(line)
+
     log(f"torchrun: {nnodes} node(s) x {nproc_per_node} process(es) on this machine")
     procs: list[subprocess.Popen[str]] = []
     readers: list[threading.Thread] = []
@@ -117,8 +129,20 @@ def run_local(
             reader.join(timeout=5)
     if failed == "timeout":
         raise HablaError(f"training under torchrun did not finish within {timeout_s:.0f} s")
-    if failed is not None:
-        raise HablaError(f"training under torchrun failed (exit code {failed}); its output is above")
+    if failed is not None and bad_input:  # bad input: the same again would fail the same way
+        raise HablaError(bad_input[0])
+    if failed is not None:  # a crash, a lost worker, a fault: what retries are for
+        raise Fault(f"training under torchrun failed (exit code {failed}); its output is above")
+
+
+_BAD_INPUT_LINE = re.compile(r"habla train: error: (.*)$")
+
+
+def train_here(step: TrainStep, nodes: int, gpus_per_node: str) -> tuple[str, dict[str, float]]:
+    """The pipeline's training step in its own pod: torchrun with one process per GPU (or per simulated node on
+    a CPU). Returns the model's URI and the training numbers."""
+    run_local(step.arguments(), nproc_per_node=max(gpu_count(gpus_per_node), 1), nnodes=nodes)
+    return step.result()
 
 
 def _pump(proc: subprocess.Popen[str], prefix: str, log: Log) -> None:

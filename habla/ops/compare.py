@@ -22,39 +22,25 @@ import io
 import logging
 from typing import Any
 
-from habla.core import jsonl, layout, storage
+from habla.core import layout, render, state, storage
 from habla.core.errors import HablaError, one_line
 from habla.core.layout import OutputLayout, RunLayout
-from habla.data.commonvoice import release_label
+from habla.runs.parameters import COMPARE_COLUMNS, NOT_COMPARED
+from habla.speech.releases import release_label
 
 log = logging.getLogger(__name__)
 
-COLUMNS = [
-    "run",
-    "state",
-    "release",
-    "config",
-    "train_source",
-    "nodes",
-    "gpus",
-    "steps",
-    "train_audio_h",
-    "wall_h",
-    "wer",
-    "cer",
-    "utterances",
-]
+# The run, then the run parameters that have a column (habla.runs.parameters), then what the run measured.
+COLUMNS = ["run", "state", "release", *(column for column, _ in COMPARE_COLUMNS), "train_audio_h", "wall_h", "wer",
+           "wer_95", "cer", "cer_95", "utterances", "promoted"]  # fmt: skip
 GROUPS = ("gender", "age", "accent")
-# run.json keys that are not settings (or are columns already): never a difference column.
-NOT_SETTINGS = {"run_name", "run_dir", "started", "release", "release_uri", "config", "nodes", "gpus_per_node",
-                "max_steps", "train_source", "config_overrides", "promotion"}  # fmt: skip
 
 
 def _read_json(uri: str) -> dict | None:
     try:
-        return jsonl.read_object(uri)
-    except ValueError as exc:
-        raise HablaError(f"{uri}: {exc}") from None
+        return state.read(uri)
+    except HablaError:
+        raise
     except Exception as exc:  # noqa: BLE001 - S3 permission, endpoint down: any of botocore's errors
         raise HablaError(f"cannot read {uri}: {one_line(exc, with_type=True)}") from None
 
@@ -84,7 +70,7 @@ def make_row(
     wall = summary.get("wall_seconds")
     row: dict[str, Any] = {
         "run": _first(name, run.get("run_name"), storage.name(dst) if dst else None),
-        "state": _first(state, "evaluated" if metrics else ("trained" if summary else "started")),
+        "state": _first(state, run.get("state"), "evaluated" if metrics else ("trained" if summary else "started")),
         "release": release_label(release) if release else None,
         "config": _first(run.get("config"), params.get("config"), summary.get("config")),
         "train_source": _first(run.get("train_source"), params.get("train_source")),
@@ -94,8 +80,14 @@ def make_row(
         "train_audio_h": summary.get("audio_hours_seen"),
         "wall_h": wall / 3600 if isinstance(wall, (int, float)) else None,
         "wer": metrics.get("wer"),
+        "wer_95": _interval(metrics.get("wer_ci")),
         "cer": metrics.get("cer"),
+        "cer_95": _interval(metrics.get("cer_ci")),
+        "wer_ci": metrics.get("wer_ci"),
+        "cer_ci": metrics.get("cer_ci"),
         "utterances": metrics.get("utterances"),
+        "promoted": _promoted(dst, run),
+        "test_set": _test_set(metrics.get("manifest")),
     }
     for group in GROUPS:
         for value, scores in sorted((metrics.get(f"by_{group}") or {}).items()):
@@ -106,11 +98,48 @@ def make_row(
     return row
 
 
+def _interval(ci: Any) -> str | None:
+    """A 95 % interval as text, ``0.412–0.488``."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+        return f"{ci[0]:.3f}–{ci[1]:.3f}"
+    return None
+
+
+def _promoted(dst: str, run: dict) -> str | None:
+    """``best`` for the run whose model is its output folder's current best (models/best.json), ``yes`` for one
+    promoted since replaced, ``no`` for one kept out, None before its evaluation decided."""
+    promotion = run.get("promotion") or {}
+    if dst and "/runs/" in dst.replace("\\", "/"):
+        out = dst.replace("\\", "/").rsplit("/runs/", 1)[0]
+        try:
+            best = state.read(OutputLayout(out).best) or {}
+        except Exception:  # noqa: BLE001 - a marker, never a reason to fail the comparison
+            best = {}
+        if best and best.get("run") in (run.get("run_name"), storage.name(dst)):
+            return "best"
+    if "promote" in promotion:
+        return "yes" if promotion["promote"] else "no"
+    return None
+
+
+def _test_set(manifest: Any) -> str | None:
+    """What a run was scored on, short: ``<dataset folder>/manifests/test.json`` -> the dataset folder's name."""
+    if not manifest:
+        return None
+    parts = str(manifest).rstrip("/").split("/")
+    return parts[-3] if len(parts) >= 3 and parts[-2] == "manifests" else str(manifest)
+
+
+def test_sets(rows: list[dict]) -> list[str]:
+    """The distinct test sets the scored runs were measured on: WERs of different test sets do not compare."""
+    return sorted({r["test_set"] for r in rows if r.get("wer") is not None and r.get("test_set")})
+
+
 def settings_of(record: dict) -> dict[str, str]:
     """A run's settings as text: its pipeline parameters (not the fixed columns) and its config overrides."""
     from habla.core.settings import split_pair
 
-    settings = {k: str(v) for k, v in record.items() if k not in NOT_SETTINGS and not isinstance(v, (dict, list))}
+    settings = {k: str(v) for k, v in record.items() if k not in NOT_COMPARED and not isinstance(v, (dict, list))}
     for item in str(record.get("config_overrides") or "").split():
         if "=" in item:
             key, value = split_pair(item, "a config override")
@@ -155,12 +184,14 @@ def rows_from_folders(dsts: list[str]) -> list[dict]:
     return [make_row(run) for dst in dsts for run in run_folders(dst)]
 
 
-def rows_from_kfp(host: str | None, experiment: str, namespace: str | None = None) -> list[dict]:
+def rows_from_kfp(
+    host: str | None, experiment: str, namespace: str | None = None, token_file: str | None = None
+) -> list[dict]:
     """Rows for the runs of a KFP experiment; metrics from each run's folder under its ``output_uri``, when
     readable (``runs/<run_name>/``, or ``runs/<the KFP run's id>/`` when no run_name was given)."""
     from habla.kubeflow import kfp_api
 
-    client = kfp_api.connect(host, namespace=namespace)
+    client = kfp_api.connect(host, namespace=namespace, token_file=token_file)
     rows = []
     for run in kfp_api.list_runs(client, experiment):
         output_uri = run.params.get("output_uri") or ""
@@ -176,15 +207,21 @@ def rows_from_kfp(host: str | None, experiment: str, namespace: str | None = Non
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
-    """By WER, best first; runs without a WER last (by name)."""
-    return sorted(rows, key=lambda r: (r.get("wer") is None, r.get("wer") or 0.0, str(r.get("run"))))
+    """By test set, then by WER, best first (a WER is only ranked against WERs of the same test set); runs
+    without a WER last (by name)."""
+    return sorted(rows, key=lambda r: (r.get("wer") is None, str(r.get("test_set") or ""), r.get("wer") or 0.0,
+                                       str(r.get("run"))))  # fmt: skip
 
 
 def columns_for(rows: list[dict], groups: list[str], with_source: bool) -> list[str]:
     """The fixed columns, a column per setting that differs between the runs, and the per-group WER columns
     of the requested groups that some run has."""
     group_cols = sorted({k for r in rows for k in r if any(k.startswith(f"wer[{g}=") for g in groups)})
-    return COLUMNS[:5] + difference_columns(rows) + COLUMNS[5:] + group_cols + (["source"] if with_source else [])
+    test_set = ["test_set"] if len(test_sets(rows)) > 1 or with_source else []
+    optional = ("wer_95", "cer_95", "promoted")  # shown when some run has them
+    fixed = [c for c in COLUMNS[5:] if c not in optional or any(r.get(c) is not None for r in rows)]
+    return (COLUMNS[:5] + difference_columns(rows) + fixed + test_set + group_cols
+            + (["source"] if with_source else []))  # fmt: skip
 
 
 def plot(rows: list[dict], groups: list[str], path: str) -> None:
@@ -195,42 +232,109 @@ def plot(rows: list[dict], groups: list[str], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = [r for r in rows if r.get("wer") is not None]
-    if not scored:
-        raise HablaError("--plot: no run has a WER yet")
-    panels = [g for g in groups if any(k.startswith(f"wer[{g}=") for r in scored for k in r)]
-    keys = {g: sorted({k for r in scored for k in r if k.startswith(f"wer[{g}=")}) for g in panels}
-    heights = [0.45 * len(scored) + 1.0] + [0.3 * len(scored) * len(keys[g]) + 1.0 for g in panels]
-    fig, axes = plt.subplots(len(heights), 1, figsize=(10, sum(heights) + 0.5), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})  # fmt: skip
-    names = [str(r["run"]) for r in scored]
-    highest = max([r["wer"] for r in scored] + [r.get(k) or 0.0 for g in panels for k in keys[g] for r in scored])
-    ax = axes[0][0]
-    bars = ax.barh(names, [r["wer"] for r in scored], color="tab:blue")
-    ax.bar_label(bars, fmt="%.3f", padding=3, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, highest * 1.2 or 1.0)
-    ax.set_xlabel("WER")
-    ax.set_title("WER per run", loc="left")
-    for panel, group in zip(axes[1:], panels):
-        ax = panel[0]
-        height = 0.8 / max(len(keys[group]), 1)
-        for i, key in enumerate(keys[group]):
-            values = [r.get(key) or 0.0 for r in scored]
-            bars = ax.barh([j + i * height for j in range(len(scored))], values, height=height,
-                           label=key[len(f"wer[{group}=") : -1])  # fmt: skip
-            ax.bar_label(bars, fmt="%.3f", padding=2, fontsize=7)
-        ax.set_yticks([j + 0.4 - height / 2 for j in range(len(scored))], names)
-        ax.invert_yaxis()
-        ax.set_xlim(0, highest * 1.2 or 1.0)
-        ax.set_xlabel("WER")
-        ax.set_title(f"WER per run and {group}", loc="left")
-        ax.legend(fontsize="small", title=group, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    if storage.is_s3(path):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120)
-        storage.write_bytes(path, buffer.getvalue())
-    else:
-        fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with matplotlib.rc_context(render.PLAIN_TEXT):  # a '$' in a group name is text, not mathematics
+        scored = [r for r in rows if r.get("wer") is not None]
+        if not scored:
+            raise HablaError("--plot: no run has a WER yet")
+        panels = [g for g in groups if any(k.startswith(f"wer[{g}=") for r in scored for k in r)]
+        keys = {g: sorted({k for r in scored for k in r if k.startswith(f"wer[{g}=")}) for g in panels}
+        heights = [0.45 * len(scored) + 1.0] * 2 + [0.3 * len(scored) * len(keys[g]) + 1.0 for g in panels]
+        fig, axes = plt.subplots(len(heights), 1, figsize=(10, sum(heights) + 0.5), squeeze=False,
+                                 gridspec_kw={"height_ratios": heights})  # fmt: skip
+        names = [str(r["run"]) for r in scored]
+        highest = max([r["wer"] for r in scored] + [r.get(k) or 0.0 for g in panels for k in keys[g] for r in scored])
+        names = [f"{n} ★" if r.get("promoted") == "best" else n for n, r in zip(names, scored)]
+        for ax, metric, color in ((axes[0][0], "wer", "tab:blue"), (axes[1][0], "cer", "tab:orange")):
+            values = [r.get(metric) or 0.0 for r in scored]
+            cis = [r.get(f"{metric}_ci") or [v, v] for r, v in zip(scored, values)]
+            errors = [
+                [max(0.0, v - ci[0]) for v, ci in zip(values, cis)],
+                [max(0.0, ci[1] - v) for v, ci in zip(values, cis)],
+            ]
+            top = max([ci[1] for ci in cis] + [highest])
+            bars = ax.barh(names, values, color=color, xerr=errors, ecolor="#555555", capsize=3)
+            ax.bar_label(bars, fmt="%.3f", padding=12, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlim(0, top * 1.25 or 1.0)
+            ax.set_xlabel(f"{metric.upper()} (bars: 95 % bootstrap interval; ★ the current best model)")
+            ax.set_title(f"{metric.upper()} per run", loc="left")
+        for panel, group in zip(axes[2:], panels):
+            ax = panel[0]
+            height = 0.8 / max(len(keys[group]), 1)
+            for i, key in enumerate(keys[group]):
+                values = [r.get(key) or 0.0 for r in scored]
+                bars = ax.barh([j + i * height for j in range(len(scored))], values, height=height,
+                               label=key[len(f"wer[{group}=") : -1])  # fmt: skip
+                ax.bar_label(bars, fmt="%.3f", padding=2, fontsize=7)
+            ax.set_yticks([j + 0.4 - height / 2 for j in range(len(scored))], names)
+            ax.invert_yaxis()
+            ax.set_xlim(0, highest * 1.2 or 1.0)
+            ax.set_xlabel("WER")
+            ax.set_title(f"WER per run and {group}", loc="left")
+            ax.legend(fontsize="small", title=group, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+        if storage.is_s3(path):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=120)
+            storage.write_bytes(path, buffer.getvalue())
+        else:
+            fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+#: The TensorBoard scalars drawn as learning curves (what NeMo's CTC models log through Lightning).
+CURVES = (("train_loss", "training loss"), ("val_wer", "validation WER"))
+
+
+def learning_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """A run's learning curves from its TensorBoard events (``<run>/model/logs/``, local runs): ``{tag: [(step,
+    value), …]}`` for the tags of :data:`CURVES` it has, each by step (a resumed run's later events win)."""
+    from pathlib import Path
+
+    logs = Path(RunLayout(run_dir).train.logs)
+    if storage.is_s3(run_dir) or not logs.is_dir():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves: dict[str, dict[int, float]] = {}
+    for events in sorted(logs.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag, _ in CURVES:
+            if tag in accumulator.Tags().get("scalars", []):
+                curves.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return {tag: sorted(points.items()) for tag, points in curves.items()}
+
+
+def plot_curves(rows: list[dict], path: str) -> int:
+    """Draw each run's learning curves (training loss, validation WER by step) into ``path``; returns how many
+    runs had any. HablaError when none has TensorBoard events."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = [(str(r["run"]), learning_curves(r["source"])) for r in rows if r.get("source")]
+    found = [(name, curves) for name, curves in found if curves]
+    if not found:
+        raise HablaError("--curves: no run has TensorBoard events (<run>/model/logs/) to draw")
+    with matplotlib.rc_context(render.PLAIN_TEXT):
+        fig, axes = plt.subplots(1, len(CURVES), figsize=(12, 4.5), squeeze=False)
+        for ax, (tag, title) in zip(axes[0], CURVES):
+            for name, curves in found:
+                if tag in curves:
+                    steps, values = zip(*curves[tag])
+                    ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=name)
+            ax.set_title(title, loc="left")
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+        if storage.is_s3(path):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=110)
+            storage.write_bytes(path, buffer.getvalue())
+        else:
+            fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return len(found)

@@ -1,42 +1,58 @@
-"""How much a run trains, and on what batch: the global-batch contract and the length of the LR schedule.
+"""How much a run trains, on what batch, how often it validates, and what a node must request: the run's plan.
 
 Light on purpose (no torch, NeMo or Lightning): everything here is decided from the config, the train
-manifest and the world size, before the slow imports, and tested as plain functions.
+manifest and the world size, before the slow imports, and tested as plain functions. ``habla train --dry-run``
+prints it; the launchers size the nodes' requests from it.
 
 **Global batch.** A config names the global batch its optimizer settings were tuned for (``global_batch``:
-utterances per optimizer step) and the batch of one device (``model.train_ds.batch_size``). habla train
-keeps the global batch whatever the world size, by accumulating gradients::
+utterances per optimizer step) and what one device can hold (``model.train_ds.batch_size`` utterances, or on
+tar shards ``batch_size × max_duration`` seconds of padded audio, or what a GPU was measured to hold). habla
+train keeps the global batch within 10 % whatever the world size: it accumulates gradients while one
+step of every device holds less than the global batch, and shrinks the per-device batch when it holds more::
 
-    accumulate_grad_batches = max(1, round(global_batch / (world_size × per-device batch)))
+    accumulate_grad_batches = ceil(global_batch / (world_size × what a device holds))
+    per-device batch        = global_batch / (world_size × accumulate_grad_batches)
 
-The learning rate is not rescaled: when the world is too large for the tuned global batch (accumulation 1
-already overshoots it) or the division is not exact, the global batch actually used is logged and written
-to train_summary.json, and a warning names the ratio when it is more than 10 % off the tuned one.
-``trainer.accumulate_grad_batches`` set in the config (or as an override) wins over the derived value.
-With dynamic bucketing (tar shards through Lhotse, below) the per-device batch is a duration; its expected
-size in utterances is ``batch_duration / mean padded clip duration``.
+so 8 nodes × 8 GPUs train on the tuned global batch with smaller per-device batches, and finish sooner. Where
+it cannot hold (more devices than the global batch has utterances), the plan refuses in one line, unless the
+config's ``scale_lr`` (``linear`` or ``sqrt``) asks for the learning rate to follow the global batch; the
+factor is in the plan and in train_summary.json. ``trainer.accumulate_grad_batches`` set in the config wins
+over the derived value (the per-device batch is then what the device holds; a global batch far from the
+tuned one is warned about).
 
 **Dynamic bucketing.** Tar shards stream through Lhotse, which groups clips of similar length into buckets
 (``use_bucketing``) and fills each batch up to ``batch_duration`` seconds of *padded* audio (clips × the
 longest of the batch), so batches carry little padding. habla places the bucket edges
 (``bucket_duration_bins``) at quantiles of the train durations, equal clips per bucket (NeMo's default spreads
 them evenly between min and max duration, where few Common Voice clips are), and, unless the config sets it,
-chooses ``batch_duration`` so that a batch holds ``batch_size`` utterances on average, as on the WAV path, so
-the LR tuning holds. It starts from ``batch_size × mean padded clip duration`` (each clip padded to the
-longest of its bucket) and corrects it by running Lhotse's own sampler over the train durations (no audio)
-for the batches one loader worker draws in the run: the sampler picks among its ready buckets uniformly, not
-by their share of the clips, so the first guess is off (measured: +11 % utterances per batch over 1,000
-batches of Common-Voice-like durations; -43 % on the bundled release, whose few long clips make one-clip
-batches). A batch never holds more padded audio than ``batch_size`` clips of the longest duration (what the
-per-device batch was sized for).
+chooses ``batch_duration`` so that a batch holds the per-device batch in utterances on average. It starts from
+``utterances × mean padded clip duration`` (each clip padded to the longest of its bucket) and corrects it by
+running Lhotse's own sampler over the train durations (no audio) for the batches one loader worker draws in
+the run: the sampler picks among its ready buckets uniformly, not by their share of the clips, so the first
+guess is off (measured: +11 % utterances per batch over 1,000 batches of Common-Voice-like durations; -43 %
+on the bundled release, whose few long clips make one-clip batches). A batch never holds more padded audio
+than the device holds.
 
 **Budget.** The run trains ``trainer.max_steps`` optimizer steps, or ``trainer.max_epochs`` epochs, whichever
-ends first (as Lightning does). habla computes the steps of an epoch from the train manifest (the clips
+ends first (as Lightning does). ``max_steps`` counts steps of the tuned global batch: when the global batch
+used differs, the steps follow so that the run makes the same passes over the data (the warmup and the
+validation cadence follow too). habla computes the steps of an epoch from the train manifest (the clips
 within ``min_duration``/``max_duration``, the batch, the world size and the accumulation) and sets
 ``trainer.max_steps`` to the run's budget in steps, which NeMo sizes its LR schedule from: the schedule
 always anneals within the run, and NeMo never asks the (length-less) Lhotse stream for its length. An
 epoch of a Lhotse stream is defined as one pass worth of batches (``trainer.limit_train_batches``). A warmup
 longer than a fifth of the budget is cut to a fifth, so that a short run still anneals.
+
+**Cadence.** The config's ``validate_every_steps`` (optimizer steps; null: once per epoch) becomes Lightning's
+``val_check_interval`` in batches (× the accumulation, counted across epochs), so validation never runs more
+often than the config intends at any world size; checkpoints are written after each validation (or every
+``checkpoint.every_n_train_steps``).
+
+**Loader memory and node requests.** Lhotse's shuffle and bucket buffers keep each buffered clip's bytes (a
+16-bit WAV in the tar shard): habla sizes both buffers so that a loader worker holds at most
+``resources.loader_worker_memory_gib``, and a node requests, per training process (one per GPU), its
+``resources.process_memory_gib`` plus its workers' memory, the shared memory its workers' prefetched batches
+take, and one CPU per worker plus one.
 """
 
 from __future__ import annotations
@@ -44,6 +60,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -54,28 +71,74 @@ log = logging.getLogger("habla.train")
 MAX_WARMUP_FRACTION = 0.2  # of the run's steps
 DEFAULT_NUM_BUCKETS = 30  # NeMo's Lhotse default
 MIN_CLIPS_PER_BUCKET = 4  # fewer buckets for a small train set: each must be able to fill batches
-GLOBAL_BATCH_TOLERANCE = 0.1  # a used/tuned ratio further from 1 than this is warned about
+GLOBAL_BATCH_TOLERANCE = 0.1  # the global batch used stays this close to the tuned one (or the plan refuses)
+SCALE_RULES = ("linear", "sqrt")  # scale_lr: the LR × used/tuned global batch, or × its square root
 # Calibration of batch_duration (calibrate_batch_duration): clips sampled, batches simulated, corrections
 CALIBRATION_CLIPS = 100_000
 CALIBRATION_BATCHES = 1_000
+CALIBRATION_CUTS = 100_000  # at most this many utterances drawn per simulation (large batches: fewer batches)
 CALIBRATION_ROUNDS = 2
 CALIBRATION_SEED = 0
 MEASURED_TOLERANCE = 0.25  # a measured/planned utterances-per-step ratio further from 1 than this is warned about
+# Host memory (resources section of a config; these are the defaults)
+LOADER_WORKER_MEMORY_GIB = 3.0
+PROCESS_MEMORY_GIB = 8.0
+LHOTSE_BUFFER = 10_000  # Lhotse's default shuffle and bucket buffers: more buys nothing
+BUFFER_MEMORY_SHARE = 0.8  # of a worker's memory for its buffers; the rest decodes and collates
+CLIP_OVERHEAD_BYTES = 4096  # a buffered clip's Lhotse objects besides its audio bytes
+WAV_BYTES_PER_SAMPLE = 2  # tar shards hold 16-bit PCM WAV (habla prepare)
+PREFETCH_FACTOR = 2  # PyTorch DataLoader's default: batches per worker waiting in shared memory
+FLOAT_BYTES = 4  # a collated batch is float32 audio
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Loader:
+    """One training process's data loading: workers and, on tar shards, Lhotse's buffers (in clips)."""
+
+    workers_per_device: int
+    shuffle_buffer: int | None  # Lhotse's streaming shuffle (tar shards only)
+    bucket_buffer: int | None  # Lhotse's bucketing buffer (tar shards only)
+    clip_bytes: int  # a buffered clip's estimated bytes
+    memory_per_worker_gib: float  # what a worker's buffers hold, estimated
+    buffer_warning: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    """What one node of the job should request: per training process, its memory, its workers' memory and
+    shared memory (prefetched batches), and a CPU per worker plus one."""
+
+    processes: int  # training processes (GPUs) on the node
+    cpu: int
+    memory_gib: int  # request and limit (includes the shared memory: a tmpfs counts against the pod's memory)
+    shared_memory_gib: float
+
+    @property
+    def memory(self) -> str:
+        """As a Kubernetes quantity."""
+        return f"{self.memory_gib}Gi"
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What habla train decided for a run; written to train_summary.json under ``batch`` and ``schedule``."""
+    """The run's plan; written to train_summary.json and printed by ``habla train --dry-run``."""
 
     world_size: int
     per_device_batch: float  # utterances (expected, with batch_duration)
     batch_duration: float | None  # padded seconds per device batch (Lhotse dynamic bucketing), else None
+    device_capacity: float  # what one device holds: utterances, or padded seconds with batch_duration
+    capacity_from: str  # "config" (batch_size, max_duration, batch_duration) or "gpu" (measured)
     num_buckets: int | None  # Lhotse buckets (with batch_duration)
     simulated_per_device_batch: float | None  # utterances per batch in the calibration's last simulated epoch
     accumulate_grad_batches: int
     accumulation_from: str  # "global_batch", "config" or "none" (the config names no global batch)
     global_batch: float  # utterances per optimizer step actually used
     tuned_global_batch: float  # what the config's optimizer settings were tuned for
+    lr: float | None  # what the optimizer uses
+    tuned_lr: float | None  # the config's
+    lr_scale: float  # lr / tuned_lr
+    lr_rule: str | None  # scale_lr: "linear", "sqrt", or None (not scaled)
     train_clips: int  # within min/max_duration
     train_hours: float
     batches_per_epoch: int  # per rank
@@ -84,23 +147,35 @@ class Budget:
     budget_from: str  # "max_steps" or "max_epochs"
     epochs: float  # the budget in epochs
     warmup_steps: int | None
+    validate_every_steps: int
+    checkpoint_every_steps: int
+    loader: Loader
+    node: NodeRequest
     bucket_duration_bins: tuple[float, ...] | None = None  # upper edges of all buckets but the last
 
     def as_summary(self) -> dict:
+        """The plan in sections: batch, learning_rate, schedule, cadence, loader, node."""
         values = asdict(self)
-        values.pop("bucket_duration_bins")
-        batch_keys = ("world_size", "per_device_batch", "batch_duration", "num_buckets", "simulated_per_device_batch",
-                      "accumulate_grad_batches", "accumulation_from", "global_batch", "tuned_global_batch")  # fmt: skip
-        return {
-            "batch": {k: values[k] for k in batch_keys},
-            "schedule": {k: v for k, v in values.items() if k not in batch_keys},
-        }
+        sections = {
+            "batch": ("world_size", "per_device_batch", "batch_duration", "device_capacity", "capacity_from",
+                      "num_buckets", "simulated_per_device_batch", "accumulate_grad_batches", "accumulation_from",
+                      "global_batch", "tuned_global_batch"),
+            "learning_rate": ("lr", "tuned_lr", "lr_scale", "lr_rule", "warmup_steps"),
+            "schedule": ("train_clips", "train_hours", "batches_per_epoch", "steps_per_epoch", "max_steps",
+                         "budget_from", "epochs"),
+            "cadence": ("validate_every_steps", "checkpoint_every_steps"),
+        }  # fmt: skip
+        summary = {name: {k: values[k] for k in keys} for name, keys in sections.items()}
+        summary["cadence"]["validations"] = self.max_steps // self.validate_every_steps if self.max_steps else 0
+        summary["loader"] = values["loader"]
+        summary["node"] = {**values["node"], "memory": self.node.memory}
+        return summary
 
 
 def _positive(value, what: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or not math.isfinite(value):
         raise HablaError(f"{what} must be a positive number (got {value!r})")
     return float(value)
 
@@ -133,6 +208,17 @@ def mean_padded(durations: Sequence[float], bins: Sequence[float]) -> float:
     return sum(longest[bisect.bisect_left(bins, d)] for d in durations) / len(durations)
 
 
+def _duration_cuts(durations: Sequence[float], seed: int):
+    """Lhotse cuts of these durations (no audio), in a random order, repeated forever."""
+    import random
+
+    from lhotse import CutSet
+    from lhotse.cut import MonoCut
+
+    sample = random.Random(seed).sample(sorted(durations), min(len(durations), CALIBRATION_CLIPS))
+    return CutSet.from_cuts(MonoCut(f"c{i}", 0.0, d, 0) for i, d in enumerate(sample)).repeat()
+
+
 def simulated_batch(
     durations: Sequence[float],
     bins: Sequence[float],
@@ -140,26 +226,25 @@ def simulated_batch(
     batches: int,
     buffer_size: int,
     seed: int = CALIBRATION_SEED,
+    cuts=None,
 ) -> float:
     """Utterances per batch, on average, when Lhotse's bucketing sampler (as NeMo sets it up: ``bins``, this
     buffer, shuffled) draws ``batches`` batches of ``batch_duration`` padded seconds from an endless stream of
-    these durations. Lhotse's own sampler on duration-only cuts: no audio is read."""
-    import random
-
-    from lhotse import CutSet
-    from lhotse.cut import MonoCut
+    these durations. Lhotse's own sampler on duration-only cuts: no audio is read. ``cuts``: the stream,
+    when the caller already built it (:func:`_duration_cuts`)."""
     from lhotse.dataset.sampling.dynamic import DynamicCutSampler
     from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler
 
-    sample = random.Random(seed).sample(sorted(durations), min(len(durations), CALIBRATION_CLIPS))
-    cuts = CutSet.from_cuts(MonoCut(f"c{i}", 0.0, d, 0) for i, d in enumerate(sample)).repeat()
+    cuts = _duration_cuts(durations, seed) if cuts is None else cuts
     common = dict(max_duration=batch_duration, shuffle=True, seed=seed, shuffle_buffer_size=buffer_size)
     sampler = (
         DynamicBucketingSampler(cuts, duration_bins=list(bins), buffer_size=buffer_size, **common)
         if bins
         else DynamicCutSampler(cuts, **common)  # one bucket: NeMo then uses Lhotse's plain duration sampler
     )
-    sizes = [len(batch) for batch, _ in zip(sampler, range(max(1, min(batches, CALIBRATION_BATCHES))))]
+    with warnings.catch_warnings():  # Lhotse's buffer advice is the plan's to give (Budget.loader), not this
+        warnings.simplefilter("ignore", UserWarning)
+        sizes = [len(batch) for batch, _ in zip(sampler, range(max(1, min(batches, CALIBRATION_BATCHES))))]
     return sum(sizes) / len(sizes)
 
 
@@ -167,13 +252,16 @@ def calibrate_batch_duration(
     durations: Sequence[float], bins: Sequence[float], batch_size: float, batches: int, buffer_size: int
 ) -> tuple[float, float]:
     """The ``batch_duration`` whose batches average ``batch_size`` utterances over ``batches`` batches (a loader
-    worker's share of the run) of Lhotse's sampler, and the average it gives there. Starts from ``batch_size ×
-    mean padded clip`` and corrects it in proportion, CALIBRATION_ROUNDS times."""
+    worker's share of the run, at most CALIBRATION_CUTS utterances) of Lhotse's sampler, and the average it
+    gives there. Starts from ``batch_size × mean padded clip`` and corrects it in proportion,
+    CALIBRATION_ROUNDS times."""
+    cuts = _duration_cuts(durations, CALIBRATION_SEED)
+    batches = max(1, min(batches, math.ceil(CALIBRATION_CUTS / batch_size)))
     batch_duration = batch_size * mean_padded(durations, bins)
-    measured = simulated_batch(durations, bins, batch_duration, batches, buffer_size)
+    measured = simulated_batch(durations, bins, batch_duration, batches, buffer_size, cuts=cuts)
     for _ in range(CALIBRATION_ROUNDS):
         batch_duration *= batch_size / measured
-        measured = simulated_batch(durations, bins, batch_duration, batches, buffer_size)
+        measured = simulated_batch(durations, bins, batch_duration, batches, buffer_size, cuts=cuts)
     return batch_duration, measured
 
 
@@ -185,8 +273,58 @@ def num_buckets(configured, clips: int, utterances_per_batch: float) -> int:
     return max(1, min(DEFAULT_NUM_BUCKETS, int(clips // per_bucket)))
 
 
-def plan(cfg, entries: Sequence[dict], world_size: int, streamed: bool) -> Budget:
-    """Decide batch, accumulation and budget for ``cfg`` on these train entries. ``streamed``: Lhotse (tars)."""
+def _whole(value, what: str, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise HablaError(f"{what} must be a whole number >= {minimum} (got {value!r})")
+    return value
+
+
+def _resource(cfg, key: str, default: float) -> float:
+    value = (cfg.get("resources") or {}).get(key)
+    return default if value is None else _positive(value, f"resources.{key}")
+
+
+def _per_device(capacity: float, world_size: int, tuned: float | None, configured: int | None, whole: bool):
+    """Accumulation, per-device batch (utterances) and where the accumulation came from (module docstring).
+
+    The fewest accumulated batches whose per-device batch (at most ``capacity``; whole utterances with
+    ``whole``) puts the global batch within GLOBAL_BATCH_TOLERANCE of ``tuned``; when none does, the
+    closest."""
+    if configured is not None:
+        return configured, capacity, "config"
+    if tuned is None:
+        return 1, capacity, "none"
+    first = max(1, math.ceil(tuned / (world_size * capacity) - 1e-9))
+    best = None
+    for accumulate in range(first, max(first, int(tuned * (1 + GLOBAL_BATCH_TOLERANCE) / world_size)) + 1):
+        target = tuned / (world_size * accumulate)
+        per_device = min(capacity, max(1.0, round(target) if whole else target))
+        miss = abs(per_device * world_size * accumulate / tuned - 1)
+        if best is None or miss < best[0]:
+            best = (miss, accumulate, per_device)
+        if miss <= GLOBAL_BATCH_TOLERANCE:
+            break
+    return best[1], best[2], "global_batch"
+
+
+def _scaled(value: int | None, scale: float) -> int | None:
+    return None if value is None else max(1, round(value * scale))
+
+
+def plan(
+    cfg,
+    entries: Sequence[dict],
+    world_size: int,
+    streamed: bool,
+    *,
+    devices_per_node: int = 1,
+    measured_capacity: float | None = None,
+) -> Budget:
+    """Decide the run's plan for ``cfg`` on these train entries. ``streamed``: Lhotse (tar shards).
+    ``devices_per_node``: training processes per node (the node request). ``measured_capacity``: the padded
+    seconds a device was measured to hold (habla.training.sizing), instead of the config's."""
     ds, trainer = cfg.model.train_ds, cfg.trainer
     durations = kept_durations(entries, ds)
     if not durations:
@@ -194,40 +332,64 @@ def plan(cfg, entries: Sequence[dict], world_size: int, streamed: bool) -> Budge
             f"none of the {len(entries)} train clips is within model.train_ds.min_duration/max_duration "
             f"({ds.get('min_duration')}, {ds.get('max_duration')})"
         )
-    clips, seconds = len(durations), sum(durations)
+    clips, seconds, longest = len(durations), sum(durations), max(durations)
     mean = seconds / clips
 
     batch_size = _positive(ds.get("batch_size"), "model.train_ds.batch_size")
     batch_duration = _positive(ds.get("batch_duration"), "model.train_ds.batch_duration") if streamed else None
-    bins, buckets, simulated = None, None, None
-    if streamed and ds.get("use_bucketing", True) is not False:
+    tuned = _positive(cfg.get("global_batch"), "global_batch")
+    configured = _whole(trainer.get("accumulate_grad_batches"), "trainer.accumulate_grad_batches", 1)
+    rule = cfg.get("scale_lr")
+    if rule is not None and rule not in SCALE_RULES:
+        raise HablaError(f"scale_lr must be null, {' or '.join(SCALE_RULES)} (got {rule!r})")
+
+    # 1. What one device holds: utterances (fixed batches) or padded seconds (duration batches on tar shards).
+    bucketed = streamed and ds.get("use_bucketing", True) is not False
+    by_duration = bucketed or batch_duration is not None
+    bins = None
+    if by_duration:
         if batch_size is None and batch_duration is None:
             raise HablaError("set model.train_ds.batch_size or model.train_ds.batch_duration")
-        if ds.get("bucket_duration_bins") is not None:
-            bins = sorted(float(b) for b in ds.bucket_duration_bins)
-        else:
-            guess = batch_size if batch_size is not None else batch_duration / mean
-            bins = bucket_bins(sorted(durations), num_buckets(ds.get("num_buckets"), clips, guess))
-        buckets = len(bins) + 1
-        padded = mean_padded(durations, bins)
-        if batch_duration is None:  # calibrated below, for batch_size utterances per batch
-            per_device = batch_size
-            batches = math.ceil(clips / (batch_size * world_size))
-        else:
-            per_device = batch_duration / padded
-            batches = math.ceil(clips / (per_device * world_size))
-    elif batch_duration is not None:  # duration batches without buckets: padded to the longest clip seen
-        per_device = batch_duration / max(durations)
-        batches = math.ceil(clips / (per_device * world_size))
+        capacity = measured_capacity or batch_duration or batch_size * longest
+        if bucketed:
+            if ds.get("bucket_duration_bins") is not None:
+                bins = sorted(float(b) for b in ds.bucket_duration_bins)
+            else:
+                expected = min(capacity / mean, tuned / world_size) if tuned else capacity / mean
+                bins = bucket_bins(sorted(durations), num_buckets(ds.get("num_buckets"), clips, expected))
+        padded = mean_padded(durations, bins) if bins else longest
+        capacity_utterances = capacity / padded
     elif batch_size is None:
         raise HablaError("set model.train_ds.batch_size (utterances per device)")
     else:
-        per_device = batch_size
+        capacity = capacity_utterances = batch_size
+    capacity_from = "gpu" if measured_capacity and by_duration else "config"
+
+    # 2. Accumulation and per-device batch for the tuned global batch.
+    accumulate, per_device, source = _per_device(capacity_utterances, world_size, tuned, configured, not by_duration)
+    used = per_device * world_size * accumulate
+    ratio = used / tuned if tuned else 1.0
+    if source == "global_batch" and abs(ratio - 1) > GLOBAL_BATCH_TOLERANCE and rule is None:
+        raise HablaError(
+            f"{world_size} devices cannot train on global_batch {tuned:g} within {GLOBAL_BATCH_TOLERANCE:.0%} (the "
+            f"closest is {used:g} utterances per step): use another number of devices, or set scale_lr=linear or "
+            "scale_lr=sqrt to scale the learning rate with the global batch"
+        )
+    lr_scale = 1.0
+    if rule is not None and source != "none":
+        lr_scale = ratio if rule == "linear" else math.sqrt(ratio)
+    tuned_lr = cfg.model.get("optim", {}).get("lr")
+    tuned_lr = float(tuned_lr) if isinstance(tuned_lr, (int, float)) and not isinstance(tuned_lr, bool) else None
+
+    # 3. Batches per epoch (per rank) and optimizer steps.
+    if by_duration:
+        batches = math.ceil(clips / (per_device * world_size))
+    else:
         per_rank = math.ceil(clips / world_size)  # Lightning's DistributedSampler pads the ranks evenly
-        batches = int(per_rank // batch_size) if ds.get("drop_last") else math.ceil(per_rank / batch_size)
+        batches = int(per_rank // per_device) if ds.get("drop_last") else math.ceil(per_rank / per_device)
         if batches < 1:
             raise HablaError(
-                f"{clips} train clips over {world_size} rank(s) do not fill one batch of {batch_size:g} "
+                f"{clips} train clips over {world_size} rank(s) do not fill one batch of {per_device:g} "
                 "(model.train_ds.drop_last is set): lower model.train_ds.batch_size"
             )
     limit = trainer.get("limit_train_batches")
@@ -235,24 +397,15 @@ def plan(cfg, entries: Sequence[dict], world_size: int, streamed: bool) -> Budge
         batches = limit if streamed else min(batches, limit)  # Lightning's cap (a stream's epoch length)
     elif isinstance(limit, float) and 0 < limit < 1:  # a stream's epoch becomes that many whole batches
         batches = max(1, int(batches * limit))
-
-    tuned = _positive(cfg.get("global_batch"), "global_batch")
-    configured = trainer.get("accumulate_grad_batches")
-    if configured is not None:
-        if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
-            raise HablaError(f"trainer.accumulate_grad_batches must be an integer >= 1 (got {configured!r})")
-        accumulate, source = configured, "config"
-    elif tuned is None:
-        accumulate, source = 1, "none"
-    else:
-        accumulate, source = max(1, round(tuned / (per_device * world_size))), "global_batch"
-    used = per_device * world_size * accumulate
     steps_per_epoch = math.ceil(batches / accumulate)
 
+    # The config counts steps of its tuned global batch: the same passes over the data at the batch habla chose
+    # (an accumulation the config sets explicitly counts its own steps).
+    length_scale = 1 / ratio if source == "global_batch" else 1.0
     max_steps, epochs = trainer.get("max_steps"), trainer.get("max_epochs")
     budgets = {}
     if isinstance(max_steps, int) and max_steps >= 0:
-        budgets["max_steps"] = max_steps
+        budgets["max_steps"] = round(max_steps * length_scale)
     if isinstance(epochs, int) and epochs >= 0:
         budgets["max_epochs"] = epochs * steps_per_epoch
     if not budgets:
@@ -263,31 +416,78 @@ def plan(cfg, entries: Sequence[dict], world_size: int, streamed: bool) -> Budge
     budget_from = min(budgets, key=lambda k: (budgets[k], k != "max_steps"))
     steps = budgets[budget_from]
 
-    if bins is not None and batch_duration is None:
-        # Each loader worker (or the main process) iterates one sampler for the whole run (NeMo keeps its
-        # workers, Lhotse its iterator, across epochs): calibrate over that run's batches.
-        run_batches = math.ceil(max(1, steps) * accumulate / max(1, int(ds.get("num_workers") or 0)))
-        buffer = int(ds.get("bucket_buffer_size") or min(10_000, clips))
-        batch_duration, simulated = calibrate_batch_duration(durations, bins, batch_size, run_batches, buffer)
-        # never more padded audio than batch_size of the longest clips: what the per-device batch was sized for
-        if batch_duration > batch_size * max(durations):
-            batch_duration = batch_size * max(durations)
-            simulated = simulated_batch(durations, bins, batch_duration, run_batches, buffer)
+    # 4. Loader buffers within the workers' memory; what a node requests.
+    workers = int(ds.get("num_workers") or 0)
+    worker_gib = _resource(cfg, "loader_worker_memory_gib", LOADER_WORKER_MEMORY_GIB)
+    clip_bytes = round(mean * int(cfg.model.get("sample_rate") or 16000) * WAV_BYTES_PER_SAMPLE) + CLIP_OVERHEAD_BYTES
+    shuffle_buffer = bucket_buffer = None
+    buffer_warning = None
+    if streamed:
+        fits = int(worker_gib * GIB * BUFFER_MEMORY_SHARE / clip_bytes)
+        default = max(1, min(LHOTSE_BUFFER, clips, fits // 2))
+        shuffle_buffer = _whole(ds.get("shuffle_buffer_size"), "model.train_ds.shuffle_buffer_size", 1) or default
+        bucket_buffer = _whole(ds.get("bucket_buffer_size"), "model.train_ds.bucket_buffer_size", 1) or default
+        if bins and bucket_buffer < (len(bins) + 1) * per_device and bucket_buffer < clips:
+            buffer_warning = (
+                f"the bucket buffer ({bucket_buffer} clips) holds less than one batch of {per_device:.0f} per bucket "
+                f"({len(bins) + 1} buckets): batches come out smaller; raise resources.loader_worker_memory_gib"
+            )
+
+    # 5. batch_duration: Lhotse's sampler fills batches of the per-device batch on average.
+    simulated = None
+    if by_duration:
+        if not bins:  # padded to the longest clip seen
+            batch_duration = per_device * longest
+        elif batch_duration is None or per_device < capacity_utterances or measured_capacity:
+            # Each loader worker (or the main process) iterates one sampler for the whole run (NeMo keeps its
+            # workers, Lhotse its iterator, across epochs): calibrate over that run's batches.
+            run_batches = math.ceil(max(1, steps) * accumulate / max(1, workers))
+            batch_duration, simulated = calibrate_batch_duration(durations, bins, per_device, run_batches,
+                                                                  bucket_buffer)  # fmt: skip
+            if batch_duration > capacity:  # never more padded audio than a device holds
+                batch_duration = capacity
+                simulated = simulated_batch(durations, bins, batch_duration, run_batches, bucket_buffer)
+    batch_seconds = batch_duration if by_duration else per_device * longest
+    processes = max(1, devices_per_node)
+    loader_workers = max(1, workers)  # without workers the training process holds the buffers itself
+    shared = processes * workers * PREFETCH_FACTOR * batch_seconds * int(cfg.model.get("sample_rate") or 16000)
+    shared_gib = shared * FLOAT_BYTES / GIB
+    buffered_gib = ((shuffle_buffer or 0) + (bucket_buffer or 0)) * clip_bytes / GIB
+    process_gib = _resource(cfg, "process_memory_gib", PROCESS_MEMORY_GIB)
+    node = NodeRequest(
+        processes=processes,
+        cpu=processes * (workers + 1),
+        memory_gib=math.ceil(processes * (process_gib + loader_workers * worker_gib) + shared_gib),
+        shared_memory_gib=round(shared_gib, 2),
+    )
 
     sched = cfg.model.get("optim", {}).get("sched") or {}
     warmup = sched.get("warmup_steps")
-    if isinstance(warmup, int) and warmup > 0 and steps > 0:
-        warmup = min(warmup, math.floor(steps * MAX_WARMUP_FRACTION))
+    if isinstance(warmup, int) and warmup > 0:
+        warmup = round(warmup * length_scale)
+        if steps > 0:
+            cap = float((cfg.get("fine_tune") or {}).get("max_warmup_fraction") or MAX_WARMUP_FRACTION)
+            warmup = min(warmup, math.floor(steps * cap))
+    validate_every = _whole(cfg.get("validate_every_steps"), "validate_every_steps", 1)
+    validate_every = min(max(1, steps), _scaled(validate_every, length_scale) or steps_per_epoch)
+    checkpoint_every = _whole((cfg.get("checkpoint") or {}).get("every_n_train_steps"),
+                              "checkpoint.every_n_train_steps", 1)  # fmt: skip
     return Budget(
         world_size=world_size,
         per_device_batch=round(per_device, 3),
         batch_duration=None if batch_duration is None else round(batch_duration, 3),
-        num_buckets=buckets,
+        device_capacity=round(capacity, 3),
+        capacity_from=capacity_from,
+        num_buckets=None if bins is None else len(bins) + 1,
         simulated_per_device_batch=None if simulated is None else round(simulated, 2),
         accumulate_grad_batches=accumulate,
         accumulation_from=source,
         global_batch=round(used, 3),
-        tuned_global_batch=round(tuned if tuned is not None else per_device * world_size, 3),
+        tuned_global_batch=round(tuned if tuned is not None else used, 3),
+        lr=None if tuned_lr is None else tuned_lr * lr_scale,
+        tuned_lr=tuned_lr,
+        lr_scale=round(lr_scale, 6),
+        lr_rule=rule if rule is not None and source != "none" else None,
         train_clips=clips,
         train_hours=round(seconds / 3600, 4),
         batches_per_epoch=batches,
@@ -296,6 +496,17 @@ def plan(cfg, entries: Sequence[dict], world_size: int, streamed: bool) -> Budge
         budget_from=budget_from,
         epochs=round(steps / steps_per_epoch, 3),
         warmup_steps=warmup if isinstance(warmup, int) else None,
+        validate_every_steps=validate_every,
+        checkpoint_every_steps=_scaled(checkpoint_every, length_scale) or validate_every,
+        loader=Loader(
+            workers_per_device=workers,
+            shuffle_buffer=shuffle_buffer,
+            bucket_buffer=bucket_buffer,
+            clip_bytes=clip_bytes,
+            memory_per_worker_gib=round(buffered_gib, 3),
+            buffer_warning=buffer_warning,
+        ),
+        node=node,
         bucket_duration_bins=None if bins is None else tuple(round(b, 4) for b in bins),
     )
 
@@ -304,27 +515,44 @@ def apply(cfg, budget: Budget, streamed: bool) -> None:
     """Write the decisions into the config NeMo and Lightning receive (and config.yaml records)."""
     from omegaconf import open_dict
 
+    b = budget
     with open_dict(cfg):
-        cfg.trainer.max_steps = budget.max_steps
-        cfg.trainer.accumulate_grad_batches = budget.accumulate_grad_batches
-        sched = cfg.model.optim.get("sched")
-        if sched is not None and budget.warmup_steps is not None:
-            sched.warmup_steps = budget.warmup_steps
+        cfg.trainer.max_steps = b.max_steps
+        cfg.trainer.accumulate_grad_batches = b.accumulate_grad_batches
+        # Validation counted in batches across epochs (Lightning), so in optimizer steps whatever the epoch.
+        cfg.trainer.val_check_interval = b.validate_every_steps * b.accumulate_grad_batches
+        cfg.trainer.check_val_every_n_epoch = None
+        if (cfg.get("checkpoint") or {}).get("every_n_train_steps") is not None:
+            cfg.checkpoint.every_n_train_steps = b.checkpoint_every_steps
+        optim = cfg.model.optim
+        if b.lr_scale != 1.0 and b.lr is not None:
+            optim.lr = b.lr
+            if optim.get("sched") is not None and isinstance(optim.sched.get("min_lr"), (int, float)):
+                optim.sched.min_lr = optim.sched.min_lr * b.lr_scale
+        sched = optim.get("sched")
+        if sched is not None and b.warmup_steps is not None:
+            sched.warmup_steps = b.warmup_steps
+        ds = cfg.model.train_ds
+        if b.batch_duration is None:
+            ds.batch_size = int(b.per_device_batch)
         if streamed:
-            ds = cfg.model.train_ds
             if not isinstance(cfg.trainer.get("limit_train_batches"), int):
                 # A Lhotse stream of tar shards repeats forever: an epoch is one pass worth of batches per rank.
-                cfg.trainer.limit_train_batches = budget.batches_per_epoch
-            if budget.batch_duration is not None:
-                ds.batch_duration = budget.batch_duration
+                cfg.trainer.limit_train_batches = b.batches_per_epoch
+            # Lhotse fills these buffers before every epoch's first batch: sized to the worker's memory, and
+            # never more than the train set (a larger buffer would read a small set many times over first).
+            ds.shuffle_buffer_size = b.loader.shuffle_buffer
+            ds.bucket_buffer_size = b.loader.bucket_buffer
+            if b.batch_duration is not None:
+                ds.batch_duration = b.batch_duration
                 # batch_size would cap the utterances of a batch of short clips below what the duration allows
                 ds.batch_size = None
-            if budget.bucket_duration_bins == ():  # one bucket: Lhotse's plain duration sampler
+            if b.bucket_duration_bins == ():  # one bucket: Lhotse's plain duration sampler
                 ds.use_bucketing = False
-            elif budget.bucket_duration_bins is not None:
+            elif b.bucket_duration_bins is not None:
                 ds.use_bucketing = True
-                ds.bucket_duration_bins = list(budget.bucket_duration_bins)
-                ds.num_buckets = budget.num_buckets
+                ds.bucket_duration_bins = list(b.bucket_duration_bins)
+                ds.num_buckets = b.num_buckets
                 if ds.get("concurrent_bucketing") is None:
                     # Lhotse fills the buckets from a thread that is not a daemon and stops only when the cuts
                     # run out, which an endless tar stream never does: the process would never exit (and every
@@ -333,24 +561,45 @@ def apply(cfg, budget: Budget, streamed: bool) -> None:
 
 
 def describe(budget: Budget) -> list[str]:
-    """The log lines of the decisions: batch and accumulation, then the schedule."""
+    """The log lines of the decisions: batch and accumulation, learning rate, schedule, cadence and node."""
     b = budget
     per_device = (
-        f"{b.batch_duration:g} s padded (≈ {b.per_device_batch:g} utterances, {b.num_buckets} duration bucket(s))"
+        f"{b.batch_duration:g} s padded (≈ {b.per_device_batch:g} utterances, {b.num_buckets or 1} duration bucket(s))"
         if b.batch_duration is not None
         else f"{b.per_device_batch:g} utterances"
     )
-    why = {"global_batch": f"for the config's global_batch {b.tuned_global_batch:g}",
+    holds = f"{b.device_capacity:g} {'s' if b.batch_duration is not None else 'utterances'}"
+    why = {"global_batch": f"for the config's global_batch {b.tuned_global_batch:g}; a device holds {holds}"
+                           f"{' (measured)' if b.capacity_from == 'gpu' else ''}",
            "config": "set by trainer.accumulate_grad_batches",
            "none": "the config names no global_batch"}[b.accumulation_from]  # fmt: skip
-    lines = [
+    lr = "" if b.lr_rule is None else f"; learning rate × {b.lr_scale:.3g} ({b.lr_rule} scale_lr) = {b.lr:.3g}"
+    node = b.node
+    return [
         f"batch: {per_device} per device × {b.world_size} device{'s' if b.world_size > 1 else ''} × "
-        f"accumulate {b.accumulate_grad_batches} ({why}) = global batch {b.global_batch:g}",
+        f"accumulate {b.accumulate_grad_batches} ({why}) = global batch {b.global_batch:g}{lr}",
         f"schedule: {b.max_steps} optimizer steps (from trainer.{b.budget_from}) = {b.epochs:g} epoch(s) of "
         f"{b.steps_per_epoch} steps over {b.train_clips} clips ({b.train_hours:.2f} h); warmup "
         f"{b.warmup_steps if b.warmup_steps is not None else 'none'}; the LR schedule ends at step {b.max_steps}",
+        f"cadence: validation every {b.validate_every_steps} steps, checkpoints every {b.checkpoint_every_steps}; "
+        f"node: {node.processes} process(es) × {b.loader.workers_per_device} loader worker(s) -> request "
+        f"{node.cpu} CPU, {node.memory} memory (of which {node.shared_memory_gib:g} GiB shared)",
     ]
-    return lines
+
+
+def cautions(budget: Budget) -> list[str]:
+    """What the plan should warn about before training: a global batch far from the tuned one, small buffers."""
+    found = [budget.loader.buffer_warning] if budget.loader.buffer_warning else []
+    b = budget
+    if b.accumulation_from != "none" and b.lr_rule is None:
+        ratio = b.global_batch / b.tuned_global_batch
+        if abs(ratio - 1) > GLOBAL_BATCH_TOLERANCE:
+            found.append(
+                f"global batch {b.global_batch:g} is {ratio:.2f}× the {b.tuned_global_batch:g} the config's learning "
+                "rate was tuned for (world size × per-device batch × accumulation); the LR is not rescaled: set "
+                "scale_lr, or adjust model.train_ds.batch_size or trainer.accumulate_grad_batches"
+            )
+    return found
 
 
 def measured_batch_warning(budget: Budget, measured: float | None) -> str | None:
@@ -369,18 +618,3 @@ def measured_batch_warning(budget: Budget, measured: float | None) -> str | None
         + (" (Lhotse's bucket sampler favours short-clip buckets after every epoch's restart; a larger train set "
            "or fixed batches, model.train_ds.use_bucketing=false, keep closer to it)" if budget.batch_duration else "")
     )  # fmt: skip
-
-
-def global_batch_warning(budget: Budget) -> str | None:
-    """A warning when the global batch used is not the one the optimizer settings were tuned for."""
-    b = budget
-    if b.accumulation_from == "none":
-        return None
-    ratio = b.global_batch / b.tuned_global_batch
-    if abs(ratio - 1) <= GLOBAL_BATCH_TOLERANCE:
-        return None
-    return (
-        f"global batch {b.global_batch:g} is {ratio:.2f}× the {b.tuned_global_batch:g} the config's learning rate "
-        "was tuned for (world size × per-device batch × accumulation); the LR is not rescaled: adjust "
-        "model.train_ds.batch_size or model.optim.lr if this is not what you want"
-    )

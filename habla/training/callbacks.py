@@ -2,9 +2,9 @@
 
 - :class:`MirroredCheckpointIO`: Lightning's checkpoint writer (a public plugin API) that also publishes each
   saved (and removed) checkpoint, and the TensorBoard logs, to an ``s3://`` DST. Checkpoints are written to
-  a local folder first (Lightning and torch save to files), then rank 0 uploads them; every rank of a
-  resumed run pulls ``last.ckpt`` back from DST before training (habla.training.train), so nodes need no
-  shared filesystem.
+  a local folder first (Lightning and torch save to files), then uploaded in the background
+  (habla.training.uploads); every rank of a resumed run pulls ``last.ckpt`` back from DST before training
+  (habla.training.train), so nodes need no shared filesystem.
 - :class:`TrainingProgress`: counts the audio and utterances seen (all ranks, summed; kept in checkpoints so
   they survive a resume), keeps the last train loss, remembers the last validation, and logs one readable
   progress line every ``trainer.log_every_n_steps`` steps on rank 0 (progress bars are unreadable in pod logs).
@@ -23,6 +23,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from habla.core import storage
+from habla.core.errors import HablaError
+from habla.training.uploads import BackgroundUploads
 
 log = logging.getLogger("habla.train")
 
@@ -51,30 +53,30 @@ class MirroredCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, plus a copy of every saved checkpoint in ``remote_dir`` (``s3://``).
 
     Lightning's strategy calls a CheckpointIO on global rank 0 only, for every save and every removal
-    (ModelCheckpoint's top-k rotation), so the remote folder mirrors the local one. ``after_upload`` runs
-    after each upload (the TensorBoard log sync).
+    (ModelCheckpoint's top-k rotation), so the remote folder mirrors the local one. The save is local and
+    synchronous; the upload (then ``after_upload``, the TensorBoard log sync) runs in the background:
+    :meth:`wait` at the end of the run.
     """
 
     def __init__(self, remote_dir: str, after_upload: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.remote_dir = remote_dir
-        self.after_upload = after_upload
+        self.uploads = BackgroundUploads(after_upload)
 
     def _remote(self, path) -> str:
         return storage.join(self.remote_dir, Path(path).name)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         super().save_checkpoint(checkpoint, path, storage_options)
-        started = time.monotonic()
-        storage.upload_file(path, self._remote(path))
-        if self.after_upload:
-            self.after_upload()
-        log.info("checkpoint step %s -> %s (%.1fs)", checkpoint.get("global_step"), self._remote(path),
-                 time.monotonic() - started)  # fmt: skip
+        self.uploads.upload(path, self._remote(path), label=f"step {checkpoint.get('global_step')}")
 
     def remove_checkpoint(self, path) -> None:
         super().remove_checkpoint(path)
-        storage.delete(self._remote(path))
+        self.uploads.remove(self._remote(path))
+
+    def wait(self) -> None:
+        """Until every checkpoint saved so far is in ``remote_dir`` (Fault if the latest of one is not)."""
+        self.uploads.wait()
 
 
 class TrainingProgress(Callback):
@@ -136,6 +138,12 @@ class TrainingProgress(Callback):
                             torch.tensor(float(lengths.numel()), device=lengths.device)])  # fmt: skip
         # One tiny all-reduce per step keeps the counter identical on every rank (checkpoints hold rank 0's).
         step = trainer.strategy.reduce(step, reduce_op="sum")
+        if not bool(torch.isfinite(step[1])):  # every rank sees the same sum: all stop at this step together
+            raise HablaError(
+                f"the training loss is not a finite number at step {trainer.global_step} ({float(step[1])}): broken "
+                "audio in the train data (habla train checks the files it is given) or a learning rate far too "
+                "high; nothing was published"
+            )
         if self._sums is None:  # float64: a float32 sum of 10^8 clips' seconds would drift by whole percents
             self._sums = torch.zeros_like(step, dtype=torch.float64)
         self._sums[0] += step[0]
@@ -166,3 +174,33 @@ class TrainingProgress(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.fit_seconds = time.monotonic() - self._fit_started
+
+
+class FreezeEncoder(Callback):
+    """``--freeze-encoder-steps N``: only the heads (and the preprocessor) train for the first N optimizer
+    steps, while new or re-initialised heads warm up; then the encoder trains too. NeMo's ``freeze()``:
+    no gradients, and evaluation mode (dropout off, batch-norm statistics kept)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.frozen = False
+
+    def _set(self, pl_module: LightningModule, frozen: bool, step: int) -> None:
+        encoder = pl_module.encoder
+        if frozen:
+            encoder.freeze()
+        else:
+            encoder.unfreeze()
+            encoder.train()
+        self.frozen = frozen
+        log.info("encoder %s at step %d", "frozen" if frozen else "unfrozen (training every part)", step)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step < self.steps:
+            self._set(pl_module, True, trainer.global_step)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if self.frozen and trainer.global_step >= self.steps:
+            self._set(pl_module, False, trainer.global_step)
+        elif self.frozen and pl_module.encoder.training:  # Lightning puts the model back in train mode each epoch
+            pl_module.encoder.eval()

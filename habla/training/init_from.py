@@ -16,43 +16,19 @@ labels, or the tokenizer built from the train text), the data and the optimizer.
 its vocabulary is exactly the new one; to keep a BPE checkpoint's head, point ``model.tokenizer.dir`` at a
 folder holding its ``tokenizer.model`` (see docs/training.md). Attention-decoder models (Canary) are refused.
 
-The model store (``HABLA_MODEL_STORE``: a local folder or an ``s3://`` prefix) lets offline clusters
-pre-stage published checkpoints: ``--init-from stt_es_fastconformer_hybrid_large_pc`` resolves to
-``$HABLA_MODEL_STORE/stt_es_fastconformer_hybrid_large_pc.nemo`` (or ``…/<name>/<name>.nemo``).
+Where the checkpoint comes from (a path, ``s3://``, or a name in ``HABLA_MODEL_STORE``): habla.speech.models.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
-from habla.core import storage
 from habla.core.errors import HablaError
 
 log = logging.getLogger("habla.train")
 
-STORE_ENV = "HABLA_MODEL_STORE"
 # Config sections of a transducer or hybrid model that a CTC model does not have.
 _TRANSDUCER_KEYS = ("joint", "aux_ctc", "decoding", "loss", "model_defaults", "compute_eval_loss", "fused_batch_size")
-
-
-def resolve(name_or_uri: str) -> str:
-    """A ``.nemo`` location for ``--init-from``: a path or URI as given, else ``name`` looked up in the store."""
-    looks_like_location = storage.is_s3(name_or_uri) or name_or_uri.endswith(".nemo") or "/" in name_or_uri
-    if looks_like_location or os.path.exists(name_or_uri):
-        return name_or_uri
-    store = os.environ.get(STORE_ENV, "").strip()
-    if not store:
-        raise HablaError(
-            f"--init-from {name_or_uri}: no such file, and no model store to look it up in "
-            f"(set {STORE_ENV} to a folder or s3:// prefix holding <name>.nemo files)"
-        )
-    candidates = [storage.join(store, f"{name_or_uri}.nemo"), storage.join(store, name_or_uri, f"{name_or_uri}.nemo")]
-    for candidate in candidates:
-        if storage.exists(candidate):
-            log.info("init-from: %s is %s", name_or_uri, candidate)
-            return candidate
-    raise HablaError(f"--init-from {name_or_uri}: not in the model store (looked for {' and '.join(candidates)})")
 
 
 def _ctc_head(source):

@@ -168,6 +168,23 @@ def export_for_lightning(topology: Topology, env: MutableMapping[str, str] | Non
     env.setdefault("LOCAL_RANK", "0")
 
 
+#: Where the container's memory limit is read: cgroup v2, then v1 (whose "no limit" is a huge number).
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def memory_limit_gib(paths: tuple[str, ...] = CGROUP_MEMORY_LIMITS) -> float | None:
+    """This container's memory limit in GiB (its pod's, on Kubernetes), or None when it has none."""
+    for path in paths:
+        try:
+            text = open(path, encoding="ascii").read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:
+            return int(text) / 2**30
+        return None
+    return None
+
+
 def describe(topology: Topology) -> str:
     """One log line: ``rank 1/2 (node 1/2, 1 process per node, torchrun)``."""
     t = topology

@@ -23,10 +23,9 @@ written to DST until all ranks have joined the process group, which happens afte
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -34,17 +33,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from habla.core import jsonl, storage
+from habla.core import jsonl, state, storage
 from habla.core.errors import HablaError, one_line
 from habla.core.layout import TrainLayout
-from habla.data.text import uncovered_characters
-from habla.training import budget, manifests, topology
+from habla.speech import manifests, models
+from habla.training import budget, finetune, output, tokenizer, topology
 from habla.training import config as train_config
-from habla.training.init_from import resolve as resolve_init_from
 
 log = logging.getLogger("habla.train")
 
-TOKENIZER_SEED = 1234  # every rank builds the same tokenizer from the same text
 FULL_PRECISION = ("32", "32-true", "64", "64-true")
 
 
@@ -67,42 +64,9 @@ class RunPaths:
     @classmethod
     def for_dst(cls, dst: str) -> RunPaths:
         dst = storage.absolute(dst).rstrip("/")
-        run_dir = manifests.cache_root() / "runs" / hashlib.sha1(dst.encode()).hexdigest()[:16]
+        run_dir = models.cache_root() / "runs" / hashlib.sha1(dst.encode()).hexdigest()[:16]
         work = run_dir / "work" if storage.is_s3(dst) else Path(dst)
         return cls(dst=TrainLayout(dst), work=work, scratch=run_dir)
-
-
-# ------------------------------------------------------------------------------------------- checks
-
-
-def _check_characters(texts: list[str], vocabulary: Sequence[str], what: str) -> None:
-    """NeMo's char parser lower-cases; anything else outside the vocabulary would be trained as ⁇."""
-    missing = uncovered_characters((t.strip().lower() for t in texts), vocabulary)
-    if missing:
-        shown = " ".join(repr(c) for c in sorted(missing)[:12])
-        raise HablaError(
-            f"the train text uses {len(missing)} character(s) the {what} lacks: {shown} "
-            "(normalize the text with habla prepare, or add them to the vocabulary)"
-        )
-
-
-def _check_tokenizer(model_file: Path, texts: list[str]) -> None:
-    """Every character of the train text must encode to something other than SentencePiece's unknown piece."""
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    chars = {c for t in texts for c in t if not c.isspace()}
-    missing = sorted(c for c in chars if sp.unk_id() in sp.encode(c))
-    if missing:
-        shown = " ".join(repr(c) for c in missing[:12])
-        raise HablaError(f"the train text uses {len(missing)} character(s) the tokenizer {model_file} lacks: {shown}")
-
-
-def _tokenizer_pieces(model_file: Path) -> list[str]:
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
 
 def _prepare_data(
@@ -119,16 +83,14 @@ def _prepare_data(
         _check_shard_count(len(tars), world_size, int(ds.get("num_workers") or 0))
         # Tarred shards stream through Lhotse (also from s3://): no copy; the epoch length and the dynamic
         # bucketing are set with the rest of the budget (habla.training.budget).
+        if ds.get("augmentor"):
+            log.warning("model.train_ds.augmentor (speed perturbation) is not applied to tar shards: NeMo's Lhotse "
+                        "loader ignores it (train on WAV manifests to have it)")  # fmt: skip
         ds.manifest_filepath = train_manifest
         ds.tarred_audio_filepaths = train_tars
         ds.is_tarred = True
         ds.use_lhotse = True
         cfg.trainer.use_distributed_sampler = False
-        for key in ("shuffle_buffer_size", "bucket_buffer_size"):
-            if ds.get(key) is None:
-                # Lhotse fills these buffers before every epoch's first batch; its default (10,000 utterances)
-                # over a smaller set would read that set many times over first (measured: 20x slower on 120 clips).
-                ds[key] = min(10_000, len(train_entries))
     else:
         if ds.get("is_tarred"):
             raise HablaError("model.train_ds.is_tarred is set: give the tar shards with --train-tars")
@@ -184,72 +146,17 @@ def _pull_from_dst(paths: RunPaths, resume: bool) -> str | None:
     return str(local_last)
 
 
-def _build_tokenizer(cfg, texts: list[str], scratch: Path) -> Path:
-    """A SentencePiece tokenizer of the train text, in a local folder named after its inputs.
-
-    Every rank builds it (no rank waits for another before the process group exists): the same text, settings
-    and seed give the same pieces. Ranks sharing a disk share the folder (built aside, renamed into place).
-    """
-    tok = cfg.model.tokenizer
-    settings = {"vocab_size": int(tok.get("vocab_size", 256)), "spe_type": str(tok.get("spe_type", "bpe")),
-                "character_coverage": float(tok.get("character_coverage", 1.0))}  # fmt: skip
-    digest = hashlib.sha1(json.dumps([settings, texts], ensure_ascii=False).encode()).hexdigest()[:16]
-    folder = scratch / "tokenizers" / digest
-    if (folder / "tokenizer.model").is_file():
-        return folder
-    import sentencepiece
-    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
-    try:
-        text_file = tmp / "text.txt"
-        text_file.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
-        sentencepiece.set_random_generator_seed(TOKENIZER_SEED)
-        create_spt_model(
-            str(text_file), vocab_size=settings["vocab_size"], sample_size=-1, do_lower_case=False,
-            tokenizer_type=settings["spe_type"], output_dir=str(tmp / "out"),
-            character_coverage=settings["character_coverage"],
-        )  # fmt: skip
-        try:
-            os.rename(tmp / "out", folder)  # atomic; another rank on this disk may have won the race
-        except OSError:
-            if not (folder / "tokenizer.model").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("tokenizer: %d pieces from %d sentences", len(_tokenizer_pieces(folder / "tokenizer.model")), len(texts))
-    return folder
-
-
-def _publish_tokenizer(folder: Path, paths: RunPaths, resuming: bool, rank_zero: bool) -> None:
-    """DST/tokenizer is the tokenizer of the run; a resumed run must have rebuilt exactly the same one."""
-    published = storage.join(paths.dst.tokenizer, "tokenizer.model")
-    if resuming and storage.exists(published):
-        with tempfile.TemporaryDirectory() as tmp:
-            storage.download_file(published, Path(tmp) / "tokenizer.model")
-            if _tokenizer_pieces(Path(tmp) / "tokenizer.model") != _tokenizer_pieces(folder / "tokenizer.model"):
-                raise HablaError(
-                    f"the tokenizer built now differs from {published}, which the checkpoint was trained with: "
-                    "the train text or model.tokenizer settings changed; resume with the same ones or use a new --out"
-                )
-    elif rank_zero:
-        for path in sorted(folder.iterdir()):
-            if path.is_file():
-                storage.upload_file(path, storage.join(paths.dst.tokenizer, path.name))
-
-
 # ------------------------------------------------------------------------------------------- NeMo
 
 
-def _build_trainer(cfg, where: topology.Topology, paths: RunPaths, progress):
+def _build_trainer(cfg, where: topology.Topology, paths: RunPaths, progress, freeze_encoder_steps: int = 0):
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
     from omegaconf import OmegaConf
 
-    from habla.training.callbacks import LogSync, MirroredCheckpointIO
+    from habla.training.callbacks import FreezeEncoder, LogSync, MirroredCheckpointIO
 
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     on_gpu = torch.cuda.is_available() and str(kwargs.get("accelerator") or "auto") in ("auto", "gpu", "cuda")
@@ -261,7 +168,8 @@ def _build_trainer(cfg, where: topology.Topology, paths: RunPaths, progress):
     if where.is_distributed:
         kwargs["num_nodes"], kwargs["devices"] = where.nodes, where.devices
         if kwargs.get("strategy") in (None, "auto"):
-            kwargs["strategy"] = "ddp"
+            # a frozen encoder gets no gradients: DDP must not wait for them
+            kwargs["strategy"] = "ddp_find_unused_parameters_true" if freeze_encoder_steps else "ddp"
         if kwargs.get("accelerator") in (None, "auto"):
             kwargs["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
         if where.one_process_per_node:
@@ -269,8 +177,9 @@ def _build_trainer(cfg, where: topology.Topology, paths: RunPaths, progress):
 
             plugins.append(KubeflowEnvironment())
     log_sync = LogSync(paths.work / "logs", paths.dst.logs) if paths.remote else None
-    if paths.remote:
-        plugins.append(MirroredCheckpointIO(paths.dst.checkpoints, after_upload=log_sync))
+    mirror = MirroredCheckpointIO(paths.dst.checkpoints, after_upload=log_sync) if paths.remote else None
+    if mirror is not None:
+        plugins.append(mirror)
     checkpoint = ModelCheckpoint(
         dirpath=str(paths.work / "checkpoints"),
         filename="step={step}-val_wer={val_wer:.4f}",
@@ -278,21 +187,49 @@ def _build_trainer(cfg, where: topology.Topology, paths: RunPaths, progress):
         **OmegaConf.to_container(cfg.get("checkpoint") or OmegaConf.create({}), resolve=True),
     )
     logger = TensorBoardLogger(save_dir=str(paths.work), name="logs")
+    callbacks = [progress, checkpoint] + ([FreezeEncoder(freeze_encoder_steps)] if freeze_encoder_steps else [])
     trainer = pl.Trainer(
-        **kwargs, logger=logger, callbacks=[progress, checkpoint], enable_checkpointing=True, plugins=plugins or None
+        **kwargs, logger=logger, callbacks=callbacks, enable_checkpointing=True, plugins=plugins or None
     )
-    return trainer, log_sync
+    return trainer, log_sync, mirror
 
 
-def _build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir: Path | None):
+def _restore_as_it_is(cfg, trainer, checkpoint: finetune.Checkpoint):
+    """The checkpoint as its own class (preprocessor, encoder, heads, tokenizer, losses), with habla's data
+    and the fine-tuning optimiser (habla.training.finetune)."""
+    from nemo.collections.asr.models import ASRModel
+    from omegaconf import open_dict
+
+    try:
+        model = ASRModel.restore_from(str(checkpoint.path), trainer=trainer, map_location="cpu")
+    except Exception as exc:
+        raise HablaError(f"--init-from {checkpoint.path}: cannot restore a NeMo model ({one_line(exc)})") from None
+    if type(model).__name__ != checkpoint.class_name:
+        raise HablaError(f"--init-from {checkpoint.path}: restored as {type(model).__name__}, not "
+                         f"{checkpoint.class_name} as its config says")  # fmt: skip
+    with open_dict(model.cfg):
+        model.cfg.train_ds = cfg.model.train_ds
+        model.cfg.validation_ds = cfg.model.validation_ds
+        model.cfg.optim = cfg.model.optim
+    model.setup_training_data(model.cfg.train_ds)
+    model.setup_validation_data(model.cfg.validation_ds)
+    ctc_weight = (cfg.model.get("aux_ctc") or {}).get("ctc_loss_weight")
+    losses = "" if ctc_weight is None else f"; RNNT and CTC losses, CTC weight {ctc_weight}"
+    log.info("init-from: fine-tuning %s as it is (preprocessor, encoder, tokenizer and heads kept%s)",
+             checkpoint.class_name, losses)  # fmt: skip
+    return model
+
+
+def _build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir: Path | None, checkpoint=None):
     from nemo.collections.asr.models import ASRModel, EncDecCTCModel, EncDecCTCModelBPE
     from omegaconf import open_dict
 
     from habla.training.init_from import ctc_from
 
+    if checkpoint is not None:
+        return _restore_as_it_is(cfg, trainer, checkpoint)
     if init_from is None:
-        model_class = EncDecCTCModelBPE if kind == train_config.BPE else EncDecCTCModel
-        return model_class(cfg=cfg.model, trainer=trainer)
+        return _model_class(kind)(cfg=cfg.model, trainer=trainer)
 
     try:
         model = ASRModel.restore_from(str(init_from), trainer=trainer, map_location="cpu")
@@ -315,7 +252,7 @@ def _build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir:
             )
             model.change_vocabulary(new_vocabulary=labels)
     else:
-        new_pieces = _tokenizer_pieces(tokenizer_dir / "tokenizer.model")
+        new_pieces = tokenizer.pieces(tokenizer_dir / "tokenizer.model")
         if list(model.tokenizer.vocab) != new_pieces:
             log.info("init-from: tokenizer %d -> %d pieces (new decoder)", model.tokenizer.vocab_size, len(new_pieces))
             model.change_vocabulary(new_tokenizer_dir=str(tokenizer_dir), new_tokenizer_type="bpe")
@@ -338,8 +275,107 @@ def _shutdown_process_group() -> None:
 # ------------------------------------------------------------------------------------------- train
 
 
+@dataclass
+class Run:
+    """What train() decided before the slow imports: the config (with the plan applied), the config as
+    loaded (the plan is redone from it after a GPU batch search), the data, the place in the job, the plan."""
+
+    cfg: object  # DictConfig
+    loaded: object  # DictConfig, before budget.apply
+    kind: str
+    config: str
+    overrides: tuple[str, ...]
+    init_from: str | None
+    init_local: Path | None
+    entries: list[dict]
+    place: topology.Topology
+    paths: RunPaths
+    plan: budget.Budget
+    streamed: bool
+    checkpoint: finetune.Checkpoint | None = None  # --init-from without --config: fine-tuned as it is
+
+    @property
+    def texts(self) -> list[str]:
+        return [e["text"] for e in self.entries]
+
+    def replan(self, measured_capacity: float) -> None:
+        """The plan for the capacity a GPU was measured to hold (habla.training.sizing)."""
+        self.plan = budget.plan(self.loaded, self.entries, self.place.world_size, self.streamed,
+                                devices_per_node=self.place.devices, measured_capacity=measured_capacity)  # fmt: skip
+        budget.apply(self.cfg, self.plan, self.streamed)
+        _log_plan(self.plan)
+
+
+def _log_plan(plan: budget.Budget, memory_limit_gib: float | None = None) -> None:
+    """The plan's lines, its cautions, and whether this container's memory holds what the plan asks of a node."""
+    for line in budget.describe(plan):
+        log.info(line)
+    for warning in budget.cautions(plan):
+        log.warning(warning)
+    if memory_limit_gib is not None and memory_limit_gib < plan.node.memory_gib:
+        log.warning(
+            "this container's memory limit, %.0f GiB, is below the %s the plan asks of a node for its %d "
+            "process(es) and their loader workers: expect them to be killed for memory; request more memory "
+            "or lower resources.loader_worker_memory_gib / the loader's num_workers",
+            memory_limit_gib, plan.node.memory, plan.node.processes,
+        )  # fmt: skip
+
+
+NEEDS_CONFIG = "habla train needs --config NAME|PATH, or --init-from MODEL to fine-tune a checkpoint as it is"
+
+
+def load_config(
+    config: str | None, overrides: Sequence[str], init_from: str | None, freeze_encoder_steps: int | None = None
+):
+    """The run's config, its label, and the checkpoint fine-tuned as it is (None with ``--config``)."""
+    overrides = list(overrides)
+    if freeze_encoder_steps is not None:
+        steps = freeze_encoder_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise HablaError(f"--freeze-encoder-steps must be a whole number >= 0 (got {freeze_encoder_steps!r})")
+        overrides.append(f"fine_tune.freeze_encoder_steps={freeze_encoder_steps}")
+    if config:  # another architecture's config: the checkpoint is read when the model is built
+        return train_config.load(config, overrides), config, None
+    if not init_from:
+        raise HablaError(NEEDS_CONFIG)
+    checkpoint = finetune.read_checkpoint(models.fetch_model(models.resolve_model(init_from), "--init-from"))
+    cfg = train_config.load_mapping(finetune.config_dict(checkpoint), f"--init-from {init_from}", overrides)
+    return cfg, f"init-from:{init_from}", checkpoint
+
+
+def plan_run(
+    config: str | None,
+    train_manifest: str,
+    overrides: Sequence[str] = (),
+    train_tars: str | None = None,
+    nodes: int = 1,
+    gpus_per_node: int = 0,
+    init_from: str | None = None,
+    freeze_encoder_steps: int | None = None,
+) -> dict:
+    """The plan of a run on ``nodes`` × ``gpus_per_node`` (0: one CPU process per node), from the config (or
+    the checkpoint fine-tuned as it is) and the train manifest's durations alone (``habla train --dry-run``):
+    nothing is built, no audio is read."""
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise HablaError(f"--nodes must be a whole number >= 1 (got {nodes!r})")
+    if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) or gpus_per_node < 0:
+        raise HablaError(f"--gpus-per-node must be a whole number >= 0 (got {gpus_per_node!r})")
+    cfg, _, checkpoint = load_config(config, overrides, init_from, freeze_encoder_steps)
+    devices = max(1, gpus_per_node)
+    plan = budget.plan(cfg, manifests.read_manifest(train_manifest), nodes * devices, streamed=bool(train_tars),
+                       devices_per_node=devices)  # fmt: skip
+    budget.apply(cfg, plan, bool(train_tars))
+    return {
+        "world": {"nodes": nodes, "gpus_per_node": gpus_per_node, "world_size": nodes * devices},
+        **({"fine_tuning": finetune.plan_note(cfg)} if checkpoint is not None else {}),
+        **plan.as_summary(),
+        "described": budget.describe(plan),  # the lines habla train logs when it starts
+        "warnings": budget.cautions(plan),
+    }
+
+
 def train(
-    config: str,
+    config: str | None,
     train_manifest: str,
     val_manifest: str,
     out: str,
@@ -347,8 +383,11 @@ def train(
     init_from: str | None = None,
     resume: bool = False,
     train_tars: str | None = None,
+    freeze_encoder_steps: int | None = None,
 ) -> dict:
     """Train a model; write DST/model.nemo, checkpoints, logs, tokenizer and DST/train_summary.json.
+
+    ``config`` None with ``init_from``: fine-tune the checkpoint as it is (habla.training.finetune).
 
     Returns the summary (the same dict on every rank; ``written_by_this_rank`` is True on rank 0).
     Raises HablaError for any problem with the inputs, before training starts.
@@ -358,54 +397,122 @@ def train(
     topology.export_for_lightning(place)
     log.info("habla train: %s", topology.describe(place))
 
-    # 1. Checks that need no NeMo: config, output, manifests, audio, vocabulary.
-    cfg = train_config.load(config, overrides)
+    # 1. Checks that need no NeMo: config, output, manifests, audio, vocabulary; the plan.
+    cfg, label, checkpoint = load_config(config, overrides, init_from, freeze_encoder_steps)
     kind = train_config.model_kind(cfg)
     storage.check_writable_root(out)
     paths = RunPaths.for_dst(out)
-    train_entries = _prepare_data(cfg, paths, train_manifest, val_manifest, train_tars, place.world_size)
-    plan = budget.plan(cfg, train_entries, place.world_size, streamed=bool(train_tars))
-    budget.apply(cfg, plan, streamed=bool(train_tars))
-    for line in budget.describe(plan):
-        log.info(line)
-    warning = budget.global_batch_warning(plan)
-    if warning:
-        log.warning(warning)
-    texts = [e["text"] for e in train_entries]
-    if kind == train_config.CHAR:
-        _check_characters(texts, cfg.model.labels, "vocabulary (model.labels)")
+    streamed = bool(train_tars)
+    entries = _prepare_data(cfg, paths, train_manifest, val_manifest, train_tars, place.world_size)
+    loaded = copy.deepcopy(cfg)
+    plan = budget.plan(cfg, entries, place.world_size, streamed, devices_per_node=place.devices)
+    budget.apply(cfg, plan, streamed)
+    _log_plan(plan, topology.memory_limit_gib())
+    texts = [e["text"] for e in entries]
+    if checkpoint is not None:
+        finetune.check_vocabulary(checkpoint, texts, paths.scratch / "init-tokenizer")
+    elif kind == train_config.CHAR:
+        tokenizer.check_characters(texts, cfg.model.labels, "vocabulary (model.labels)")
+    elif init_from and cfg.model.tokenizer.get("dir") == KEEP_TOKENIZER:
+        # --config with --init-from, keeping the checkpoint's tokenizer (and so its CTC head)
+        cfg.model.tokenizer.dir = str(_checkpoint_tokenizer(init_from, paths))
+        tokenizer.check_tokenizer(Path(cfg.model.tokenizer.dir) / "tokenizer.model", texts)
     elif cfg.model.tokenizer.get("dir"):
         user_tokenizer = Path(cfg.model.tokenizer.dir) / "tokenizer.model"
         if not user_tokenizer.is_file():
             raise HablaError(f"model.tokenizer.dir: {user_tokenizer} not found")
-        _check_tokenizer(user_tokenizer, texts)
-    init_local = manifests.fetch_model(resolve_init_from(init_from), "--init-from") if init_from else None
-    ckpt_path = _pull_from_dst(paths, resume)
+        tokenizer.check_tokenizer(user_tokenizer, texts)
+    init_local = models.fetch_model(models.resolve_model(init_from), "--init-from") if init_from else None
+    run = Run(cfg, loaded, kind, label, tuple(overrides), init_from, init_local, entries, place, paths, plan,
+              streamed, checkpoint)  # fmt: skip
+    with output.writing(paths.dst, output.identity(label, overrides, init_from), resume, place.is_rank_zero) as w:
+        summary = _fit(run, _pull_from_dst(paths, resume), started, w)
+    _shutdown_process_group()
+    return summary
 
+
+#: ``model.tokenizer.dir=checkpoint`` with ``--config NAME --init-from MODEL``: the checkpoint's own tokenizer.
+KEEP_TOKENIZER = "checkpoint"
+
+
+def _checkpoint_tokenizer(init_from: str, paths: RunPaths) -> Path:
+    local = models.fetch_model(models.resolve_model(init_from), "--init-from")
+    ck = finetune.read_checkpoint(local)
+    if not ck.is_bpe:
+        raise HablaError(f"model.tokenizer.dir=checkpoint: --init-from {init_from} is a character model (no tokenizer)")
+    return ck.extract_tokenizer(paths.scratch / "init-tokenizer")
+
+
+def _size_on_gpu(run: Run, tokenizer_dir: Path | None) -> None:
+    """On a GPU, with resources.gpu_batch_search and duration batches: the plan for what this GPU holds."""
+    import torch
+
+    cfg = run.cfg
+    wanted = (cfg.get("resources") or {}).get("gpu_batch_search", False)
+    if not (wanted and torch.cuda.is_available() and run.plan.batch_duration is not None):
+        return
+    if run.loaded.model.train_ds.get("batch_duration") is not None:
+        log.info("GPU batch search: skipped, the config sets model.train_ds.batch_duration")
+        return
+    if run.init_local is not None:
+        log.info("GPU batch search: skipped for --init-from (its architecture is not the config's)")
+        return
+    from omegaconf import open_dict
+
+    from habla.training import sizing
+
+    torch.cuda.set_device(run.place.local_rank)
+    probe_cfg = copy.deepcopy(cfg.model)
+    with open_dict(probe_cfg):
+        probe_cfg.train_ds = probe_cfg.validation_ds = None
+        if tokenizer_dir is not None:
+            probe_cfg.tokenizer.dir = str(tokenizer_dir)
+    model = _model_class(run.kind)(cfg=probe_cfg)
+    longest = max(budget.kept_durations(run.entries, run.loaded.model.train_ds))
+    bf16 = "bf16" in str(cfg.trainer.get("precision", ""))
+    fits = sizing.oom_safe(sizing.ctc_probe(model, longest, int(cfg.model.sample_rate), "cuda", bf16))
+    capacity = sizing.measure(fits, longest, run.plan.device_capacity)
+    del model, fits
+    torch.cuda.empty_cache()
+    run.replan(capacity)
+
+
+def _model_class(kind: str):
+    from nemo.collections.asr.models import EncDecCTCModel, EncDecCTCModelBPE
+
+    return EncDecCTCModelBPE if kind == train_config.BPE else EncDecCTCModel
+
+
+def _fit(run: Run, ckpt_path: str | None, started: float, writing: output.Writing) -> dict:
+    """Build the model and train it; rank 0 publishes model.nemo, the config and the summary."""
     # 2. NeMo and Lightning (slow imports).
+    cfg, place, paths = run.cfg, run.place, run.paths
     train_config.check_against_signatures(cfg)
     from omegaconf import OmegaConf
 
     from habla.training.callbacks import TrainingProgress
 
     tokenizer_dir = None
-    if kind == train_config.BPE:
+    if run.kind == train_config.BPE and run.checkpoint is None:
         if cfg.model.tokenizer.get("dir"):
             tokenizer_dir = Path(cfg.model.tokenizer.dir)
         else:
-            tokenizer_dir = _build_tokenizer(cfg, texts, paths.scratch)
-            _check_tokenizer(tokenizer_dir / "tokenizer.model", texts)
+            tokenizer_dir = tokenizer.build(cfg, run.texts, paths.scratch)
+            tokenizer.check_tokenizer(tokenizer_dir / "tokenizer.model", run.texts)
             cfg.model.tokenizer.dir = str(tokenizer_dir)
-        _publish_tokenizer(tokenizer_dir, paths, ckpt_path is not None, place.is_rank_zero)
+        tokenizer.publish(tokenizer_dir, paths.dst, ckpt_path is not None, place.is_rank_zero)
+    _size_on_gpu(run, tokenizer_dir)
+    plan = run.plan
 
     progress = TrainingProgress(cfg.model.sample_rate, int(cfg.trainer.get("max_steps") or -1))
-    trainer, log_sync = _build_trainer(cfg, place, paths, progress)
+    freeze = int((cfg.get("fine_tune") or {}).get("freeze_encoder_steps") or 0)
+    trainer, log_sync, mirror = _build_trainer(cfg, place, paths, progress, freeze)
     try:
-        model = _build_model(cfg, trainer, kind, init_local, tokenizer_dir)
+        model = _build_model(cfg, trainer, run.kind, run.init_local, tokenizer_dir, run.checkpoint)
     except HablaError:
         raise
     except Exception as exc:  # a config NeMo cannot build (bad encoder arguments, ...)
-        raise HablaError(f"cannot build the model from {config}: {type(exc).__name__}: {one_line(exc)}") from None
+        raise HablaError(f"cannot build the model from {run.config}: {type(exc).__name__}: {one_line(exc)}") from None
     log.info("model: %s, %.2f M parameters", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
 
     # 3. Train, then one validation of the final weights unless the last one already was (all ranks).
@@ -433,13 +540,14 @@ def train(
         "utterances_seen": progress.utterances,
         "final_train_loss": progress.last_loss,
         "val_wer": val_wer,
-        "config": config,
-        "init_from": init_from,
-        "overrides": list(overrides),
+        "config": run.config,
+        "init_from": run.init_from,
+        "overrides": list(run.overrides),
         "resumed_from_step": progress.start_step,
         "fit_seconds": round(progress.fit_seconds, 1),
         "precision": str(cfg.trainer.precision),
         "final_lr": final_lr,
+        **({"fine_tuning": finetune.plan_note(cfg)} if cfg.get("fine_tune") is not None else {}),
         **plan.as_summary(),
     }
     summary["batch"]["measured_global_batch"] = None if measured is None else round(measured, 2)
@@ -448,6 +556,9 @@ def train(
     trainer.strategy.barrier("habla-train-artifacts")
     summary["written_by_this_rank"] = trainer.is_global_zero
     if trainer.is_global_zero:
+        if mirror is not None:
+            mirror.wait()  # the last checkpoints reach DST before the model is published
+        writing.check_still_ours()
         with tempfile.TemporaryDirectory(prefix="habla-model-") as tmp:
             local_model = Path(tmp) / "model.nemo"
             model.save_to(str(local_model))
@@ -456,10 +567,9 @@ def train(
             log_sync()
         storage.write_text(paths.dst.config, OmegaConf.to_yaml(cfg))
         public = {k: v for k, v in summary.items() if k != "written_by_this_rank"}
-        storage.write_text(paths.dst.summary, jsonl.dump(jsonl.finite_or_null(public), indent=2) + "\n")
+        state.write(paths.dst.summary, jsonl.finite_or_null(public), indent=2)
         log.info("rank 0 wrote %s and %s (steps %d, val WER %s)", paths.dst.model, paths.dst.summary,
                  summary["steps"], "n/a" if val_wer is None else f"{val_wer:.4f}")  # fmt: skip
     else:
         log.info("rank %d done; rank 0 writes the artifacts", trainer.global_rank)
-    _shutdown_process_group()
     return summary

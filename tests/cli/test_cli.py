@@ -4,21 +4,29 @@ layers, and the slim image's promise (core + pipeline extras only: every data-si
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import MINI, ROOT, cli_env, run_habla
+from fixtures.commands import cli_env, run_habla
+from fixtures.releases import MINI, ROOT
 
 from habla import cli
 
 HEAVY = ("numpy", "torch", "nemo", "lightning", "omegaconf", "kfp", "soundfile", "pandas", "boto3", "matplotlib")
-# habla's layers, lowest first: a module may import its own layer and the ones below, never one above.
-LAYERS = ("core", "data", "training", "evaluation", "kubeflow", "ops", "cli")
-# The KFP adapters (components/, pipelines/) sit between kubeflow and ops: ops and cli compile pipelines.
-ADAPTERS = {"components": "kubeflow", "pipelines": "kubeflow"}
+LAYER_RULE = re.compile(r"<!-- layers -->\n```\n(.*?)\n```", re.S)
+
+
+def layers() -> list[tuple[str, ...]]:
+    """habla's layers, lowest first, as docs/layout.md states them (one line per layer, ``a | b`` for packages
+    side by side): a module imports its own package and the layers below, never a layer above or a package
+    beside its own."""
+    block = LAYER_RULE.search((ROOT / "docs" / "layout.md").read_text(encoding="utf-8"))
+    assert block, "docs/layout.md has no <!-- layers --> block"
+    return [tuple(name.strip() for name in line.split("|")) for line in block[1].splitlines() if line.strip()]
 
 
 def every_command_line() -> list[list[str]]:
@@ -40,8 +48,10 @@ def test_help_starts_fast_and_imports_nothing_heavy():
     )
     assert not [m for m in HEAVY if m in loaded]
     habla = str(Path(sys.executable).with_name("habla"))
-    best = min(_timed([habla, "--help"]) for _ in range(5))  # the best of 5: the machine is shared
-    assert best < 0.3, f"habla --help took {best:.2f} s"
+    # The best of 5 under a generous bound: this shared machine's load must not fail it, while importing torch,
+    # NeMo or kfp (several seconds each) still would.
+    best = min(_timed([habla, "--help"]) for _ in range(5))
+    assert best < 1.0, f"habla --help took {best:.2f} s"
 
 
 def _timed(command: list[str]) -> float:
@@ -58,23 +68,37 @@ def test_every_command_has_help():
         assert result.returncode == 0 and "usage: habla" in result.stdout, line
 
 
-def test_no_module_imports_a_layer_above_its_own():
-    rank = {name: i for i, name in enumerate(LAYERS)}
-    rank.update({name: rank[below] + 0.5 for name, below in ADAPTERS.items()})
+def _habla_imports(path: Path) -> set[str]:
+    """The habla packages a module imports (``habla.<package>...``), at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found.update(name.split(".")[1] for name in names if name.startswith("habla.") and name.count(".") >= 1)
+    return found
+
+
+def test_every_module_imports_only_its_own_layer_and_those_below():
+    """The layer rule of docs/layout.md, over habla/, components/ and pipelines/ (installed as habla.components
+    and habla.pipelines): the stages (data, training, evaluation) never import each other, core imports nothing
+    of habla, and nothing imports a layer above its own."""
+    rule = layers()
+    rank = {package: i for i, layer in enumerate(rule) for package in layer}
+    assert {"core", "speech", "data", "training", "evaluation", "kubeflow", "components", "pipelines", "ops",
+            "cli"} <= set(rank)  # fmt: skip
+    beside_apart = {p for layer in rule if "data" in layer for p in layer}  # the stages: side by side, apart
+    modules = [(p, p.relative_to(ROOT / "habla").parts[0]) for p in (ROOT / "habla").rglob("*.py")
+               if len(p.relative_to(ROOT / "habla").parts) > 1]  # fmt: skip
+    modules += [(p, top) for top in ("components", "pipelines") for p in (ROOT / top).rglob("*.py")]
+    assert {package for _, package in modules} == set(rank), "a package of habla/ is missing from the rule"
     found = []
-    for path in sorted((ROOT / "habla").rglob("*.py")):
-        parts = path.relative_to(ROOT / "habla").parts
-        if len(parts) < 2:  # habla/__init__.py, habla/__main__.py
-            continue
-        layer = parts[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            for name in names:
-                target = name.split(".")[1] if name.startswith("habla.") else None
-                if target in rank and rank[target] > rank[layer]:
-                    found.append(f"{path.relative_to(ROOT)} imports {name}")
+    for path, package in sorted(modules):
+        for target in sorted(_habla_imports(path) - {package, "__version__"}):
+            above = target not in rank or rank[target] > rank[package]
+            beside = rank.get(target) == rank[package] and {target, package} <= beside_apart
+            if above or beside:
+                found.append(f"{path.relative_to(ROOT)} ({package}) imports habla.{target}")
     assert not found, "\n".join(found)
 
 
@@ -139,3 +163,29 @@ def test_the_slim_install_runs_every_data_side_command(slim_venv, tmp_path):
     result = run("train", "--config", "tiny_ctc_char", "--train-manifest", str(report / "train.json"),
                  "--val-manifest", str(report / "dev.json"), "--out", str(tmp_path / "model"))  # fmt: skip
     assert result.returncode == 2 and "habla[train]" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_pipeline_parameters_are_listed_with_their_descriptions():
+    """KFP's run form shows each parameter as '<name> - <type>' and no description (frontend/src/components/
+    NewRunParametersV2.tsx, kubeflow/pipelines 2.15.0-2.17.0): habla pipeline parameters is where they are read."""
+    import dataclasses
+
+    from habla.runs.parameters import RunParameters
+
+    result = subprocess.run([sys.executable, "-m", "habla.cli", "pipeline", "parameters"], capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    for f in dataclasses.fields(RunParameters):
+        assert f"{f.name} ({f.type}) = " in result.stdout and f.metadata["help"] in result.stdout, f.name
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "Every parameter is described in the KFP UI" not in readme
+
+
+def test_images_named_by_a_tag_are_warned_about(tmp_path):
+    digest = "registry.example/habla-{}@sha256:" + "a" * 64
+    compile_ = [sys.executable, "-m", "habla.cli", "pipeline", "compile", "--out"]
+    warned = subprocess.run([*compile_, str(tmp_path / "a.yaml")], capture_output=True, text=True, check=True).stderr
+    assert warned.count("is a tag, not a digest") == 2
+    pinned = subprocess.run([*compile_, str(tmp_path / "b.yaml"), "--prep-image", digest.format("prep"),
+                             "--train-image", digest.format("train")],
+                            capture_output=True, text=True, check=True).stderr  # fmt: skip
+    assert "not a digest" not in pinned

@@ -92,3 +92,17 @@ def test_json_is_never_nan_written_or_read():
     summary = {"val_wer": float("nan"), "loss": [1.5, float("inf")], "steps": 3}
     expected = '{"val_wer": null, "loss": [1.5, null], "steps": 3}'
     assert jsonl.dump(jsonl.finite_or_null(summary), indent=None) == expected
+
+
+def test_secrets_never_reach_a_line_habla_prints():
+    """The Data Collective's presigned URL, signature included, was printed in error lines."""
+    from habla.core.errors import one_line, redact
+
+    signed = "https://cdn.example/cv.tar.gz?X-Amz-Signature=abc123&X-Amz-Credential=AKIA"
+    assert redact(f"HTTP 500 on GET {signed}") == "HTTP 500 on GET https://cdn.example/cv.tar.gz?…"
+    assert redact("http://user:pass@minio:9000/b") == "http://minio:9000/b"
+    assert redact("Authorization: Bearer eyJhbGc.x.y") == "Authorization: Bearer …"
+    assert redact("MDC_API_KEY=s3cr3t and AWS_SECRET_ACCESS_KEY: k") == "MDC_API_KEY=… and AWS_SECRET_ACCESS_KEY: …"
+    kept = "s3://bucket/cv-corpus-25.0/es tokenizer: model.tokenizer.dir the token expired"
+    assert redact(kept) == kept
+    assert "abc123" not in one_line(RuntimeError(f"fetch failed: {signed}"))

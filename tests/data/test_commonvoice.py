@@ -1,17 +1,15 @@
 import gzip
-import hashlib
 import io
 import os
-import subprocess
-import sys
 import tarfile
 
 import pytest
-from conftest import MINI, MINI_V8
+from fixtures.releases import MINI, MINI_V8
 
 from habla.core.errors import HablaError
 from habla.data import commonvoice
-from habla.data.commonvoice import MalformedRow, TsvRow, parse_release_name, read_durations, read_tsv
+from habla.data.commonvoice import MalformedRow, TsvRow, read_durations, read_tsv
+from habla.speech.releases import parse_release_name
 
 
 def rows_of(path):
@@ -63,6 +61,16 @@ def test_not_a_common_voice_tsv(tmp_path):
         read_tsv(str(tmp_path / "absent.tsv"))
 
 
+@pytest.mark.parametrize("column", ["sentence", "path", "gender"])
+def test_a_header_naming_a_column_twice_is_refused(tmp_path, column):
+    """The last 'sentence' column silently replaced every transcript of the split."""
+    header = ["client_id", "path", "sentence", "gender", column]
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("\t".join(header) + "\n" + "\t".join(["spk", "1.mp3", "hola", "male", "adios"]) + "\n")
+    with pytest.raises(HablaError, match=f"not a Common Voice TSV \\(its header names {column} more than once\\)"):
+        read_tsv(str(tsv))
+
+
 def test_durations_from_either_table(tmp_path):
     assert read_durations(str(MINI_V8)) is None
     durations = read_durations(str(MINI))
@@ -109,9 +117,24 @@ def test_cr_only_tsv_rows_are_read_and_counted(tmp_path):
     tsv = tmp_path / "t.tsv"
     tsv.write_bytes(b"client_id\tpath\tsentence\ra\t1.mp3\tuno\rb\t2.mp3\tdos\r")
     assert [(r.line, r.fields["path"]) for r in rows_of(tsv)] == [(2, "1.mp3"), (3, "2.mp3")]
-    # CRLF, and a lone CR inside a sentence of an LF file, which stays data
+    # CRLF, and a lone CR inside a sentence of a CRLF file: it ends the line (the rest is a malformed row)
     tsv.write_bytes(b"client_id\tpath\tsentence\r\na\t1.mp3\tuno\r\nb\t2.mp3\tdos\rtres\r\n")
-    assert [r.fields["sentence"] for r in rows_of(tsv)] == ["uno", "dos\rtres"]
+    assert [(r.line, type(r).__name__) for r in rows_of(tsv)] == [(2, "TsvRow"), (3, "TsvRow"), (4, "MalformedRow")]
+
+
+def test_mixed_line_endings_end_every_row(tmp_path):
+    """A CRLF header over CR-only rows (a file edited on two systems) read as one header and one malformed row:
+    four rows became one rejection. LF, CRLF and CR each end a line, in any mix."""
+    tsv = tmp_path / "t.tsv"
+    tsv.write_bytes(b"client_id\tpath\tsentence\r\na\t1.mp3\tuno\rb\t2.mp3\tdos\rc\t3.mp3\ttres\rd\t4.mp3\tcuatro\r")
+    assert [(r.line, r.fields["path"]) for r in rows_of(tsv)] == [
+        (2, "1.mp3"),
+        (3, "2.mp3"),
+        (4, "3.mp3"),
+        (5, "4.mp3"),
+    ]
+    tsv.write_bytes(b"client_id\tpath\tsentence\na\t1.mp3\tuno\r\n\r\nb\t2.mp3\tdos\r\rc\t3.mp3\ttres\n")
+    assert [(r.line, r.fields["path"]) for r in rows_of(tsv)] == [(2, "1.mp3"), (4, "2.mp3"), (6, "3.mp3")]
 
 
 def test_unicode_line_breaks_and_encodings_keep_rows_whole(tmp_path):
@@ -193,73 +216,6 @@ def test_an_archive_cut_at_a_member_boundary_is_refused(tmp_path):
             archive = tmp_path / f"cut{suffix}"
             archive.write_bytes(content)
             assert commonvoice.check_archive_end(str(archive)) is not None, (label, suffix)
-            with pytest.raises(HablaError, match="incomplete archive|cannot read the archive"):
-                commonvoice.stage_archive(str(archive), str(tmp_path / "staging"), "es", 10_000)
     archive = tmp_path / "whole.tar"
     archive.write_bytes(whole)
     assert commonvoice.check_archive_end(str(archive)) is None
-    staged = commonvoice.stage_archive(str(archive), str(tmp_path / "staging"), "es", 10_000)
-    assert sorted(p.name for p in (tmp_path / "staging" / "es" / "clips").iterdir()) == ["1.mp3", "2.mp3"]
-    assert staged.root == str(tmp_path / "staging" / "es")
-
-
-def test_staging_belongs_to_the_archive_content_not_its_path(tmp_path):
-    archive, staging = tmp_path / "cv.tar", str(tmp_path / "staging")
-    archive.write_bytes(_tar(_release_members(" primera")))
-    first = commonvoice.stage_archive(str(archive), staging, "es", 10_000)
-    assert commonvoice.stage_archive(str(archive), staging, "es", 10_000) == first  # unchanged: reused
-    archive.write_bytes(_tar(_release_members(" segunda")[:2]))  # another archive at the same path
-    second = commonvoice.stage_archive(str(archive), staging, "es", 10_000)
-    assert second.index_sha256 != first.index_sha256
-    assert "segunda" in (tmp_path / "staging" / "es" / "train.tsv").read_text()
-    assert not (tmp_path / "staging" / "es" / "clips" / "2.mp3").exists(), "the older archive's files are gone"
-
-
-def test_a_checksum_sidecar_is_verified_and_oversized_clips_are_not_unpacked(tmp_path):
-    archive = tmp_path / "cv.tar.gz"
-    members = _release_members() + [("top/es/clips/huge.mp3", b"\0" * 50_000)]
-    archive.write_bytes(gzip.compress(_tar(members)))
-    (tmp_path / "cv.tar.gz.sha256").write_text("0" * 64 + "  cv.tar.gz\n")
-    with pytest.raises(HablaError, match="SHA-256 differs"):
-        commonvoice.stage_archive(str(archive), str(tmp_path / "s"), "es", 10_000)
-    (tmp_path / "cv.tar.gz.sha256").write_text(hashlib.sha256(archive.read_bytes()).hexdigest() + "  cv.tar.gz\n")
-    staged = commonvoice.stage_archive(str(archive), str(tmp_path / "s"), "es", 10_000)
-    assert staged.skipped == {"huge.mp3": ["too_large", "50000 bytes in the archive, more than 10000"]}
-    assert not (tmp_path / "s" / "es" / "clips" / "huge.mp3").exists()
-
-
-def test_staging_a_large_member_takes_bounded_memory(tmp_path):
-    """A 400 MB member was read whole (873 MB of RSS): members are streamed, and a clip over the cap skipped."""
-    archive = tmp_path / "cv.tar.gz"
-    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
-        for name, size in (("top/es/train.tsv", 120 * 2**20), ("top/es/clips/big.mp3", 400 * 2**20)):
-            info = tarfile.TarInfo(name)
-            info.size = size
-            tar.addfile(info, _Zeros(size))
-    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would count the forked pytest process
-    code = (
-        "import re, sys\n"
-        "from habla.data import audio, commonvoice\n"
-        "staged = commonvoice.stage_archive(sys.argv[1], sys.argv[2], 'es', audio.MAX_CLIP_BYTES)\n"
-        "peak_kb = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
-        "print(peak_kb // 1024, sorted(staged.skipped))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(archive), str(tmp_path / "s")], capture_output=True,
-                         text=True, check=True).stdout.split()  # fmt: skip
-    assert int(out[0]) < 200, f"peak RSS {out[0]} MB"
-    assert out[1:] == ["['big.mp3']"]
-    assert (tmp_path / "s" / "es" / "train.tsv").stat().st_size == 120 * 2**20
-
-
-class _Zeros(io.RawIOBase):
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), self.left)
-        buffer[:n] = bytes(n)
-        self.left -= n
-        return n
-
-    def readable(self) -> bool:
-        return True

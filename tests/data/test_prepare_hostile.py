@@ -23,14 +23,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import HABLA, MINI, cli_env, read_jsonl, real_clips, run_habla, tsv_row, write_release
+from fixtures.commands import HABLA, cli_env, read_jsonl, run_habla
+from fixtures.releases import MINI, real_clips, tsv_row, write_release
 
 from habla import cli
 from habla.core import storage
 from habla.core.errors import HablaError
+from habla.data import archive as archive_pass
+from habla.data import dataset, plan
 from habla.data import prepare as prep
-from habla.data.options import PrepareOptions
-from habla.training import manifests as nemo_data
+from habla.data.filters import build_plan
+from habla.data.options import PrepareOptions, fingerprint
+from habla.speech import audio
+from habla.speech import manifests as nemo_data
 
 CLIPS = real_clips(8)
 
@@ -189,10 +194,22 @@ def test_a_dataset_is_tied_to_its_archive_content(tmp_path, capsys):
 
     # A staging left by a run killed before it planned is not reused for another archive.
     out2 = tmp_path / "out2"
-    prep.commonvoice.stage_archive(str(tmp_path / "cv.tar"), str(out2 / "staging"), "es", 10**8)
+    stage_only(archive, out2)
     _archive(archive, first)
     assert prepare(archive, out2, *SPLITS, capsys=capsys)[0] == 0
     assert list(outcome(out2)[0]["train"]) == ["a.mp3"]
+
+
+def stage_only(archive: Path, out: Path) -> None:
+    """What a run killed after staging ``archive`` (with :func:`prepare`'s options) and before planning leaves."""
+    options = PrepareOptions(splits=("train", "dev"), shards=2)
+    release = plan.canonical_release(str(archive))
+
+    def route(root: str) -> tuple[dict[str, int], int]:
+        planned = build_plan(root, options)
+        return planned.routing(), len(planned.shards)
+
+    archive_pass.stage(release, str(out / "staging"), "es", fingerprint(release, options), 10**8, route)
 
 
 def test_a_run_unpacking_an_archive_is_not_disturbed_by_one_with_another(tmp_path, capsys):
@@ -204,8 +221,8 @@ def test_a_run_unpacking_an_archive_is_not_disturbed_by_one_with_another(tmp_pat
     out = tmp_path / "out"
     # the first run, caught while it unpacks: its claim is made, its staging half written
     options = PrepareOptions(splits=("train", "dev"), shards=2)
-    assert prep._claim(str(out), prep.canonical_release(str(first)), options)
-    prep.commonvoice.stage_archive(str(first), str(out / "staging"), "es", 10**8)
+    assert plan._claim(str(out), plan.canonical_release(str(first)), options)
+    stage_only(first, out)
     staged = snapshot(out / "staging")
     code, err = prepare(second, out, *SPLITS, capsys=capsys)
     assert code == 2 and "is for another release" in err and len(err.strip().splitlines()) == 1
@@ -239,6 +256,11 @@ def test_a_changed_release_folder_or_a_corrupt_state_file(tmp_path, capsys):
     (out / "shards" / "shard-00000.json").write_text('{"shard": 0, "splits": ')  # corrupt: converted again
     assert prepare(release, out, *SPLITS, capsys=capsys)[0] == 0
     assert sorted(outcome(out)[0]["train"]) == ["a.mp3", "b.mp3"]
+    # rebuilt with the same content (data/build_mini_release.py does this): new file times, the same release
+    for tsv in release.glob("*.tsv"):
+        tsv.write_bytes(tsv.read_bytes())
+        os.utime(tsv, (1_000_000_000, 1_000_000_000))
+    assert prepare(release, out, *SPLITS, capsys=capsys)[0] == 0
     with (release / "train.tsv").open("a") as f:
         f.write("spk\tc.mp3\thola\t\t\t\tes\n")
     code, err = prepare(release, out, *SPLITS, capsys=capsys)
@@ -246,7 +268,7 @@ def test_a_changed_release_folder_or_a_corrupt_state_file(tmp_path, capsys):
     (out / "plan" / "plan.json").write_text("{not json")
     code, err = prepare(release, out, *SPLITS, capsys=capsys)
     assert code == 2 and "plan.json: corrupt" in err and "Traceback" not in err
-    (out / "plan" / "plan.json").write_text(json.dumps({"version": prep.PLAN_VERSION}))  # JSON, fields missing
+    (out / "plan" / "plan.json").write_text(json.dumps({"version": dataset.PLAN_VERSION}))  # JSON, fields missing
     code, err = prepare(release, out, *SPLITS, capsys=capsys)
     assert code == 2 and "plan.json: corrupt (no release" in err and "Traceback" not in err
 
@@ -367,7 +389,7 @@ def test_a_resumed_shard_removes_what_a_killed_writer_left(tmp_path, capsys):
     assert prepare(release, out, *SPLITS, "--step", "plan", capsys=capsys)[0] == 0
     dead = subprocess.Popen(["true"])
     dead.wait()
-    leftover = out / "audio" / "train" / f".a.wav.{storage._host_tag()}-{dead.pid}-7.part"
+    leftover = out / "audio" / "train" / f".a.wav.{storage.host_tag()}-{dead.pid}-7.part"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"half a WAV")
     for k in range(2):
@@ -459,7 +481,7 @@ def test_clips_that_are_not_regular_files(tmp_path, capsys):
 
 
 def test_oversized_clips_are_rejected_without_being_read(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(prep.audio, "MAX_CLIP_BYTES", 200_000)
+    monkeypatch.setattr(audio, "MAX_CLIP_BYTES", 200_000)
     big = _wav(np.random.default_rng(1).normal(0, 0.1, 150_000))  # 300 kB
     release = two_split_release(tmp_path / "rel", [tsv_row("big.mp3"), tsv_row("a.mp3")],
                                 {"big.mp3": big, "a.mp3": CLIPS[0]})  # fmt: skip
@@ -475,7 +497,8 @@ def test_oversized_clips_are_rejected_without_being_read(tmp_path, capsys, monke
 # ---------------------------------------------------------------------------------------- data quality
 
 
-def test_a_clip_in_both_dev_and_test_is_kept_once(tmp_path, capsys):
+def test_a_clip_in_both_dev_and_test_is_kept_once_in_test(tmp_path, capsys):
+    """The test split is scored as the published anchors score it: a clip listed in both stays in test."""
     rows = {
         "train": [tsv_row("t.mp3")],
         "dev": [tsv_row("shared.mp3", client_id="d"), tsv_row("d.mp3", client_id="d")],
@@ -487,9 +510,9 @@ def test_a_clip_in_both_dev_and_test_is_kept_once(tmp_path, capsys):
         out = tmp_path / splits
         assert prepare(release, out, "--splits", splits, capsys=capsys)[0] == 0
         manifests, reasons = outcome(out)
-        assert "shared.mp3" in manifests["dev"] and "shared.mp3" not in manifests["test"]
+        assert "shared.mp3" in manifests["test"] and "shared.mp3" not in manifests["dev"]
         assert [r for r in read_jsonl(out / "rejected.jsonl")] == [
-            {"split": "test", "path": "shared.mp3", "reason": "eval_overlap", "detail": "clip also listed in dev",
+            {"split": "dev", "path": "shared.mp3", "reason": "eval_overlap", "detail": "clip also listed in test",
              "line": 2}]  # fmt: skip
 
 
@@ -544,13 +567,13 @@ def test_kill_at_a_random_moment_resumes_to_the_same_result(tmp_path):
 
 _KILLED_PARENT = r"""
 import os, signal, sys, time
-from habla.data import prepare
+from habla.data import convert
 
 def work(seconds):
     time.sleep(seconds)
     return seconds
 
-for n, _ in enumerate(prepare._map(work, [0, 0, 0, 30], 2)):
+for n, _ in enumerate(convert._map(work, [0, 0, 0, 30], 2)):
     if n == 2:  # one worker sleeps, the other waits for work: the parent is killed now
         os.kill(os.getpid(), signal.SIGKILL)
 """

@@ -7,9 +7,12 @@ import json
 import logging
 import tarfile
 
-from conftest import MINI, run_habla
+import numpy as np
+from fixtures.commands import run_habla
+from fixtures.releases import MINI
 
 from habla.data import prepare as prep
+from habla.data import shards
 from habla.data.options import PrepareOptions
 
 
@@ -47,18 +50,18 @@ def test_train_clips_are_shuffled_over_the_shards_with_a_recorded_seed(tmp_path)
     assert shard_paths(tmp_path / "c", 4) != planned
 
 
-def clips(hours: float, split: str = "train") -> list[prep.Clip]:
-    n = round(hours * 3600 / 5)
-    return [prep.Clip(split, f"c{i}.mp3", "a", "a", "", "", "", "", "es", i, 5.0) for i in range(n)]
+def clips(hours: float) -> np.ndarray:
+    """The weights (seconds) of a split of 5-second clips."""
+    return np.full(round(hours * 3600 / 5), 5.0)
 
 
 def test_the_shard_count_follows_data_size_and_world_size():
-    data = {"train": clips(90), "dev": clips(5, "dev"), "test": clips(5, "test")}  # 100 h
-    assert prep.shard_count(data, PrepareOptions()) == 5  # WAV: one shard per 20 h
-    assert prep.shard_count(data, PrepareOptions(format="tar")) == 8  # a multiple of 1 × 8 loader workers
-    assert prep.shard_count(data, PrepareOptions(format="tar", world_size=2)) == 16
-    assert prep.shard_count({"train": clips(700)}, PrepareOptions(format="tar", world_size=2)) == 48  # 35 -> 48
-    assert prep.shard_count(data, PrepareOptions(format="tar", shards=3, world_size=2)) == 3  # as asked
+    data = [clips(90), clips(5), clips(5)]  # 100 h
+    assert shards.shard_count(data, PrepareOptions()) == 5  # WAV: one shard per 20 h
+    assert shards.shard_count(data, PrepareOptions(format="tar")) == 8  # a multiple of 1 × 8 loader workers
+    assert shards.shard_count(data, PrepareOptions(format="tar", world_size=2)) == 16
+    assert shards.shard_count([clips(700)], PrepareOptions(format="tar", world_size=2)) == 48  # 35 -> 48
+    assert shards.shard_count(data, PrepareOptions(format="tar", shards=3, world_size=2)) == 3  # as asked
 
 
 def test_a_count_that_does_not_divide_is_warned_about(tmp_path, caplog):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import run_habla, write_manifest
+from fixtures.commands import run_habla, write_manifest
 
+from habla.core.errors import HablaError
 from habla.evaluation.report import render_plot, render_report
 from habla.evaluation.scoring import bootstrap_interval, compute_metrics, score, scoring_text
 
@@ -116,3 +117,24 @@ def test_per_speaker_wer_is_keyed_by_client_id():
     assert metrics["by_speaker"]["b" * 64] == {**metrics["by_speaker"]["b" * 64], "wer": 1.0, "utterances": 1}
     assert rows[1]["client_id"] == "b" * 64
     assert "## WER by speaker (2 of 2 speakers" in render_report(metrics, rows, "m", "t", worst=3)
+
+
+def test_a_test_set_without_reference_words_has_no_wer():
+    """evaluate reported WER 0.0 on a test set with zero reference words."""
+    entries = [{"audio_filepath": f"/a/{k}.wav", "duration": 1.0, "text": text} for k, text in enumerate(["", "¿?"])]
+    with pytest.raises(HablaError, match="none of the 2 references holds a word once normalized: WER and CER are"):
+        compute_metrics(entries, ["hola", ""])
+
+
+def test_reports_show_data_as_text_never_markup():
+    """<script> and <img onerror> from TSV fields reached report.md unescaped; '$' broke the plot."""
+    hostile = "<img src=x onerror=alert(1)> [x](javascript:alert(1)) $\\frac{a}{b}$ | `code`"
+    entries = [{"audio_filepath": "/a/1.wav", "duration": 1.0, "text": "uno dos", "accents": hostile,
+                "gender": "$x$", "path": "<script>.mp3"}]  # fmt: skip
+    metrics, rows = compute_metrics(entries, ["uno tres"])
+    report = render_report(metrics, rows, "model`with`ticks.nemo", "<b>test</b>.json", worst=5)
+    assert "<img" not in report and "<script>" not in report
+    assert "`<b>test</b>.json`" in report  # paths are code spans: shown as written, never rendered
+    assert "](javascript" not in report and "&lt;img src=x onerror=alert(1)&gt;" in report
+    assert "``model`with`ticks.nemo``" in report
+    assert render_plot(metrics, "m", "t")[:4] == b"\x89PNG"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_habla, write_manifest
+from fixtures.commands import run_habla, write_manifest
 
 from habla.core.errors import HablaError
 from habla.evaluation.evaluate import evaluate

@@ -10,8 +10,9 @@ import json
 import re
 
 import pytest
-from conftest import ROOT, make_launch
 from crd_schemas import UPSTREAM, cel_rules, errors, load, releases
+from fixtures.cluster import make_launch
+from fixtures.releases import ROOT
 
 from habla.kubeflow import jobs
 

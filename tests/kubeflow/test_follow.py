@@ -8,8 +8,8 @@ import os
 import signal
 
 import pytest
-from conftest import SECRET_VALUE, make_launch
-from k8s_standin import StandinK8s  # tests/ is on sys.path (pytest's default import mode)
+from fixtures.cluster import SECRET_VALUE, make_launch
+from standins.k8s_api import StandinK8s  # tests/ is on sys.path (pytest's default import mode)
 
 from habla.core.errors import HablaError
 from habla.kubeflow import follow, jobs
@@ -100,9 +100,15 @@ def test_retried_step_replaces_a_failed_job():
     with StandinK8s(steps=["Created", "Running", "Succeeded"]) as api:
         failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "JobFailed", "message": "node died"}]}
         api.put("trainjobs", "team-asr", build_trainjob(launch), status=failed)
-        run(api, launch, "trainjob", lines)
-        assert len(api.calls("POST")) == 2  # 409, then the new job
-        assert len(api.calls("DELETE")) == 2  # the failed job, then the finished one
+        # the failed job's budget, not yet garbage-collected (the real collector is asynchronous)
+        old = jobs.build_disruption_budget(launch, "trainjob", "uid-of-the-failed-job")
+        api.budgets[("team-asr", old["metadata"]["name"])] = old
+        run(api, launch, "trainjob", lines, keep=True)
+        assert len(api.calls("POST", "trainjobs")) == 2  # 409, then the new job
+        assert len(api.calls("DELETE")) == 1  # the failed job
+        new = [b for b in api.budgets.values() if b is not old]
+        assert [ref["uid"] for b in new for ref in b["metadata"]["ownerReferences"]] == [
+            api.objects[("trainjobs", "team-asr", launch.name)]["metadata"]["uid"]]  # fmt: skip
     assert any("an earlier attempt failed" in line for line in lines)
 
 
@@ -199,3 +205,74 @@ def test_no_secret_value_reaches_the_job_or_the_log(monkeypatch):
         sent = json.dumps([r.body for r in api.requests])
     assert SECRET_VALUE not in sent and SECRET_VALUE not in "\n".join(lines)
     assert '"secretKeyRef"' in sent
+
+
+# ------------------------------------------------------------------- owner, disruption budget, placement
+
+OWNER = {"apiVersion": "v1", "kind": "Pod", "name": "habla-train-step-1", "uid": "uid-step-pod-1"}
+
+
+@pytest.mark.parametrize(("kind", "plural"), [("trainjob", "trainjobs"), ("pytorchjob", "pytorchjobs")])
+def test_a_new_job_belongs_to_the_step_and_gets_a_disruption_budget(kind, plural):
+    """The job is owned by the launcher's pod (the garbage collector deletes it with the pod: a killed step
+    leaves no job holding GPUs) and its pods are covered by a PodDisruptionBudget owned by the job; the budget
+    is validated against the Kubernetes schema by the stand-in."""
+    launch = make_launch(owner=OWNER)
+    lines: list[str] = []
+    with StandinK8s(steps=["Created", "Running", "Succeeded"]) as api:
+        run(api, launch, kind, lines, keep=True)
+        job = api.objects[(plural, "team-asr", launch.name)]
+        assert job["metadata"]["ownerReferences"] == [{**OWNER, "blockOwnerDeletion": False}]
+        (((namespace, _), budget),) = api.budgets.items()
+        assert namespace == "team-asr" and budget["metadata"]["name"].startswith(f"{launch.name}-")
+        assert budget["spec"] == {"maxUnavailable": 0,
+                                  "selector": {"matchLabels": {jobs.KINDS[kind].pod_label: launch.name}}}  # fmt: skip
+        (ref,) = budget["metadata"]["ownerReferences"]
+        assert ref["uid"] == job["metadata"]["uid"] and ref["kind"] == jobs.KINDS[kind].kind
+        api.requests.clear()
+        with api._lock:
+            api._route("DELETE", f"/apis/{jobs.KINDS[kind].api_version}/namespaces/team-asr/{plural}/{launch.name}",
+                       {}, None)  # fmt: skip
+        assert not api.budgets  # deleted with its job
+
+
+def test_an_adopted_job_is_handed_to_the_retrying_steps_pod():
+    """A retried step (a new pod) adopts the job its earlier attempt created and makes itself its owner, so
+    that the first attempt's pod going away does not take the job with it."""
+    first = make_launch(owner=OWNER)
+    second = make_launch(owner={**OWNER, "name": "habla-train-step-2", "uid": "uid-step-pod-2"})
+    with StandinK8s(steps=["Running", "Running", "Succeeded"]) as api:
+        api.put("trainjobs", "team-asr", build_trainjob(first), step=1)
+        run(api, second, "trainjob", [])
+        (patch,) = api.calls("PATCH", "trainjobs")
+        assert patch.body == {"metadata": {"ownerReferences": [{**second.owner, "blockOwnerDeletion": False}]}}
+        assert not api.calls("POST", "poddisruptionbudgets")  # the first attempt made it
+
+
+def test_the_step_finds_its_own_pod(monkeypatch, tmp_path):
+    from habla.kubeflow import cluster_step
+
+    namespace = tmp_path / "namespace"
+    namespace.write_text("team-asr")
+    monkeypatch.setattr(cluster_step, "IN_CLUSTER_NAMESPACE", namespace)
+    monkeypatch.setattr(cluster_step, "current_namespace", lambda: "team-asr")
+    monkeypatch.setenv("HOSTNAME", "habla-train-abc-123")
+    with StandinK8s() as api:
+        api.own_pods[("team-asr", "habla-train-abc-123")] = "uid-abc"
+        assert cluster_step.own_pod(api.api_client()) == {"apiVersion": "v1", "kind": "Pod",
+                                                          "name": "habla-train-abc-123", "uid": "uid-abc"}  # fmt: skip
+        monkeypatch.setenv("HOSTNAME", "gone")
+        assert cluster_step.own_pod(api.api_client()) is None  # no owner, never a failed step
+
+
+def test_pytorchjob_pods_get_the_runs_placement():
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    launch = make_launch(node_selector={"nvidia.com/gpu.product": "H100"}, tolerations=(toleration,),
+                         priority_class="training-high")  # fmt: skip
+    pod = jobs.build_pytorchjob(launch)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"} and pod["tolerations"] == [toleration]
+    assert pod["priorityClassName"] == "training-high"
+    lines: list[str] = []
+    with StandinK8s() as api:
+        run(api, launch, "trainjob", lines)
+    assert any("come from ClusterTrainingRuntime" in line for line in lines)

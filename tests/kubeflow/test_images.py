@@ -1,14 +1,14 @@
 """The images themselves, built from infra/ by podman and run here as their non-root user: every command's
 --help and ``habla prepare`` in habla-prep (the slim image: no torch, no NeMo, no omegaconf), ``habla train``
-and ``habla evaluate`` in habla-train. See tests/containers.py for how they are built."""
+and ``habla evaluate`` in habla-train. See tests/fixtures/containers.py for how they are built."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import MINI
-from containers import CONTAINER_UID, run_in, shared_folder
+from fixtures.containers import CONTAINER_UID, run_in, shared_folder
+from fixtures.releases import MINI
 
 from habla import cli
 

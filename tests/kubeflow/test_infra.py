@@ -20,7 +20,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from conftest import ROOT
+from fixtures.releases import ROOT
 
 INFRA = ROOT / "infra"
 DOCKERFILES = {"train": INFRA / "Dockerfile.train", "prep": INFRA / "Dockerfile.prep"}
@@ -182,7 +182,7 @@ def test_ci_builds_and_runs_the_images_and_keeps_the_readme_command():
 
 
 def test_container_tests_skip_with_directions_or_fail_when_required(monkeypatch, tmp_path):
-    import containers
+    from fixtures import containers
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no podman here
     monkeypatch.delenv(containers.REQUIRE, raising=False)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import env_map, make_launch
+from fixtures.cluster import env_map, make_launch
 
 from habla.core.errors import HablaError
-from habla.kubeflow import jobs
+from habla.kubeflow import api, jobs
 from habla.kubeflow.jobs import build_pytorchjob, build_trainjob, job_name
 
 # ------------------------------------------------------------------------------------------- builders
@@ -75,7 +75,10 @@ def test_pytorchjob_fields():
         assert replica["restartPolicy"] == "Never"
         pod = replica["template"]["spec"]
         assert pod["serviceAccountName"] == "habla-train"
-        assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+        assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": jobs.SHM_SIZE}}]
+        # Istio's opt-out, as KFP puts it on its own pods (annotation) and as Istio reads it first (label)
+        assert replica["template"]["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert replica["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
         (container,) = pod["containers"]
         assert container["name"] == "pytorch"  # the operator finds its container by this name
         assert container["image"] == launch.image and container["imagePullPolicy"] == "IfNotPresent"
@@ -161,6 +164,6 @@ def test_job_name_is_deterministic_and_a_dns_label():
 
 
 def test_current_namespace(tmp_path):
-    assert jobs.current_namespace("dflt", path=str(tmp_path / "absent")) == "dflt"
+    assert api.current_namespace("dflt", path=str(tmp_path / "absent")) == "dflt"
     (tmp_path / "namespace").write_text("kubeflow-user-example-com\n")
-    assert jobs.current_namespace(path=str(tmp_path / "namespace")) == "kubeflow-user-example-com"
+    assert api.current_namespace(path=str(tmp_path / "namespace")) == "kubeflow-user-example-com"

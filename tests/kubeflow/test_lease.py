@@ -1,4 +1,4 @@
-"""habla.kubeflow.lease against the Kubernetes API stand-in (tests/k8s_standin.py), whose Lease storage follows the
+"""habla.kubeflow.lease against the Kubernetes API stand-in (tests/standins/k8s_api.py), whose Lease storage follows the
 API server: optimistic concurrency on metadata.resourceVersion (409 Conflict on a stale one, 422 without one:
 kubernetes/kubernetes staging/src/k8s.io/apiserver/pkg/registry/generic/registry/store.go ``Update`` and
 pkg/registry/coordination/lease/strategy.go ``AllowUnconditionalUpdate() == false``), 409 AlreadyExists on a
@@ -22,10 +22,11 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import cli_env
-from k8s_standin import MICRO_TIME, StandinK8s
+from fixtures.commands import cli_env
+from standins.k8s_api import MICRO_TIME, StandinK8s
 
-from habla.core.errors import HablaError
+from habla.core.errors import Fault, HablaError
+from habla.kubeflow import api as kube_api
 from habla.kubeflow import lease
 from habla.kubeflow.lease import LeaseClaims
 
@@ -172,7 +173,7 @@ def test_api_errors_are_one_line_with_the_way_out():
         with pytest.raises(HablaError, match=r"^not allowed to get leases.coordination.k8s.io in namespace team-asr"):
             claims.acquire("x", "me", 10, {})
         api.forbidden.clear()
-    with pytest.raises(HablaError, match=r"^cannot reach the Kubernetes API to get Lease team-asr/x: ") as err:
+    with pytest.raises(Fault, match=r"^cannot reach the Kubernetes API to get Lease team-asr/x: ") as err:
         claims.acquire("x", "me", 10, {})  # the server is gone
     assert "\n" not in str(err.value) and "habla-watcher" not in str(err.value)
 
@@ -188,7 +189,58 @@ def test_lease_names_are_valid_and_distinct_per_state_store():
 def test_the_namespace_comes_from_the_kubeconfig_context(tmp_path, monkeypatch):
     with StandinK8s() as api:
         monkeypatch.setenv("KUBECONFIG", api.kubeconfig(tmp_path / "kubeconfig", "ml-team"))
-        monkeypatch.setattr(lease, "IN_CLUSTER_NAMESPACE", tmp_path / "not-in-a-pod")
-        assert lease.current_namespace() == "ml-team"
+        monkeypatch.setattr(kube_api, "IN_CLUSTER_NAMESPACE", tmp_path / "not-in-a-pod")
+        assert kube_api.current_namespace() == "ml-team"
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
-    assert lease.current_namespace() == "default"
+    assert kube_api.current_namespace() == "default"
+
+
+# ------------------------------------------------------------------ stores known to race: SeaweedFS before 4.18
+
+
+def _seaweedfs_release(kfp: str) -> str:
+    """The SeaweedFS release a standalone KFP ships (its vendored manifests: tests/kubeflow/upstream/kfp-*)."""
+    import yaml
+    from crd_schemas import UPSTREAM
+
+    deployment = yaml.safe_load((UPSTREAM / f"kfp-{kfp}" / "seaweedfs-deployment.yaml").read_text())
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if "seaweedfs" in c["image"]]
+    return container["image"].rsplit(":", 1)[1]
+
+
+@pytest.mark.parametrize(("kfp", "racy"), [("2.16.0", True), ("2.17.0", False)])
+def test_the_seaweedfs_each_kfp_ships_is_judged_by_its_release(kfp, racy):
+    """SeaweedFS names itself in every S3 answer: ``Server: SeaweedFS <size limit> <major>.<minor>``
+    (weed/s3api/stats.go; seen from 4.34 here: 'SeaweedFS 8000GB 4.34'). KFP 2.16 ships 4.00, before the fix of
+    concurrent conditional PUTs (seaweedfs#8800, fixed in 4.18): claims there must be Leases."""
+    from habla.core import conditional
+
+    race = conditional.known_race(f"SeaweedFS 30GB {_seaweedfs_release(kfp)}")
+    assert (race is not None) == racy
+    if racy:
+        assert "seaweedfs#8800" in race
+    assert conditional.known_race("AmazonS3") is None and conditional.known_race("") is None
+
+
+def test_a_racy_store_fails_the_check_and_auto_claims_through_leases(s3_bucket, monkeypatch, tmp_path):
+    """A store that names itself SeaweedFS 4.00 is not probed (one at a time it would pass): --claims s3 refuses
+    it in one line, --claims auto takes Leases, promotions (the same check) stop."""
+    from habla.core import conditional
+
+    monkeypatch.setattr(conditional, "_probes", {})
+    monkeypatch.setattr(conditional, "_server_header", lambda bucket: "SeaweedFS 30GB 4.00")
+    state = f"{s3_bucket}/state"
+    probe = conditional.probe_conditional_writes(state)
+    assert not probe.ok and "4.18" in probe.detail
+    with pytest.raises(HablaError, match=r"does not enforce conditional writes: SeaweedFS 30GB 4.00.*--claims lease"):
+        lease.choose_claims(state, "s3")
+    with StandinK8s() as api:
+        chosen = lease.choose_claims(state, "auto", "team-asr", api.api_client())
+    assert chosen.mode == "lease"
+
+
+def test_a_real_seaweedfs_names_its_release(seaweedfs_bucket):
+    from habla.core import conditional, storage
+
+    server = conditional._server_header(storage.split_s3(seaweedfs_bucket)[0])
+    assert server.startswith("SeaweedFS ") and conditional.known_race(server) is None  # 4.34, the pinned wheel

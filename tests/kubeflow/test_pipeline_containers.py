@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from containers import CONTAINER_UID, kfp_docker_runner, shared_folder
+from fixtures.containers import CONTAINER_UID, kfp_docker_runner, shared_folder
 from habla.pipelines.training_pipeline import build_pipeline
 
 from habla.kubeflow.compile import CompileOptions
@@ -38,6 +38,9 @@ def pipeline_run(prep_image, train_image, tmp_path_factory):
             run_name="in-containers",
             launcher="local",
             gpus_per_node="0",
+            evaluate_gpus="0",  # a CPU run evaluates on CPUs
+            train_cpu="1",  # the pipeline's own training pod is sized before it runs ("auto" is for cluster jobs)
+            train_memory="4Gi",
             num_shards=2,
             workers_per_shard=1,
             audio_format="wav",
@@ -98,7 +101,7 @@ def test_ui_reports_carry_their_plots(pipeline_run):
 
 def test_a_failing_step_fails(prep_image, tmp_path_factory):
     """Through the harness's adapter a step's exit code reaches kfp: on podman 4.3 without it, a step that
-    exits 3 may be reported as a success (tests/containers.py)."""
+    exits 3 may be reported as a success (tests/fixtures/containers.py)."""
     from kfp import dsl
 
     @dsl.component(base_image=prep_image, install_kfp_package=False)

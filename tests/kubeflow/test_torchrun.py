@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from habla.core.errors import HablaError
+from habla.core.errors import Fault, HablaError
 from habla.kubeflow import torchrun
 
 # ------------------------------------------------------------------------------------------- torchrun
@@ -24,6 +24,9 @@ WORKER = textwrap.dedent(
     dist.destroy_process_group()
     if os.environ.get("FAIL_RANK") == os.environ["RANK"]:
         sys.exit(3)
+    if os.environ.get("BAD_INPUT_RANK") == os.environ["RANK"]:
+        print("habla train: error: config key model.nope does not exist", file=sys.stderr, flush=True)
+        sys.exit(2)
     """
 )
 
@@ -58,11 +61,12 @@ def test_run_local_two_nodes_on_loopback(tmp_path):
     assert "[node 1] rank 1/2 sum 3 args ['--epochs', '1']" in text
 
 
-def test_run_local_failure_is_a_habla_error(tmp_path):
+def test_a_crashed_worker_is_a_fault_to_retry(tmp_path):
+    """torchrun exits 1 whatever its worker's code: a crash is a fault (the pipeline retries the step)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     lines: list[str] = []
-    with pytest.raises(HablaError, match="failed"):
+    with pytest.raises(Fault, match="failed"):
         torchrun.run_local(
             [],
             nproc_per_node=2,
@@ -72,6 +76,15 @@ def test_run_local_failure_is_a_habla_error(tmp_path):
             timeout_s=120,
         )
     assert any("rank 0/2 sum 3" in line for line in lines)
+
+
+def test_bad_input_of_habla_train_is_a_habla_error_with_its_line(tmp_path):
+    """`habla train` refusing its input (its one-line error, exit 2) is bad input: not retried, its line kept."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    with pytest.raises(HablaError, match="^config key model.nope does not exist$"):
+        torchrun.run_local([], nproc_per_node=2, program=[str(script)], env={"BAD_INPUT_RANK": "0"},
+                           log=lambda line: None, timeout_s=120)  # fmt: skip
 
 
 def test_run_local_bad_input():

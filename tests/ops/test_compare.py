@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from kfp_standin import KfpStandin, compile_fake_training_pipeline
+from standins.kfp_server import KfpStandin, compile_fake_training_pipeline
 
 from habla import cli
 from habla.core.errors import HablaError
@@ -97,7 +97,7 @@ def test_table_of_local_runs_sorted_by_wer(runs, capsys):
     assert cli.main(["compare", *map(str, runs)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines[0].split()
-    assert header[:13] == compare.COLUMNS
+    assert header[:11] == compare.COLUMNS[:11] and "promoted" not in header  # no run was promoted: no column
     assert "wer[gender=female_feminine]" in header and not any(h.startswith("wer[age=") for h in header)
     assert [line.split()[0] for line in lines[1:]] == ["large-v25", "small-v17", "crashed"]
     best = lines[1].split()
@@ -175,7 +175,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         .endswith("not a habla run output (no run.json, model/train_summary.json or eval/metrics.json)")
     )
     assert cli.main(["compare"]) == 2
-    assert cli.main(["compare", "--host", "http://127.0.0.1:9", "--experiment", "x"]) == 2
+    assert cli.main(["compare", "--host", "http://127.0.0.1:9", "--experiment", "x"]) == 1  # a fault
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "cannot reach Kubeflow Pipelines" in err[1]
     with pytest.raises(HablaError, match="--groups"):
@@ -193,10 +193,23 @@ def test_a_pipeline_output_folder_and_a_column_per_setting_that_differs(tmp_path
         record = json.loads((dst / "run.json").read_text())
         record.update(config_overrides=overrides, promotion_margin=margin, launcher="local")
         (dst / "run.json").write_text(json.dumps(record))
+        metrics = json.loads((dst / "eval" / "metrics.json").read_text())
+        metrics.update(wer_ci=[metrics["wer"] - 0.05, metrics["wer"] + 0.05], cer_ci=[0.1, 0.2])
+        (dst / "eval" / "metrics.json").write_text(json.dumps(metrics))
+        record.update(state={"strict": "failed"}.get(name, "succeeded"), resumed=[{"run_id": "x"}], finished="t",
+                      promotion={"promote": name != "strict"})  # fmt: skip
+        (dst / "run.json").write_text(json.dumps(record))
+    (out / "models").mkdir()
+    (out / "models" / "best.json").write_text(json.dumps({"run": "fast-lr", "model": "m"}))
     (out / "datasets" / "x").mkdir(parents=True)
     assert cli.main(["compare", str(out), "--format", "json", "--plot", str(tmp_path / "c.png")]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["run"] for r in rows] == ["fast-lr", "strict", "base"]
+    # intervals, the current best model, the recorded state; bookkeeping (finished, resumed) is no column
+    assert [(r["wer_95"], r["promoted"], r["state"]) for r in rows] == [
+        ("0.350–0.450", "best", "succeeded"), ("0.400–0.500", "no", "failed"), ("0.450–0.550", "yes", "succeeded")
+    ]  # fmt: skip
+    assert "finished" not in rows[0] and "resumed" not in rows[0]
     assert [(r["model.optim.lr"], r["trainer.max_steps"], r["promotion_margin"]) for r in rows] == [
         ("0.05", "60", "0.0"),
         (None, "60", "0.01"),
@@ -208,3 +221,64 @@ def test_a_pipeline_output_folder_and_a_column_per_setting_that_differs(tmp_path
     assert header[:8] == ["run", "state", "release", "config", "train_source", "model.optim.lr", "promotion_margin",
                           "trainer.max_steps"]  # fmt: skip
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wers_of_different_test_sets_are_not_ranked_together(tmp_path, capsys):
+    """compare ranked WERs measured on different test sets side by side without a word."""
+    folders = []
+    for name, wer, dataset in (("a", 0.30, "cv-17-aaa"), ("b", 0.20, "cv-25-bbb"), ("c", 0.25, "cv-17-aaa")):
+        folder = _run_folder(tmp_path, name, release="/d/cv-corpus-25.0-2026-03-09/es", config="c", nodes=1, wer=wer)
+        metrics = json.loads((folder / "eval" / "metrics.json").read_text())
+        metrics["manifest"] = f"s3://b/o/datasets/{dataset}/manifests/test.json"
+        (folder / "eval" / "metrics.json").write_text(json.dumps(metrics))
+        folders.append(folder)
+    assert cli.main(["compare", *map(str, folders)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert "test_set" in lines[0].split()
+    assert [(line.split()[0], line.split()[lines[0].split().index("test_set")]) for line in lines[1:]] == [
+        ("c", "cv-17-aaa"), ("a", "cv-17-aaa"), ("b", "cv-25-bbb")]  # fmt: skip
+    assert "scored on 2 different test sets (cv-17-aaa, cv-25-bbb)" in captured.err
+    assert cli.main(["compare", str(folders[0]), str(folders[2])]) == 0  # one test set: no column, no note
+    captured = capsys.readouterr()
+    assert "test_set" not in captured.out and not captured.err
+
+
+def test_group_names_from_the_data_are_text_in_tables_and_plots(runs, tmp_path, capsys):
+    """A '$' in an accent crashed --plot (matplotlib read it as mathematics); markup reached the Markdown."""
+    metrics_file = runs[0] / "eval" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["by_gender"] = {"$x^2$ <script>alert(1)</script>": {"wer": 0.3, "cer": 0.1, "utterances": 30}}
+    metrics_file.write_text(json.dumps(metrics))
+    assert cli.main(["compare", *map(str, runs), "--format", "markdown", "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "<script>" not in out and "&lt;script&gt;" in out
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_learning_curves_from_tensorboard_events(tmp_path, capsys):
+    """`habla compare --curves`: each run's training loss and validation WER by step, read from the TensorBoard
+    events training wrote (<run>/model/logs/, as Lightning's TensorBoardLogger writes them)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = tmp_path / "out"
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        dst = _run_folder(out / "runs", name, release="/d/cv-corpus-25.0-2026-03-09/es", config="tiny", nodes=1,
+                          wer=0.4 * scale)  # fmt: skip
+        writer = SummaryWriter(str(dst / "model" / "logs" / "version_0"))
+        for step in range(0, 100, 10):
+            writer.add_scalar("train_loss", scale * 100 / (step + 1), step)
+        writer.add_scalar("val_wer", 0.5 * scale, 50)
+        writer.add_scalar("val_wer", 0.4 * scale, 99)
+        writer.close()
+    curves = compare.learning_curves(str(out / "runs" / "b"))
+    assert curves["train_loss"][0] == (0, 200.0) and len(curves["train_loss"]) == 10
+    assert [round(v, 3) for _, v in curves["val_wer"]] == [1.0, 0.8]
+    assert cli.main(["compare", str(out), "--curves", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert cli.main(["compare", str(tmp_path / "out" / "runs" / "a"), "--curves", str(tmp_path / "x.png")]) == 0
+    empty = tmp_path / "empty"
+    _run_folder(empty, "c", release="/d/cv-corpus-25.0-2026-03-09/es", config="tiny", nodes=1, wer=0.3)
+    assert cli.main(["compare", str(empty / "c"), "--curves", str(tmp_path / "y.png")]) == 2
+    assert "no run has TensorBoard events" in capsys.readouterr().err

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_habla
+from fixtures.commands import run_habla
 
 pytestmark = pytest.mark.slow
 
 CPU_ONLY = [
     "launcher=local",  # no cluster here to start a TrainJob on
+    "train_cpu=1", "train_memory=4Gi",  # the pipeline's own pod is sized before it runs: "auto" is for cluster jobs
     "max_epochs=2",  # two epochs, not the config's 100,000 steps
     "model.encoder.n_layers=1", "model.encoder.d_model=32", "model.encoder.n_heads=2",
     "model.encoder.subsampling_conv_channels=16", "model.tokenizer.vocab_size=40",  # ~100 sentences of text

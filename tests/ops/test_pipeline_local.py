@@ -7,7 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import MINI, read_jsonl, run_habla
+from fixtures.commands import read_jsonl, run_habla
+from fixtures.releases import MINI
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def two_runs(tmp_path_factory):
         "--run-name",
         "second run",  # a name with a space: its folder is runs/second-run, the same for every step
         STEPS,
-        "promotion_margin=1.0",
+        "promotion_margin=0.99",  # the largest margin the parameters take (below 1)
         "config_overrides=model.optim.lr=0.01",
         timeout=900,
     )
@@ -67,7 +68,7 @@ def test_model_metrics_and_the_wer_table(two_runs):
 def test_promotion_record(two_runs):
     out, _, _ = two_runs
     best = json.loads((out / "models" / "best.json").read_text())
-    assert best["run"] == "first"  # the first model is promoted; the second cannot beat it by 1.0 WER
+    assert best["run"] == "first"  # the first model is promoted; the second cannot beat it by 0.99 WER
     assert Path(best["model"]).is_file() and best["model"].startswith(str(out / "models" / "first"))
     assert best["metrics"]["wer"] == json.loads((out / "runs" / "first" / "eval" / "metrics.json").read_text())["wer"]
     # the second run evaluated the best model on the same test set, and kept it
@@ -98,11 +99,27 @@ def test_the_console_fits_on_a_screen_and_the_logs_hold_the_rest(two_runs):
         assert (out / "runs" / "first" / "logs" / f"{step}.log").stat().st_size > 0
     logs = (out / "runs" / "first" / "logs" / "pipeline.log").read_text()
     assert "Got executor_input" in logs and "[NeMo" in logs  # silenced on the console, kept in the files
-    assert "promoted: no model had been promoted yet" in first.stdout
+    assert "promoted: the first model of this output folder" in first.stdout
+    # the report in the run folder carries the verdict, not only the KFP UI's copy
+    assert "this output folder had no promoted model yet" in (out / "runs" / "first" / "eval" / "report.md").read_text()
+    assert "**kept: the best model stays**" in (out / "runs" / "second-run" / "eval" / "report.md").read_text()
+    assert json.loads((out / "runs" / "first" / "run.json").read_text())["state"] == "succeeded"
     assert "not promoted:" in second.stdout and "WER improvement over first" in second.stdout
     for report in ("evaluation report", "model card", "ONNX export", "dataset report", "step logs"):
         assert report in first.stdout, report
     promotion = json.loads((out / "runs" / "second-run" / "run.json").read_text())["promotion"]
-    assert promotion["promote"] is False and promotion["best_run"] == "first" and promotion["margin"] == 1.0
+    assert promotion["promote"] is False and promotion["best_run"] == "first" and promotion["margin"] == 0.99
     package = out / "models" / "first"
     assert json.loads((package / "onnx_check.json").read_text())["verified"] and (package / "README.md").is_file()
+
+
+def test_a_failed_step_fails_the_run_in_one_line(tmp_path):
+    """A corrupt models/best.json crashed evaluate-models with a traceback, and run-local exited 0."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "best.json").write_text('{"run": "old", "model": ')
+    result = run_habla("pipeline", "run-local", "--out", str(tmp_path), "--run-name", "r", "trainer.max_steps=5",
+                       timeout=900)  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("habla pipeline: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "the pipeline failed at step evaluate-models" in errors[0] and "best.json: corrupt" in errors[0]
+    assert "✗ evaluate-models" in result.stdout

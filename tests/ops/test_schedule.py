@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
-from habla.pipelines import watcher_pipeline
-from kfp_standin import KfpStandin, compile_fake_training_pipeline
+from fixtures.releases import ROOT
+from habla.pipelines import training_pipeline, watcher_pipeline
+from standins.kfp_server import KfpStandin, compile_fake_training_pipeline
 
 from habla import cli
 from habla.core.errors import HablaError
-from habla.kubeflow import kfp_api
+from habla.kubeflow import kfp_api, recurring
 from habla.kubeflow.compile import DEFAULT_PREP_IMAGE
-from habla.ops import schedule, watch
+from habla.ops import schedule
 
 ARGS = [
     "--cron",
@@ -104,9 +104,9 @@ def test_a_changed_pipeline_gets_a_new_version_and_the_schedule_moves_to_it(tmp_
             "cron": "0 0 1 * * *",
             "params": {"release_uri": "s3://a", "output_uri": "s3://b"},
         }
-        one = kfp_api.ensure_recurring_run(client, package_path=first, **common)
-        same = kfp_api.ensure_recurring_run(client, package_path=first, **common)
-        two = kfp_api.ensure_recurring_run(client, package_path=str(changed), **common)
+        one = recurring.ensure_recurring_run(client, package_path=first, **common)
+        same = recurring.ensure_recurring_run(client, package_path=first, **common)
+        two = recurring.ensure_recurring_run(client, package_path=str(changed), **common)
         assert (one.action, same.action, two.action) == ("created", "unchanged", "updated")
         assert one.version_id == same.version_id != two.version_id
         assert len(kfp.versions) == 2 and len(kfp.pipelines) == 1
@@ -116,7 +116,7 @@ def test_a_changed_pipeline_gets_a_new_version_and_the_schedule_moves_to_it(tmp_
 
 def test_the_watcher_component_submits_through_the_api(tmp_path, monkeypatch):
     package = compile_fake_training_pipeline(str(tmp_path))
-    monkeypatch.setattr(watch, "compile_training_pipeline", lambda out_dir, options: package)
+    monkeypatch.setattr(training_pipeline, "compile_into", lambda folder, options=None: package)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "cv-corpus-25.0-2026-03-09-es.tar.gz").write_bytes(b"x")
@@ -222,9 +222,9 @@ def test_compile_options_reach_the_training_pipeline_the_watcher_submits(tmp_pat
     assert training["root"]["inputDefinitions"]["parameters"]["train_image"]["defaultValue"] == "reg.example/train:7"
 
 
-def test_claims_reach_the_watcher_pipeline_and_its_component(tmp_path):
+def test_claims_reach_the_watcher_pipeline_and_its_component(tmp_path, capsys):
     """habla schedule --claims lease becomes the watcher pipeline's ``claims`` parameter (default auto), which the
-    component hands to habla.ops.watch.watch."""
+    component hands to habla.kubeflow.watch.watch."""
     with KfpStandin() as kfp:
         assert cli.main(["schedule", "--host", kfp.url, *ARGS]) == 0
         assert cli.main(["schedule", "--host", kfp.url, *ARGS, "--name", "leased", "--claims", "lease"]) == 0
@@ -232,9 +232,37 @@ def test_claims_reach_the_watcher_pipeline_and_its_component(tmp_path):
             rr["display_name"]: rr["runtime_config"]["parameters"]["claims"] for rr in kfp.recurring_runs.values()
         }
     assert claims == {"habla-release-watcher": "auto", "leased": "lease"}
-    with pytest.raises(HablaError, match=r"--claims 'sometimes': expected one of s3, lease, auto"):
+    with pytest.raises(SystemExit) as exited:  # bad input: one line and exit 2 (habla.core.errors.pipeline_step)
         watcher_pipeline.watch_releases.python_func(
             inbox=str(tmp_path), state=str(tmp_path / "state"), output_root=str(tmp_path / "out"),
             experiment="habla", locale="es", kfp_host="http://127.0.0.1:9", training_params="{}",
             s3_endpoint_url="", mdc=False, dry_run=False, compile_options="", claims="sometimes",
         )  # fmt: skip
+    assert exited.value.code == 2
+    assert "--claims 'sometimes': expected one of s3, lease, auto" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kfp", ["2.16.0", "2.17.0"])
+def test_the_docs_name_the_time_zone_setting_of_kfps_scheduler(kfp):
+    """KFP's scheduler reads every recurring run's cron in the zone of pipeline-install-config's
+    cronScheduleTimezone (vendored from KFP's manifests), which docs/operations.md tells the operator to set."""
+    config = yaml.safe_load((ROOT / "tests" / "kubeflow" / "upstream" / f"kfp-{kfp}" / "pipeline-install-config.yaml")
+                            .read_text())  # fmt: skip
+    assert config["metadata"]["name"] == "pipeline-install-config" and config["data"]["cronScheduleTimezone"] == "UTC"
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    assert "`cronScheduleTimezone`" in docs and "`pipeline-install-config`" in docs and "CRON_SCHEDULE_TIMEZONE" in docs
+
+
+def test_dry_run_shows_a_weekly_schedule_without_kfp(capsys):
+    """`habla schedule --dry-run`: everything checked, nothing contacted (no --host); the day-of-week field of
+    KFP's 6-field cron counts from 0 = Sunday (SUN), and 7 is refused."""
+    weekly = ["schedule", "--cron", "0 0 3 * * SUN", "--inbox", "s3://b/inbox", "--state", "s3://b/state",
+              "--output-root", "s3://b/out", "--dry-run"]  # fmt: skip
+    assert cli.main(weekly) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["cron"] == "0 0 3 * * SUN" and planned["days_of_week"] == ["SUN"]
+    assert planned["fields"]["hour"] == "3" and planned["max_concurrency"] == 1
+    assert cli.main([*weekly[:2], "0 0 3 * * 0", *weekly[3:]]) == 0
+    assert json.loads(capsys.readouterr().out)["days_of_week"] == ["SUN"]
+    assert cli.main([*weekly[:2], "0 0 3 * * 7", *weekly[3:]]) == 2
+    assert "day-of-week" in capsys.readouterr().err

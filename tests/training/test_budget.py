@@ -39,12 +39,68 @@ def test_accumulation_keeps_the_tuned_global_batch_for_world_sizes_1_and_2(confi
     plan = budget.plan(cfg, clips(100_000), world(size), streamed=False)
     assert plan.world_size == size and plan.accumulate_grad_batches == accumulate
     assert plan.accumulation_from == "global_batch" and plan.tuned_global_batch == cfg.global_batch
-    assert plan.global_batch == cfg.model.train_ds.batch_size * size * accumulate
-    # tiny_ctc_char is tuned for one CPU (8): two ranks cannot accumulate less than 1 and double it
-    warning = budget.global_batch_warning(plan)
-    assert (warning is None) == (plan.global_batch == cfg.global_batch)
-    if warning:
-        assert "2.00×" in warning and "not rescaled" in warning
+    # tiny_ctc_char is tuned for one CPU (8): two ranks hold 4 each instead of doubling it
+    assert plan.global_batch == cfg.global_batch == plan.per_device_batch * size * accumulate
+    assert plan.per_device_batch == min(cfg.model.train_ds.batch_size, cfg.global_batch / size)
+    assert budget.cautions(plan) == [] and plan.lr_scale == 1 and plan.lr_rule is None
+
+
+def _feasible(tuned: int, world_size: int, held: int) -> bool:
+    """Brute force: some accumulation and whole per-device batch (at most ``held``) within 10 % of ``tuned``."""
+    return any(
+        abs(world_size * a * b / tuned - 1) <= budget.GLOBAL_BATCH_TOLERANCE
+        for a in range(1, 2 * tuned + 1)
+        for b in range(1, held + 1)
+    )
+
+
+@pytest.mark.parametrize("config", ["fastconformer_ctc_bpe", "quartznet15x5_char", "tiny_ctc_char"])
+@pytest.mark.parametrize("gpus", [1, 3, 7, 8, 24, 64, 100, 512])
+def test_the_global_batch_stays_within_ten_percent_and_the_epochs_stay_put(config, gpus):
+    """Fixed batches (WAV files): whatever the world size, the global batch is the tuned one within 10 %, the
+    per-device batch never exceeds what a device holds, and the run makes the same passes over the data; where
+    no accumulation and per-device batch can (brute force), one line refuses."""
+    cfg = train_config.load(config, ["trainer.max_epochs=-1", "trainer.max_steps=40000"])
+    one = budget.plan(cfg, clips(400_000), 1, streamed=False)
+    held = cfg.model.train_ds.batch_size
+    if not _feasible(cfg.global_batch, gpus, held):  # tiny_ctc_char on 3 devices; QuartzNet's 1152 on 512
+        with pytest.raises(
+            HablaError, match=f"^{gpus} devices cannot train on global_batch {cfg.global_batch} within "
+        ):
+            budget.plan(cfg, clips(400_000), gpus, streamed=False)
+        return
+    plan = budget.plan(cfg, clips(400_000), gpus, streamed=False)
+    assert abs(plan.global_batch / cfg.global_batch - 1) <= budget.GLOBAL_BATCH_TOLERANCE
+    assert plan.per_device_batch <= held and plan.per_device_batch == int(plan.per_device_batch)
+    assert plan.global_batch == plan.per_device_batch * gpus * plan.accumulate_grad_batches
+    if gpus * held >= cfg.global_batch:  # no accumulation left: the per-device batch shrinks
+        assert plan.accumulate_grad_batches == 1
+    assert plan.epochs == pytest.approx(one.epochs, rel=0.01)  # steps follow the global batch used
+    assert plan.max_steps == round(40000 * cfg.global_batch / plan.global_batch)
+    # validation follows the steps: as many validations at any world size, never more
+    assert plan.max_steps / plan.validate_every_steps == pytest.approx(40000 / cfg.validate_every_steps, rel=0.01)
+
+
+def test_more_devices_than_the_global_batch_refuse_or_scale_the_learning_rate():
+    cfg = train_config.load("tiny_ctc_char")  # global batch 8, lr 0.01 (scaled only on request)
+    with pytest.raises(HablaError) as refused:
+        budget.plan(cfg, clips(1000), 16, streamed=False)
+    assert str(refused.value) == (
+        "16 devices cannot train on global_batch 8 within 10% (the closest is 16 utterances per step): use another "
+        "number of devices, or set scale_lr=linear or scale_lr=sqrt to scale the learning rate with the global batch"
+    )
+    for rule, factor in (("linear", 2.0), ("sqrt", math.sqrt(2))):
+        scaled = train_config.load("tiny_ctc_char", [f"scale_lr={rule}", "trainer.max_steps=400"])
+        plan = budget.plan(scaled, clips(1000), 16, streamed=False)
+        assert plan.global_batch == 16 and plan.per_device_batch == 1 and plan.lr_rule == rule
+        assert plan.lr_scale == pytest.approx(factor) and plan.lr == pytest.approx(scaled.model.optim.lr * factor)
+        assert plan.max_steps == 200  # the same utterances: half the steps of twice the batch
+        budget.apply(scaled, plan, streamed=False)
+        assert scaled.model.optim.lr == pytest.approx(plan.lr) and scaled.model.train_ds.batch_size == 1
+        assert scaled.model.optim.sched.min_lr == pytest.approx(
+            train_config.load("tiny_ctc_char").model.optim.sched.min_lr * factor
+        )
+        assert plan.as_summary()["learning_rate"]["lr_rule"] == rule
 
 
 def test_steps_per_epoch_follow_the_data_the_batch_and_the_world():
@@ -56,7 +112,7 @@ def test_steps_per_epoch_follow_the_data_the_batch_and_the_world():
     assert one.steps_per_epoch == math.ceil(138 / 16) and one.max_steps == 3 * one.steps_per_epoch
     assert two.batches_per_epoch == 5_000 // 72 and two.steps_per_epoch == math.ceil(69 / 8)
     tiny = budget.plan(train_config.load("tiny_ctc_char"), clips(1001), 2, streamed=False)
-    assert tiny.batches_per_epoch == math.ceil(501 / 8)  # the last, partial batch counts
+    assert tiny.batches_per_epoch == math.ceil(501 / 4)  # 4 per device for its global 8; a partial last batch counts
     assert one.budget_from == two.budget_from == "max_epochs" and one.epochs == 3
 
 
@@ -89,16 +145,23 @@ def test_bucketing_batches_hold_the_per_device_batch_on_average(monkeypatch):
     bins = plan.bucket_duration_bins
     sizes = Counter(bisect.bisect_left(bins, d) for d in durations)
     assert max(sizes.values()) < 2 * min(sizes.values())
-    # batch_duration makes Lhotse's own sampler average 32 utterances per batch over what a worker draws in the
-    # run, where batch_size × the padded mean gives more (Lhotse picks buckets uniformly, not by their size)
-    assert plan.per_device_batch == 32 and plan.simulated_per_device_batch == pytest.approx(32, rel=0.03)
-    first_guess = 32 * budget.mean_padded(durations, bins)
-    assert budget.simulated_batch(durations, bins, first_guess, 300, 10_000) > 1.05 * 32
-    assert plan.batch_duration < first_guess and plan.batch_duration < 32 * max(durations)  # fits what 32 fit
-    # another draw of the sampler: still 32 on average within a few percent
+    # a device holds 32 clips of the longest duration; padded to their buckets, that is many more utterances,
+    # so 2 devices accumulate fewer batches than 512 / (2 × 32) = 8, each of 512 / (2 × accumulation)
+    assert plan.device_capacity == pytest.approx(32 * max(durations)) and plan.capacity_from == "config"
+    capacity = plan.device_capacity / budget.mean_padded(durations, bins)
+    assert plan.accumulate_grad_batches == math.ceil(512 / (2 * capacity)) < 8
+    per_device = 512 / (2 * plan.accumulate_grad_batches)
+    assert plan.per_device_batch == pytest.approx(per_device, abs=0.001) and plan.global_batch == pytest.approx(512)
+    # batch_duration makes Lhotse's own sampler average that many utterances per batch over what a worker draws
+    # in the run, where per-device batch × the padded mean gives more (Lhotse picks buckets uniformly)
+    assert plan.simulated_per_device_batch == pytest.approx(per_device, rel=0.03)
+    first_guess = per_device * budget.mean_padded(durations, bins)
+    assert budget.simulated_batch(durations, bins, first_guess, 300, 10_000) > 1.05 * per_device
+    assert plan.batch_duration < first_guess and plan.batch_duration <= plan.device_capacity
+    # another draw of the sampler: still that many on average within a few percent
     assert budget.simulated_batch(durations, bins, plan.batch_duration, 300, 10_000, seed=7) == pytest.approx(
-        32, rel=0.04)  # fmt: skip
-    assert plan.batches_per_epoch == math.ceil(20_000 / (32 * 2)) and plan.accumulate_grad_batches == 8
+        per_device, rel=0.04)  # fmt: skip
+    assert plan.batches_per_epoch == math.ceil(20_000 / (per_device * 2))
 
     budget.apply(cfg, plan, streamed=True)
     ds = cfg.model.train_ds
@@ -106,7 +169,8 @@ def test_bucketing_batches_hold_the_per_device_batch_on_average(monkeypatch):
     assert ds.batch_duration == plan.batch_duration and ds.num_buckets == 30
     assert ds.concurrent_bucketing is False  # Lhotse's filler thread would keep the process from exiting
     assert cfg.trainer.limit_train_batches == plan.batches_per_epoch and cfg.trainer.max_steps == plan.max_steps
-    assert cfg.trainer.accumulate_grad_batches == 8
+    assert cfg.trainer.accumulate_grad_batches == plan.accumulate_grad_batches
+    assert (ds.shuffle_buffer_size, ds.bucket_buffer_size) == (plan.loader.shuffle_buffer, plan.loader.bucket_buffer)
     # WAV files go through NeMo's classic loader: a fixed batch of utterances, no duration batches
     plan = budget.plan(train_config.load("fastconformer_ctc_bpe"), entries, 2, streamed=False)
     assert (
@@ -131,7 +195,7 @@ def test_an_explicit_accumulation_or_batch_duration_wins():
     assert (plan.accumulate_grad_batches, plan.accumulation_from) == (3, "config")
     assert plan.batch_duration == 100 and plan.per_device_batch == 25 and plan.global_batch == 150
     assert plan.num_buckets == 1 and plan.bucket_duration_bins == ()  # 1,000 equal clips: nothing to bucket
-    assert "0.07×" in budget.global_batch_warning(plan)
+    assert "0.07×" in budget.cautions(plan)[0] and plan.max_steps == 100_000  # its own steps: not rescaled
 
 
 def test_a_run_whose_length_cannot_be_known_is_one_line():
@@ -145,10 +209,17 @@ def test_a_run_whose_length_cannot_be_known_is_one_line():
         train_config.load("tiny_ctc_char", ["global_batch=0"])
 
 
-def test_the_decisions_are_logged_in_two_lines(monkeypatch):
+def test_the_decisions_are_logged_in_three_lines(monkeypatch):
     monkeypatch.setattr(budget, "CALIBRATION_BATCHES", 50)
     cfg = train_config.load("fastconformer_ctc_bpe")
-    batch, schedule = budget.describe(budget.plan(cfg, clips(4096, 5.0), 2, streamed=True))
-    assert batch == ("batch: 640 s padded (≈ 128 utterances, 1 duration bucket(s)) per device × 2 devices × "
-                     "accumulate 8 (for the config's global_batch 2048) = global batch 2048")  # fmt: skip
+    batch, schedule, cadence = budget.describe(budget.plan(cfg, clips(4096, 5.0), 2, streamed=True))
+    # 4,096 clips of 5 s: one bucket; a device holds 128 × 5 s = 640 s, 128 utterances
+    assert batch == (
+        "batch: 640 s padded (≈ 128 utterances, 1 duration bucket(s)) per device × 2 devices × accumulate 8 (for the "
+        "config's global_batch 2048; a device holds 640 s) = global batch 2048"
+    )
     assert schedule.startswith("schedule: 100000 optimizer steps (from trainer.max_steps) = 50000 epoch(s) of 2 steps")
+    # shared memory: 8 workers × 2 prefetched batches × 640 s × 16 kHz × 4 bytes = 0.61 GiB; memory: the process's
+    # 8 GiB + 8 workers × 3 GiB + that = 32.6 -> 33 GiB; CPU: 8 workers + 1
+    assert cadence == ("cadence: validation every 2500 steps, checkpoints every 2500; node: 1 process(es) × 8 loader "
+                       "worker(s) -> request 9 CPU, 33Gi memory (of which 0.61 GiB shared)")  # fmt: skip

@@ -10,8 +10,8 @@ import pytest
 
 from habla.core import storage
 from habla.core.errors import HablaError
-from habla.data.text import ALPHABET
-from habla.training import init_from
+from habla.speech import models
+from habla.speech.text import ALPHABET
 from habla.training.train import train
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,7 @@ def test_init_from_a_hybrid_keeps_its_encoder_and_ctc_head(tmp_path, clips30, ca
     store = tmp_path / "store"
     store.mkdir()
     weights = _tiny_transducer(store / "stt_es_tiny_hybrid.nemo", hybrid=True)
-    monkeypatch.setenv(init_from.STORE_ENV, str(store))
+    monkeypatch.setenv(models.STORE_ENV, str(store))
     summary = train("tiny_ctc_char", str(clips30), str(clips30), str(tmp_path / "model"), ["trainer.max_steps=0"],
                     init_from="stt_es_tiny_hybrid")  # fmt: skip
     assert summary["steps"] == 0 and summary["init_from"] == "stt_es_tiny_hybrid"
@@ -109,7 +109,7 @@ def test_init_from_a_transducer_in_an_s3_store_gets_a_new_ctc_head(s3_bucket, tm
                                                                    monkeypatch, one_thread):  # fmt: skip
     weights = _tiny_transducer(tmp_path / "rnnt.nemo", hybrid=False)
     storage.upload_file(tmp_path / "rnnt.nemo", f"{s3_bucket}/models/stt_es_tiny_rnnt/stt_es_tiny_rnnt.nemo")
-    monkeypatch.setenv(init_from.STORE_ENV, f"{s3_bucket}/models")
+    monkeypatch.setenv(models.STORE_ENV, f"{s3_bucket}/models")
     train("tiny_ctc_char", str(clips30), str(clips30), str(tmp_path / "model"), ["trainer.max_steps=2"],
           init_from="stt_es_tiny_rnnt")  # fmt: skip
     model = _restored(tmp_path / "model" / "model.nemo")
@@ -117,16 +117,16 @@ def test_init_from_a_transducer_in_an_s3_store_gets_a_new_ctc_head(s3_bucket, tm
     assert set(model.encoder.state_dict()) == {k.removeprefix("encoder.") for k in weights}
 
     with pytest.raises(HablaError, match="not in the model store .*stt_es_nothing.nemo"):
-        init_from.resolve("stt_es_nothing")
-    monkeypatch.delenv(init_from.STORE_ENV)
+        models.resolve_model("stt_es_nothing")
+    monkeypatch.delenv(models.STORE_ENV)
     with pytest.raises(HablaError, match="HABLA_MODEL_STORE"):
-        init_from.resolve("stt_es_tiny_rnnt")
+        models.resolve_model("stt_es_tiny_rnnt")
     shutil.rmtree(tmp_path / "model")
 
 
 def test_init_from_a_bpe_hybrid_keeps_its_head_with_its_tokenizer(tmp_path, clips30, cache, one_thread):
     """NVIDIA's Spanish hybrid is BPE: with its own tokenizer (model.tokenizer.dir) its CTC head is kept."""
-    from conftest import read_jsonl
+    from fixtures.commands import read_jsonl
     from nemo.collections.asr.models import EncDecHybridRNNTCTCBPEModel
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
     from omegaconf import OmegaConf

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HABLA, cli_env, read_jsonl, write_manifest
+from fixtures.commands import HABLA, cli_env, read_jsonl, write_manifest
 
 from habla.core.errors import HablaError
-from habla.data.text import ALPHABET
 from habla.evaluation.evaluate import evaluate
+from habla.speech.text import ALPHABET
 from habla.training.train import train
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,8 @@ import json
 import math
 
 import pytest
-from conftest import MINI_V8, run_habla
+from fixtures.commands import run_habla
+from fixtures.releases import MINI_V8
 
 from habla.core import jsonl
 from habla.data.options import PrepareOptions
@@ -30,9 +31,9 @@ CPU = ["model.train_ds.num_workers=0", "model.validation_ds.num_workers=0", "mod
        "model.validation_ds.batch_size=8", "global_batch=8"]  # fmt: skip
 SHRINK = {
     "tiny_ctc_char": [],
-    # QuartzNet's prologue, one residual block (of the 15) and its 1x1 epilogue, narrower; a cutout as short
-    # as NeMo's default (5 frames): batches of these prompts can be shorter than the config's 120 frames
-    "quartznet15x5_char": [*CPU, "model.spec_augment.rect_time=5", "model.decoder.feat_in=128",
+    # QuartzNet's prologue, one residual block (of the 15) and its 1x1 epilogue, narrower; time masks of 5
+    # frames: batches of these prompts can be shorter than the config's 55-frame masks
+    "quartznet15x5_char": [*CPU, "model.spec_augment.time_width=5", "model.decoder.feat_in=128",
                            "model.encoder.jasper=["
                            + ", ".join(f"{{filters: {f}, repeat: {r}, kernel: [{k}], stride: [{s}], dilation: [1], "
                                        f"dropout: 0.0, residual: {str(res).lower()}, separable: {str(sep).lower()}}}"
@@ -103,3 +104,18 @@ def test_the_issue_command_trains_by_epochs_on_tar_shards_and_exits(data, tmp_pa
     summary = json.loads((tmp_path / "model" / "train_summary.json").read_text())
     assert summary["schedule"]["budget_from"] == "max_epochs" and summary["steps"] == summary["schedule"]["max_steps"]
     assert "schedule: " in result.stderr and "(from trainer.max_epochs) = 1 epoch(s)" in result.stderr
+
+
+def test_validation_comes_every_validate_every_steps_optimizer_steps(data, tmp_path, cache, one_thread, caplog):
+    """Two batches per optimizer step: validate_every_steps=2 validates after steps 2 and 4 (every 4 batches,
+    counted across epochs) inside fit, and the final weights (step 6) once after it."""
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO, logger="habla.train")
+    source = data["wav"]
+    summary = train("tiny_ctc_char", source["train_manifest"], source["val"], str(tmp_path / "model"),
+                    ["model.train_ds.batch_size=4", "trainer.max_steps=6", "validate_every_steps=2"])  # fmt: skip
+    validated = [int(m[1]) for r in caplog.records if (m := re.match(r"validation at step (\d+):", r.getMessage()))]
+    assert summary["batch"]["accumulate_grad_batches"] == 2 and validated == [2, 4] and summary["val_wer"] is not None
+    assert summary["cadence"] == {"validate_every_steps": 2, "checkpoint_every_steps": 2, "validations": 3}

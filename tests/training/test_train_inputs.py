@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import read_jsonl, run_habla, write_manifest
+from fixtures.commands import read_jsonl, run_habla, write_manifest
 from omegaconf import OmegaConf
 
 from habla.core.errors import HablaError
-from habla.data.text import ALPHABET
+from habla.speech import manifests as nemo_data
+from habla.speech.text import ALPHABET
 from habla.training import config as train_config
 from habla.training import configs
-from habla.training import manifests as nemo_data
 
 
 def test_shipped_configs_load_and_char_labels_are_the_alphabet():
@@ -126,3 +126,33 @@ def test_a_second_run_into_the_same_dst_needs_resume(tmp_path, clips30):
     (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
     _assert_one_line_error(run_habla(*_train_args(clips30, out)), "already holds a training run", "--resume")
     assert read_jsonl(clips30)  # the fixture itself is sound
+
+
+def test_a_dst_trains_one_model_and_never_trains_over_a_model(tmp_path):
+    """--resume into a folder with a finished model.nemo but no checkpoint started from step 0 and replaced it,
+    even with another architecture."""
+    from habla.core.layout import TrainLayout
+    from habla.training import output
+
+    dst = TrainLayout(str(tmp_path / "out"))
+    tiny = output.identity("tiny_ctc_char", ["trainer.max_steps=5", "model.optim.lr=0.01"], None)
+    output.bind(dst, tiny, resume=False)
+    output.bind(dst, output.identity("tiny_ctc_char", ["trainer.max_steps=50", "model.optim.lr=0.01"], None), True)
+    with pytest.raises(HablaError, match=r"trains another model \(config tiny_ctc_char, .*not config quartznet"):
+        output.bind(dst, output.identity("quartznet15x5_char", [], None), resume=True)
+    with pytest.raises(HablaError, match="trains another model"):
+        output.bind(dst, output.identity("tiny_ctc_char", ["model.optim.lr=0.5"], None), resume=True)
+    (tmp_path / "out" / "model.nemo").write_bytes(b"a finished model")
+    with pytest.raises(HablaError, match="holds a model.nemo but no checkpoint to continue it from"):
+        output.bind(dst, tiny, resume=True)
+
+
+def test_two_runs_into_one_dst_at_once_one_is_refused(tmp_path, clips30):
+    """Two habla train runs into one --out both "succeeded" and mixed checkpoints of two architectures."""
+    from habla.core import claims
+
+    out = tmp_path / "out"
+    with claims.Lease(str(out / ".lease.json"), str(out), ttl=2.0):  # another run, alive: renewing its lease
+        result = run_habla(*_train_args(clips30, out, "--resume"), env={"HABLA_TRAIN_LEASE_SECONDS": "2"})
+    _assert_one_line_error(result, f"{out} is being written by", "wait for it to finish")
+    assert not (out / "model.nemo").exists() and not (out / "checkpoints").exists()

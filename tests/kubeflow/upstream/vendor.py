@@ -33,9 +33,18 @@ CRD_SOURCES = [
     *(("trainer", tag, TRAINER_CRDS) for tag in ("v2.0.0", "v2.1.0", "v2.2.0", "v2.3.0")),
     ("training-operator", "v1.9.4", ("manifests/base/crds/kubeflow.org_pytorchjobs.yaml",)),
 ]
-# The object store Service of standalone KFP at the supported backend versions (docs/operators.md).
+# Standalone KFP at the supported backend versions (docs/operators.md): the object store's Service and Deployment
+# (which SeaweedFS release: habla.core.conditional.RACY_STORES), and the install config (the time zone of recurring
+# runs, cronScheduleTimezone, docs/operations.md).
 KFP_SOURCES = [
-    (tag, ("manifests/kustomize/third-party/seaweedfs/base/seaweedfs/seaweedfs-service.yaml",))
+    (
+        tag,
+        (
+            "manifests/kustomize/third-party/seaweedfs/base/seaweedfs/seaweedfs-service.yaml",
+            "manifests/kustomize/third-party/seaweedfs/base/seaweedfs/seaweedfs-deployment.yaml",
+            "manifests/kustomize/base/installs/generic/pipeline-install-config.yaml",
+        ),
+    )
     for tag in ("2.16.0", "2.17.0")
 ]
 HERE = Path(__file__).resolve().parent
