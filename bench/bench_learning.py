@@ -73,7 +73,7 @@ def sampler_table() -> None:
     durations and on 358,330 Common-Voice-like ones (log-normal around 4.8 s, 0.5-20 s)."""
     import random
 
-    from habla.training import budget
+    from habla.training import bucketing
 
     work = Path(tempfile.mkdtemp(prefix="habla-bench-sampler-"))
     wav = prepare(str(RELEASE), str(work / "wav"), PrepareOptions(), workers=2)
@@ -87,11 +87,12 @@ def sampler_table() -> None:
                                             ("Common-Voice-like", cv_like, 128, 175),
                                             ("Common-Voice-like", cv_like, 128, 1000)):  # fmt: skip
         durations = sorted(durations)
-        bins = budget.bucket_bins(durations, budget.num_buckets(None, len(durations), batch))
+        bins = bucketing.bucket_bins(durations, bucketing.num_buckets(None, len(durations), batch))
         buffer = min(10_000, len(durations))
-        first = budget.simulated_batch(durations, bins, batch * budget.mean_padded(durations, bins), batches, buffer)
-        calibrated, _ = budget.calibrate_batch_duration(durations, bins, batch, batches, buffer)
-        again = budget.simulated_batch(durations, bins, calibrated, batches, buffer, seed=7)  # another draw
+        guess = batch * bucketing.mean_padded(durations, bins)
+        first = bucketing.simulated_batch(durations, bins, guess, batches, buffer)
+        calibrated, _ = bucketing.calibrate_batch_duration(durations, bins, batch, batches, buffer)
+        again = bucketing.simulated_batch(durations, bins, calibrated, batches, buffer, seed=7)  # another draw
         print(f"| {name} ({len(durations)} clips) | {batch} | {batches} | {len(bins) + 1} | {first:.1f} "
               f"({first / batch - 1:+.0%}) | {again:.1f} ({again / batch - 1:+.0%}) |")  # fmt: skip
 

@@ -28,6 +28,9 @@ sys.path.insert(0, str(REPO))
 from habla.data.options import PrepareOptions
 from habla.data.prepare import prepare
 from habla.evaluation import transcribe as tr
+from habla.evaluation.inputs import AudioInput
+from habla.evaluation.runners import CtcRunner, load_model
+from habla.evaluation.windows import CONTEXT_S, WINDOW_S
 
 RELEASE = REPO / "data" / "mini-es-v25" / "es"
 
@@ -35,9 +38,11 @@ PEAK = """
 import resource, sys
 sys.path.insert(0, {repo!r})
 from habla.evaluation import transcribe as tr
-runner = tr.CtcRunner(tr.load_model({model!r}, "cpu"))
+from habla.evaluation.inputs import AudioInput
+from habla.evaluation.runners import CtcRunner, load_model
+runner = CtcRunner(load_model({model!r}, "cpu"))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-list(tr.transcribe_inputs(runner, [tr.AudioInput({audio!r})], 8, window_s={window}, context_s={context}))
+list(tr.transcribe_inputs(runner, [AudioInput({audio!r})], 8, window_s={window}, context_s={context}))
 print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -63,14 +68,14 @@ def main() -> None:
     from nemo.collections.asr.models import ASRModel
 
     nemo = ASRModel.restore_from(args.model, map_location="cpu")
-    runner = tr.CtcRunner(tr.load_model(args.model, "cpu"))
+    runner = CtcRunner(load_model(args.model, "cpu"))
     timings: dict[str, list[float]] = {"NeMo model.transcribe (batch 8)": [], "habla transcribe_inputs (batch 8)": []}
     for _ in range(args.rounds):
         started = time.perf_counter()
         expected = [h.text for h in nemo.transcribe(paths, batch_size=8, verbose=False)]
         timings["NeMo model.transcribe (batch 8)"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        got = [t.text for _, t in tr.transcribe_inputs(runner, [tr.AudioInput(p) for p in paths], 8)]
+        got = [t.text for _, t in tr.transcribe_inputs(runner, [AudioInput(p) for p in paths], 8)]
         timings["habla transcribe_inputs (batch 8)"].append(time.perf_counter() - started)
     same = sum(a == b for a, b in zip(expected, got))
     print(f"{len(paths)} clips, {seconds:.0f} s of audio; identical transcripts: {same}")
@@ -85,7 +90,7 @@ def main() -> None:
             pieces += [clip, pause]
     long = work / "long.flac"
     sf.write(long, np.concatenate(pieces)[: 600 * 16000], 16000)
-    for label, window, context in (("windows of 20 s + 2 x 4 s", tr.WINDOW_S, tr.CONTEXT_S), ("one window", 1e6, 0.0)):
+    for label, window, context in (("windows of 20 s + 2 x 4 s", WINDOW_S, CONTEXT_S), ("one window", 1e6, 0.0)):
         code = PEAK.format(repo=str(REPO), model=args.model, audio=str(long), window=window, context=context)
         runs = []
         for _ in range(args.rounds):

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from habla.evaluation import transcribe
+    from habla.evaluation import transcribe, windows
 
     summary = transcribe.transcribe(
         args.model,
@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         timestamps=args.timestamps,
         confidence=args.confidence,
-        window_s=transcribe.WINDOW_S if args.window is None else args.window,
-        context_s=transcribe.CONTEXT_S if args.context is None else args.context,
+        window_s=windows.WINDOW_S if args.window is None else args.window,
+        context_s=windows.CONTEXT_S if args.context is None else args.context,
         decoder=args.decoder,
     )
     print(json.dumps({k: summary[k] for k in ("files", "rejected", "audio_hours", "rtfx", "device")}))

@@ -28,18 +28,11 @@ from collections.abc import Sequence
 from habla.core import jsonl, state, storage
 from habla.core.errors import HablaError
 from habla.core.layout import EvalLayout
+from habla.evaluation.inputs import AudioInput
 from habla.evaluation.report import render_plot, render_report
+from habla.evaluation.runners import decoders_of, default_decoder, device_name, load_model, make_runner, nemo_output_to
 from habla.evaluation.scoring import compute_metrics
-from habla.evaluation.transcribe import (
-    AudioInput,
-    decoders_of,
-    default_decoder,
-    device_name,
-    load_model,
-    make_runner,
-    nemo_output_to,
-    transcribe_inputs,
-)
+from habla.evaluation.transcribe import transcribe_inputs
 from habla.speech import manifests, models
 
 log = logging.getLogger("habla.evaluate")
@@ -66,7 +59,7 @@ def _restored(model_path: str, log: str = ""):
 
 
 def transcribe_with(runner, audio_paths: Sequence[str], batch_size: int) -> tuple[list[str], dict]:
-    """:func:`transcribe` with a runner (habla.evaluation.transcribe.make_runner)."""
+    """:func:`transcribe` with a runner (habla.evaluation.runners.make_runner)."""
     started = time.monotonic()
     texts, audio_seconds = [], 0.0
     for _, result in transcribe_inputs(runner, [AudioInput(p) for p in audio_paths], batch_size,

@@ -40,7 +40,8 @@ def export_and_verify(model_path: str, entries: list[dict], onnx_path: Path) -> 
     import onnxruntime
     import torch
 
-    from habla.evaluation.transcribe import CtcRunner, load_model, read_audio
+    from habla.evaluation.inputs import read_audio
+    from habla.evaluation.runners import CtcRunner, load_model
 
     runner = CtcRunner(load_model(model_path, "cpu"))
     facts = model_facts(runner.model)

@@ -20,18 +20,7 @@ factor is in the plan and in train_summary.json. ``trainer.accumulate_grad_batch
 over the derived value (the per-device batch is then what the device holds; a global batch far from the
 tuned one is warned about).
 
-**Dynamic bucketing.** Tar shards stream through Lhotse, which groups clips of similar length into buckets
-(``use_bucketing``) and fills each batch up to ``batch_duration`` seconds of *padded* audio (clips × the
-longest of the batch), so batches carry little padding. habla places the bucket edges
-(``bucket_duration_bins``) at quantiles of the train durations, equal clips per bucket (NeMo's default spreads
-them evenly between min and max duration, where few Common Voice clips are), and, unless the config sets it,
-chooses ``batch_duration`` so that a batch holds the per-device batch in utterances on average. It starts from
-``utterances × mean padded clip duration`` (each clip padded to the longest of its bucket) and corrects it by
-running Lhotse's own sampler over the train durations (no audio) for the batches one loader worker draws in
-the run: the sampler picks among its ready buckets uniformly, not by their share of the clips, so the first
-guess is off (measured: +11 % utterances per batch over 1,000 batches of Common-Voice-like durations; -43 %
-on the bundled release, whose few long clips make one-clip batches). A batch never holds more padded audio
-than the device holds.
+Dynamic bucketing: habla.training.bucketing places the bucket edges and calibrates ``batch_duration``.
 
 **Budget.** The run trains ``trainer.max_steps`` optimizer steps, or ``trainer.max_epochs`` epochs, whichever
 ends first (as Lightning does). ``max_steps`` counts steps of the tuned global batch: when the global batch
@@ -48,76 +37,26 @@ longer than a fifth of the budget is cut to a fifth, so that a short run still a
 often than the config intends at any world size; checkpoints are written after each validation (or every
 ``checkpoint.every_n_train_steps``).
 
-**Loader memory and node requests.** Lhotse's shuffle and bucket buffers keep each buffered clip's bytes (a
-16-bit WAV in the tar shard): habla sizes both buffers so that a loader worker holds at most
-``resources.loader_worker_memory_gib``, and a node requests, per training process (one per GPU), its
-``resources.process_memory_gib`` plus its workers' memory, the shared memory its workers' prefetched batches
-take, and one CPU per worker plus one.
+**Loader memory and node requests**: habla.training.loader.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from habla.core.errors import HablaError
+from habla.training import loader
+from habla.training.bucketing import bucket_bins, calibrate_batch_duration, mean_padded, num_buckets, simulated_batch
 
 log = logging.getLogger("habla.train")
 
 MAX_WARMUP_FRACTION = 0.2  # of the run's steps
-DEFAULT_NUM_BUCKETS = 30  # NeMo's Lhotse default
-MIN_CLIPS_PER_BUCKET = 4  # fewer buckets for a small train set: each must be able to fill batches
 GLOBAL_BATCH_TOLERANCE = 0.1  # the global batch used stays this close to the tuned one (or the plan refuses)
 SCALE_RULES = ("linear", "sqrt")  # scale_lr: the LR × used/tuned global batch, or × its square root
-# Calibration of batch_duration (calibrate_batch_duration): clips sampled, batches simulated, corrections
-CALIBRATION_CLIPS = 100_000
-CALIBRATION_BATCHES = 1_000
-CALIBRATION_CUTS = 100_000  # at most this many utterances drawn per simulation (large batches: fewer batches)
-CALIBRATION_ROUNDS = 2
-CALIBRATION_SEED = 0
 MEASURED_TOLERANCE = 0.25  # a measured/planned utterances-per-step ratio further from 1 than this is warned about
-# Host memory (resources section of a config; these are the defaults)
-LOADER_WORKER_MEMORY_GIB = 3.0
-PROCESS_MEMORY_GIB = 8.0
-LHOTSE_BUFFER = 10_000  # Lhotse's default shuffle and bucket buffers: more buys nothing
-BUFFER_MEMORY_SHARE = 0.8  # of a worker's memory for its buffers; the rest decodes and collates
-CLIP_OVERHEAD_BYTES = 4096  # a buffered clip's Lhotse objects besides its audio bytes
-WAV_BYTES_PER_SAMPLE = 2  # tar shards hold 16-bit PCM WAV (habla prepare)
-PREFETCH_FACTOR = 2  # PyTorch DataLoader's default: batches per worker waiting in shared memory
-FLOAT_BYTES = 4  # a collated batch is float32 audio
-GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Loader:
-    """One training process's data loading: workers and, on tar shards, Lhotse's buffers (in clips)."""
-
-    workers_per_device: int
-    shuffle_buffer: int | None  # Lhotse's streaming shuffle (tar shards only)
-    bucket_buffer: int | None  # Lhotse's bucketing buffer (tar shards only)
-    clip_bytes: int  # a buffered clip's estimated bytes
-    memory_per_worker_gib: float  # what a worker's buffers hold, estimated
-    buffer_warning: str | None = None
-
-
-@dataclass(frozen=True)
-class NodeRequest:
-    """What one node of the job should request: per training process, its memory, its workers' memory and
-    shared memory (prefetched batches), and a CPU per worker plus one."""
-
-    processes: int  # training processes (GPUs) on the node
-    cpu: int
-    memory_gib: int  # request and limit (includes the shared memory: a tmpfs counts against the pod's memory)
-    shared_memory_gib: float
-
-    @property
-    def memory(self) -> str:
-        """As a Kubernetes quantity."""
-        return f"{self.memory_gib}Gi"
 
 
 @dataclass(frozen=True)
@@ -149,8 +88,8 @@ class Budget:
     warmup_steps: int | None
     validate_every_steps: int
     checkpoint_every_steps: int
-    loader: Loader
-    node: NodeRequest
+    loader: loader.Loader
+    node: loader.NodeRequest
     bucket_duration_bins: tuple[float, ...] | None = None  # upper edges of all buckets but the last
 
     def as_summary(self) -> dict:
@@ -189,88 +128,6 @@ def kept_durations(entries: Sequence[dict], ds) -> list[float]:
     low = _limit(ds.get("min_duration"), 0.0)
     high = _limit(ds.get("max_duration"), math.inf)
     return [float(e["duration"]) for e in entries if low <= float(e["duration"]) <= high]
-
-
-def bucket_bins(durations: Sequence[float], buckets: int) -> list[float]:
-    """Bucket edges at the quantiles of ``durations`` (sorted): about as many clips in every bucket. Lhotse
-    puts a clip in the first bucket whose edge is >= its duration; the last bucket is open-ended."""
-    n = len(durations)
-    edges = {durations[min(n - 1, math.ceil(k * n / buckets) - 1)] for k in range(1, buckets)}
-    return sorted(e for e in edges if e < durations[-1])
-
-
-def mean_padded(durations: Sequence[float], bins: Sequence[float]) -> float:
-    """The mean clip duration once each clip is padded to the longest clip of its bucket."""
-    longest: dict[int, float] = {}
-    for d in durations:
-        b = bisect.bisect_left(bins, d)
-        longest[b] = max(longest.get(b, 0.0), d)
-    return sum(longest[bisect.bisect_left(bins, d)] for d in durations) / len(durations)
-
-
-def _duration_cuts(durations: Sequence[float], seed: int):
-    """Lhotse cuts of these durations (no audio), in a random order, repeated forever."""
-    import random
-
-    from lhotse import CutSet
-    from lhotse.cut import MonoCut
-
-    sample = random.Random(seed).sample(sorted(durations), min(len(durations), CALIBRATION_CLIPS))
-    return CutSet.from_cuts(MonoCut(f"c{i}", 0.0, d, 0) for i, d in enumerate(sample)).repeat()
-
-
-def simulated_batch(
-    durations: Sequence[float],
-    bins: Sequence[float],
-    batch_duration: float,
-    batches: int,
-    buffer_size: int,
-    seed: int = CALIBRATION_SEED,
-    cuts=None,
-) -> float:
-    """Utterances per batch, on average, when Lhotse's bucketing sampler (as NeMo sets it up: ``bins``, this
-    buffer, shuffled) draws ``batches`` batches of ``batch_duration`` padded seconds from an endless stream of
-    these durations. Lhotse's own sampler on duration-only cuts: no audio is read. ``cuts``: the stream,
-    when the caller already built it (:func:`_duration_cuts`)."""
-    from lhotse.dataset.sampling.dynamic import DynamicCutSampler
-    from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler
-
-    cuts = _duration_cuts(durations, seed) if cuts is None else cuts
-    common = dict(max_duration=batch_duration, shuffle=True, seed=seed, shuffle_buffer_size=buffer_size)
-    sampler = (
-        DynamicBucketingSampler(cuts, duration_bins=list(bins), buffer_size=buffer_size, **common)
-        if bins
-        else DynamicCutSampler(cuts, **common)  # one bucket: NeMo then uses Lhotse's plain duration sampler
-    )
-    with warnings.catch_warnings():  # Lhotse's buffer advice is the plan's to give (Budget.loader), not this
-        warnings.simplefilter("ignore", UserWarning)
-        sizes = [len(batch) for batch, _ in zip(sampler, range(max(1, min(batches, CALIBRATION_BATCHES))))]
-    return sum(sizes) / len(sizes)
-
-
-def calibrate_batch_duration(
-    durations: Sequence[float], bins: Sequence[float], batch_size: float, batches: int, buffer_size: int
-) -> tuple[float, float]:
-    """The ``batch_duration`` whose batches average ``batch_size`` utterances over ``batches`` batches (a loader
-    worker's share of the run, at most CALIBRATION_CUTS utterances) of Lhotse's sampler, and the average it
-    gives there. Starts from ``batch_size × mean padded clip`` and corrects it in proportion,
-    CALIBRATION_ROUNDS times."""
-    cuts = _duration_cuts(durations, CALIBRATION_SEED)
-    batches = max(1, min(batches, math.ceil(CALIBRATION_CUTS / batch_size)))
-    batch_duration = batch_size * mean_padded(durations, bins)
-    measured = simulated_batch(durations, bins, batch_duration, batches, buffer_size, cuts=cuts)
-    for _ in range(CALIBRATION_ROUNDS):
-        batch_duration *= batch_size / measured
-        measured = simulated_batch(durations, bins, batch_duration, batches, buffer_size, cuts=cuts)
-    return batch_duration, measured
-
-
-def num_buckets(configured, clips: int, utterances_per_batch: float) -> int:
-    """NeMo's 30 buckets, fewer when the train set cannot fill them (each must fill a few batches)."""
-    if configured is not None:
-        return int(configured)
-    per_bucket = MIN_CLIPS_PER_BUCKET * max(1.0, utterances_per_batch)
-    return max(1, min(DEFAULT_NUM_BUCKETS, int(clips // per_bucket)))
 
 
 def _whole(value, what: str, minimum: int) -> int | None:
@@ -416,22 +273,15 @@ def plan(
     budget_from = min(budgets, key=lambda k: (budgets[k], k != "max_steps"))
     steps = budgets[budget_from]
 
-    # 4. Loader buffers within the workers' memory; what a node requests.
-    workers = int(ds.get("num_workers") or 0)
-    worker_gib = _resource(cfg, "loader_worker_memory_gib", LOADER_WORKER_MEMORY_GIB)
-    clip_bytes = round(mean * int(cfg.model.get("sample_rate") or 16000) * WAV_BYTES_PER_SAMPLE) + CLIP_OVERHEAD_BYTES
-    shuffle_buffer = bucket_buffer = None
-    buffer_warning = None
-    if streamed:
-        fits = int(worker_gib * GIB * BUFFER_MEMORY_SHARE / clip_bytes)
-        default = max(1, min(LHOTSE_BUFFER, clips, fits // 2))
-        shuffle_buffer = _whole(ds.get("shuffle_buffer_size"), "model.train_ds.shuffle_buffer_size", 1) or default
-        bucket_buffer = _whole(ds.get("bucket_buffer_size"), "model.train_ds.bucket_buffer_size", 1) or default
-        if bins and bucket_buffer < (len(bins) + 1) * per_device and bucket_buffer < clips:
-            buffer_warning = (
-                f"the bucket buffer ({bucket_buffer} clips) holds less than one batch of {per_device:.0f} per bucket "
-                f"({len(bins) + 1} buckets): batches come out smaller; raise resources.loader_worker_memory_gib"
-            )
+    # 4. Loader buffers within the workers' memory.
+    worker_gib = _resource(cfg, "loader_worker_memory_gib", loader.LOADER_WORKER_MEMORY_GIB)
+    process_gib = _resource(cfg, "process_memory_gib", loader.PROCESS_MEMORY_GIB)
+    shuffle = _whole(ds.get("shuffle_buffer_size"), "model.train_ds.shuffle_buffer_size", 1)
+    bucket = _whole(ds.get("bucket_buffer_size"), "model.train_ds.bucket_buffer_size", 1)
+    sample_rate = int(cfg.model.get("sample_rate") or 16000)
+    loading = loader.size_loader(int(ds.get("num_workers") or 0), worker_gib, mean * sample_rate, streamed, clips,
+                                 per_device, None if bins is None else len(bins) + 1, shuffle, bucket)  # fmt: skip
+    workers, bucket_buffer = loading.workers_per_device, loading.bucket_buffer
 
     # 5. batch_duration: Lhotse's sampler fills batches of the per-device batch on average.
     simulated = None
@@ -448,18 +298,7 @@ def plan(
                 batch_duration = capacity
                 simulated = simulated_batch(durations, bins, batch_duration, run_batches, bucket_buffer)
     batch_seconds = batch_duration if by_duration else per_device * longest
-    processes = max(1, devices_per_node)
-    loader_workers = max(1, workers)  # without workers the training process holds the buffers itself
-    shared = processes * workers * PREFETCH_FACTOR * batch_seconds * int(cfg.model.get("sample_rate") or 16000)
-    shared_gib = shared * FLOAT_BYTES / GIB
-    buffered_gib = ((shuffle_buffer or 0) + (bucket_buffer or 0)) * clip_bytes / GIB
-    process_gib = _resource(cfg, "process_memory_gib", PROCESS_MEMORY_GIB)
-    node = NodeRequest(
-        processes=processes,
-        cpu=processes * (workers + 1),
-        memory_gib=math.ceil(processes * (process_gib + loader_workers * worker_gib) + shared_gib),
-        shared_memory_gib=round(shared_gib, 2),
-    )
+    node = loader.node_request(loading, devices_per_node, worker_gib, process_gib, batch_seconds * sample_rate)
 
     sched = cfg.model.get("optim", {}).get("sched") or {}
     warmup = sched.get("warmup_steps")
@@ -498,14 +337,7 @@ def plan(
         warmup_steps=warmup if isinstance(warmup, int) else None,
         validate_every_steps=validate_every,
         checkpoint_every_steps=_scaled(checkpoint_every, length_scale) or validate_every,
-        loader=Loader(
-            workers_per_device=workers,
-            shuffle_buffer=shuffle_buffer,
-            bucket_buffer=bucket_buffer,
-            clip_bytes=clip_bytes,
-            memory_per_worker_gib=round(buffered_gib, 3),
-            buffer_warning=buffer_warning,
-        ),
+        loader=loading,
         node=node,
         bucket_duration_bins=None if bins is None else tuple(round(b, 4) for b in bins),
     )

@@ -1,4 +1,4 @@
-"""Who writes a training run's ``DST``, and what it already holds.
+"""Who writes a training run's ``DST``, what it already holds, and where a run's local files live (RunPaths).
 
 * ``DST/claim.json`` (created once, then compared: habla.core.claims.claim) names the model the folder trains:
   its config, the checkpoint it starts from and the ``model.*`` overrides. A ``--resume`` with another model is
@@ -15,20 +15,44 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from habla.core import claims, storage
 from habla.core.errors import HablaError
 from habla.core.layout import TrainLayout
+from habla.speech import models
 
 log = logging.getLogger("habla.train")
 
 LEASE_ENV = "HABLA_TRAIN_LEASE_SECONDS"  # how long a killed run keeps others out of its DST (default 300 s)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's files live: ``dst`` the user's DST; ``work`` the local folder Lightning writes to (DST
+    itself when local); ``scratch`` local files of this run that are not outputs (localised manifests)."""
+
+    dst: TrainLayout
+    work: Path
+    scratch: Path
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_s3(self.dst.root)
+
+    @classmethod
+    def for_dst(cls, dst: str) -> RunPaths:
+        dst = storage.absolute(dst).rstrip("/")
+        run_dir = models.cache_root() / "runs" / hashlib.sha1(dst.encode()).hexdigest()[:16]
+        work = run_dir / "work" if storage.is_s3(dst) else Path(dst)
+        return cls(dst=TrainLayout(dst), work=work, scratch=run_dir)
 
 
 def identity(config: str, overrides: Sequence[str], init_from: str | None) -> dict:

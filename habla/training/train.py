@@ -24,7 +24,6 @@ written to DST until all ranks have joined the process group, which happens afte
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -35,42 +34,15 @@ from pathlib import Path
 
 from habla.core import jsonl, state, storage
 from habla.core.errors import HablaError, one_line
-from habla.core.layout import TrainLayout
 from habla.speech import manifests, models
-from habla.training import budget, finetune, output, tokenizer, topology
+from habla.training import budget, build, finetune, output, tokenizer, topology
 from habla.training import config as train_config
 
 log = logging.getLogger("habla.train")
 
-FULL_PRECISION = ("32", "32-true", "64", "64-true")
-
-
-# ------------------------------------------------------------------------------------------ locations
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where a run's files live: ``dst`` the user's DST; ``work`` the local folder Lightning writes to (DST
-    itself when local); ``scratch`` local files of this run that are not outputs (localised manifests)."""
-
-    dst: TrainLayout
-    work: Path
-    scratch: Path
-
-    @property
-    def remote(self) -> bool:
-        return storage.is_s3(self.dst.root)
-
-    @classmethod
-    def for_dst(cls, dst: str) -> RunPaths:
-        dst = storage.absolute(dst).rstrip("/")
-        run_dir = models.cache_root() / "runs" / hashlib.sha1(dst.encode()).hexdigest()[:16]
-        work = run_dir / "work" if storage.is_s3(dst) else Path(dst)
-        return cls(dst=TrainLayout(dst), work=work, scratch=run_dir)
-
 
 def _prepare_data(
-    cfg, paths: RunPaths, train_manifest: str, val_manifest: str, train_tars: str | None, world_size: int
+    cfg, paths: output.RunPaths, train_manifest: str, val_manifest: str, train_tars: str | None, world_size: int
 ):
     """Read, check and localise the manifests; point the config at them. Returns the train entries."""
     train_entries = manifests.read_manifest(train_manifest)
@@ -123,7 +95,7 @@ def _check_shard_count(shards: int, world_size: int, workers: int) -> None:
         )  # fmt: skip
 
 
-def _pull_from_dst(paths: RunPaths, resume: bool) -> str | None:
+def _pull_from_dst(paths: output.RunPaths, resume: bool) -> str | None:
     """The checkpoint to resume from (made local), or None. Refuses to mix a new run into an old DST."""
     remote_last = paths.dst.last_checkpoint
     has_checkpoint = storage.exists(remote_last)
@@ -144,125 +116,6 @@ def _pull_from_dst(paths: RunPaths, resume: bool) -> str | None:
         log.info("--resume: fetching %s", remote_last)
         storage.download_file(remote_last, local_last)
     return str(local_last)
-
-
-# ------------------------------------------------------------------------------------------- NeMo
-
-
-def _build_trainer(cfg, where: topology.Topology, paths: RunPaths, progress, freeze_encoder_steps: int = 0):
-    import lightning.pytorch as pl
-    import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from omegaconf import OmegaConf
-
-    from habla.training.callbacks import FreezeEncoder, LogSync, MirroredCheckpointIO
-
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    on_gpu = torch.cuda.is_available() and str(kwargs.get("accelerator") or "auto") in ("auto", "gpu", "cuda")
-    if not on_gpu and str(kwargs.get("precision", "32")) not in FULL_PRECISION:
-        # The GPU configs train in bf16-mixed; on a CPU that is slow and changes nothing worth having.
-        log.info("no GPU: trainer.precision %s -> 32 (fp32 on CPU)", kwargs["precision"])
-        kwargs["precision"] = cfg.trainer.precision = 32
-    plugins = []
-    if where.is_distributed:
-        kwargs["num_nodes"], kwargs["devices"] = where.nodes, where.devices
-        if kwargs.get("strategy") in (None, "auto"):
-            # a frozen encoder gets no gradients: DDP must not wait for them
-            kwargs["strategy"] = "ddp_find_unused_parameters_true" if freeze_encoder_steps else "ddp"
-        if kwargs.get("accelerator") in (None, "auto"):
-            kwargs["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
-        if where.one_process_per_node:
-            from lightning.pytorch.plugins.environments import KubeflowEnvironment
-
-            plugins.append(KubeflowEnvironment())
-    log_sync = LogSync(paths.work / "logs", paths.dst.logs) if paths.remote else None
-    mirror = MirroredCheckpointIO(paths.dst.checkpoints, after_upload=log_sync) if paths.remote else None
-    if mirror is not None:
-        plugins.append(mirror)
-    checkpoint = ModelCheckpoint(
-        dirpath=str(paths.work / "checkpoints"),
-        filename="step={step}-val_wer={val_wer:.4f}",
-        auto_insert_metric_name=False,
-        **OmegaConf.to_container(cfg.get("checkpoint") or OmegaConf.create({}), resolve=True),
-    )
-    logger = TensorBoardLogger(save_dir=str(paths.work), name="logs")
-    callbacks = [progress, checkpoint] + ([FreezeEncoder(freeze_encoder_steps)] if freeze_encoder_steps else [])
-    trainer = pl.Trainer(
-        **kwargs, logger=logger, callbacks=callbacks, enable_checkpointing=True, plugins=plugins or None
-    )
-    return trainer, log_sync, mirror
-
-
-def _restore_as_it_is(cfg, trainer, checkpoint: finetune.Checkpoint):
-    """The checkpoint as its own class (preprocessor, encoder, heads, tokenizer, losses), with habla's data
-    and the fine-tuning optimiser (habla.training.finetune)."""
-    from nemo.collections.asr.models import ASRModel
-    from omegaconf import open_dict
-
-    try:
-        model = ASRModel.restore_from(str(checkpoint.path), trainer=trainer, map_location="cpu")
-    except Exception as exc:
-        raise HablaError(f"--init-from {checkpoint.path}: cannot restore a NeMo model ({one_line(exc)})") from None
-    if type(model).__name__ != checkpoint.class_name:
-        raise HablaError(f"--init-from {checkpoint.path}: restored as {type(model).__name__}, not "
-                         f"{checkpoint.class_name} as its config says")  # fmt: skip
-    with open_dict(model.cfg):
-        model.cfg.train_ds = cfg.model.train_ds
-        model.cfg.validation_ds = cfg.model.validation_ds
-        model.cfg.optim = cfg.model.optim
-    model.setup_training_data(model.cfg.train_ds)
-    model.setup_validation_data(model.cfg.validation_ds)
-    ctc_weight = (cfg.model.get("aux_ctc") or {}).get("ctc_loss_weight")
-    losses = "" if ctc_weight is None else f"; RNNT and CTC losses, CTC weight {ctc_weight}"
-    log.info("init-from: fine-tuning %s as it is (preprocessor, encoder, tokenizer and heads kept%s)",
-             checkpoint.class_name, losses)  # fmt: skip
-    return model
-
-
-def _build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir: Path | None, checkpoint=None):
-    from nemo.collections.asr.models import ASRModel, EncDecCTCModel, EncDecCTCModelBPE
-    from omegaconf import open_dict
-
-    from habla.training.init_from import ctc_from
-
-    if checkpoint is not None:
-        return _restore_as_it_is(cfg, trainer, checkpoint)
-    if init_from is None:
-        return _model_class(kind)(cfg=cfg.model, trainer=trainer)
-
-    try:
-        model = ASRModel.restore_from(str(init_from), trainer=trainer, map_location="cpu")
-    except Exception as exc:
-        raise HablaError(f"--init-from {init_from}: cannot restore a NeMo model ({one_line(exc)})") from None
-    if not isinstance(model, EncDecCTCModel):  # hybrid RNNT/CTC or transducer: its encoder under a CTC head
-        model = ctc_from(model, cfg, trainer, kind == train_config.BPE, tokenizer_dir)
-    is_bpe = isinstance(model, EncDecCTCModelBPE)
-    if is_bpe != (kind == train_config.BPE):
-        raise HablaError(
-            f"--init-from {init_from} is a {'BPE' if is_bpe else 'character'} model but the config is "
-            f"{'BPE' if kind == train_config.BPE else 'character'}-based; choose a matching config"
-        )
-    # The .nemo provides the architecture and the weights; the config provides vocabulary, data and optimizer.
-    if kind == train_config.CHAR:
-        labels = list(cfg.model.labels)
-        if list(model.decoder.vocabulary) != labels:
-            log.info(
-                "init-from: vocabulary %d -> %d characters (new decoder)", len(model.decoder.vocabulary), len(labels)
-            )
-            model.change_vocabulary(new_vocabulary=labels)
-    else:
-        new_pieces = tokenizer.pieces(tokenizer_dir / "tokenizer.model")
-        if list(model.tokenizer.vocab) != new_pieces:
-            log.info("init-from: tokenizer %d -> %d pieces (new decoder)", model.tokenizer.vocab_size, len(new_pieces))
-            model.change_vocabulary(new_tokenizer_dir=str(tokenizer_dir), new_tokenizer_type="bpe")
-    with open_dict(model.cfg):
-        model.cfg.train_ds = cfg.model.train_ds
-        model.cfg.validation_ds = cfg.model.validation_ds
-        model.cfg.optim = cfg.model.optim
-    model.setup_training_data(model.cfg.train_ds)
-    model.setup_validation_data(model.cfg.validation_ds)
-    return model
 
 
 def _shutdown_process_group() -> None:
@@ -289,7 +142,7 @@ class Run:
     init_local: Path | None
     entries: list[dict]
     place: topology.Topology
-    paths: RunPaths
+    paths: output.RunPaths
     plan: budget.Budget
     streamed: bool
     checkpoint: finetune.Checkpoint | None = None  # --init-from without --config: fine-tuned as it is
@@ -401,7 +254,7 @@ def train(
     cfg, label, checkpoint = load_config(config, overrides, init_from, freeze_encoder_steps)
     kind = train_config.model_kind(cfg)
     storage.check_writable_root(out)
-    paths = RunPaths.for_dst(out)
+    paths = output.RunPaths.for_dst(out)
     streamed = bool(train_tars)
     entries = _prepare_data(cfg, paths, train_manifest, val_manifest, train_tars, place.world_size)
     loaded = copy.deepcopy(cfg)
@@ -435,7 +288,7 @@ def train(
 KEEP_TOKENIZER = "checkpoint"
 
 
-def _checkpoint_tokenizer(init_from: str, paths: RunPaths) -> Path:
+def _checkpoint_tokenizer(init_from: str, paths: output.RunPaths) -> Path:
     local = models.fetch_model(models.resolve_model(init_from), "--init-from")
     ck = finetune.read_checkpoint(local)
     if not ck.is_bpe:
@@ -467,7 +320,7 @@ def _size_on_gpu(run: Run, tokenizer_dir: Path | None) -> None:
         probe_cfg.train_ds = probe_cfg.validation_ds = None
         if tokenizer_dir is not None:
             probe_cfg.tokenizer.dir = str(tokenizer_dir)
-    model = _model_class(run.kind)(cfg=probe_cfg)
+    model = build.model_class(run.kind)(cfg=probe_cfg)
     longest = max(budget.kept_durations(run.entries, run.loaded.model.train_ds))
     bf16 = "bf16" in str(cfg.trainer.get("precision", ""))
     fits = sizing.oom_safe(sizing.ctc_probe(model, longest, int(cfg.model.sample_rate), "cuda", bf16))
@@ -475,12 +328,6 @@ def _size_on_gpu(run: Run, tokenizer_dir: Path | None) -> None:
     del model, fits
     torch.cuda.empty_cache()
     run.replan(capacity)
-
-
-def _model_class(kind: str):
-    from nemo.collections.asr.models import EncDecCTCModel, EncDecCTCModelBPE
-
-    return EncDecCTCModelBPE if kind == train_config.BPE else EncDecCTCModel
 
 
 def _fit(run: Run, ckpt_path: str | None, started: float, writing: output.Writing) -> dict:
@@ -506,9 +353,9 @@ def _fit(run: Run, ckpt_path: str | None, started: float, writing: output.Writin
 
     progress = TrainingProgress(cfg.model.sample_rate, int(cfg.trainer.get("max_steps") or -1))
     freeze = int((cfg.get("fine_tune") or {}).get("freeze_encoder_steps") or 0)
-    trainer, log_sync, mirror = _build_trainer(cfg, place, paths, progress, freeze)
+    trainer, log_sync, mirror = build.build_trainer(cfg, place, paths, progress, freeze)
     try:
-        model = _build_model(cfg, trainer, run.kind, run.init_local, tokenizer_dir, run.checkpoint)
+        model = build.build_model(cfg, trainer, run.kind, run.init_local, tokenizer_dir, run.checkpoint)
     except HablaError:
         raise
     except Exception as exc:  # a config NeMo cannot build (bad encoder arguments, ...)

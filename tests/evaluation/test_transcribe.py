@@ -17,6 +17,10 @@ import soundfile as sf
 from fixtures.commands import read_jsonl, run_habla, write_manifest
 
 from habla.evaluation import transcribe as tr
+from habla.evaluation.inputs import AudioInput, collect_inputs, read_audio
+from habla.evaluation.runners import CtcRunner
+from habla.evaluation.windows import CONTEXT_S, WINDOW_S, plan_windows
+from habla.speech import audio
 
 
 class _FrameNamingRunner:
@@ -56,13 +60,13 @@ def test_windows_keep_every_frame_exactly_once(seconds, block, monkeypatch):
     samples = np.arange(int(seconds * 16000), dtype=np.float64)
     monkeypatch.setattr(tr, "stream_audio", streamed(samples, block))
     runner = _FrameNamingRunner()
-    ((_, result),) = list(tr.transcribe_inputs(runner, [tr.AudioInput("x.wav")], batch_size=3))
+    ((_, result),) = list(tr.transcribe_inputs(runner, [AudioInput("x.wav")], batch_size=3))
     frames = -(-len(samples) // runner.frame_samples)
     assert result.text == list(range(frames))  # in order, no gap, no frame twice
     assert result.duration == len(samples) / 16000
-    plans = tr.plan_windows(len(samples), runner.frame_samples, tr.WINDOW_S, tr.CONTEXT_S, runner.rate)
+    plans = plan_windows(len(samples), runner.frame_samples, WINDOW_S, CONTEXT_S, runner.rate)
     assert runner.windows == [(start, end) for start, end, _, _ in plans]
-    assert max(end - start for start, end, _, _ in plans) <= (tr.WINDOW_S + 2 * tr.CONTEXT_S) * 16000
+    assert max(end - start for start, end, _, _ in plans) <= (WINDOW_S + 2 * CONTEXT_S) * 16000
     assert (len(plans) == 1) == (seconds <= 28) and len(plans) <= -(-frames // 1000)
 
 
@@ -70,7 +74,7 @@ def test_inputs_files_folders_globs_manifests_and_bad_ones(tmp_path, mini_copy):
     clips = sorted((mini_copy / "clips").glob("*.mp3"))[:3]
     manifest = write_manifest([{"audio_filepath": f"../release/es/clips/{clips[2].name}", "text": "hola"}],
                               tmp_path / "m" / "list.json")  # fmt: skip
-    found = tr.collect_inputs([str(clips[1]), str(mini_copy / "clips" / "*_4000000[12].mp3"), str(manifest),
+    found = collect_inputs([str(clips[1]), str(mini_copy / "clips" / "*_4000000[12].mp3"), str(manifest),
                                str(mini_copy / "clips")])  # fmt: skip
     assert [f.uri for f in found[:4]] == [str(clips[1]), str(clips[0]), str(clips[1]), str(clips[2])]  # glob sorted
     assert found[3].fields["text"] == "hola" and found[3].origin == {"manifest": str(manifest), "line": 1}
@@ -81,7 +85,7 @@ def test_inputs_files_folders_globs_manifests_and_bad_ones(tmp_path, mini_copy):
         (tmp_path / "m", "empty_folder"),
         (tmp_path / "*.flac", "missing_file"),
     ]
-    assert [(f.uri, f.problem[0]) for f in tr.collect_inputs([str(b) for b, _ in bad])] == [(str(b), r) for b, r in bad]
+    assert [(f.uri, f.problem[0]) for f in collect_inputs([str(b) for b, _ in bad])] == [(str(b), r) for b, r in bad]
 
 
 @pytest.mark.slow
@@ -150,14 +154,14 @@ def test_a_ten_minute_recording_in_windows(tiny_model, train_clips, tmp_path, mo
             total += len(clip) + len(pause)
     sf.write(tmp_path / "long.flac", np.concatenate(pieces)[: 600 * 16000], 16000)
     seen = []
-    log_probs = tr.CtcRunner.log_probs
-    monkeypatch.setattr(tr.CtcRunner, "log_probs", lambda self, windows: seen.extend(map(len, windows))
+    log_probs = CtcRunner.log_probs
+    monkeypatch.setattr(CtcRunner, "log_probs", lambda self, windows: seen.extend(map(len, windows))
                         or log_probs(self, windows))  # fmt: skip
     summary = tr.transcribe(str(tiny_model), [str(tmp_path / "long.flac")], str(tmp_path / "out"), timestamps=True)
     (line,) = read_jsonl(tmp_path / "out" / "transcripts.json")
     assert line["duration"] == 600.0 and line["pred_text"] and summary["files"] == 1
     assert seen[0] == 16000  # the model's check: a second of quiet noise
-    assert len(seen[1:]) == 30 and max(seen[1:]) <= (tr.WINDOW_S + 2 * tr.CONTEXT_S) * 16000
+    assert len(seen[1:]) == 30 and max(seen[1:]) <= (WINDOW_S + 2 * CONTEXT_S) * 16000
     assert 575 < line["word"][-1]["end"] <= 600.05  # the last window (the last 24 s) has words too
     starts = [w["start"] for w in line["word"]]
     assert starts == sorted(starts)
@@ -171,13 +175,13 @@ def test_inputs_from_s3_globs_folders_and_manifests(s3_bucket, mini_copy):
     for clip in clips:
         storage.upload_file(clip, f"{s3_bucket}/in/clips/{clip.name}")
     storage.write_text(f"{s3_bucket}/in/list.jsonl", json.dumps({"audio_filepath": f"clips/{clips[2].name}"}) + "\n")
-    found = tr.collect_inputs([f"{s3_bucket}/in/clips/*_4000000[12].mp3", f"{s3_bucket}/in/list.jsonl",
+    found = collect_inputs([f"{s3_bucket}/in/clips/*_4000000[12].mp3", f"{s3_bucket}/in/list.jsonl",
                                f"{s3_bucket}/in/clips"])  # fmt: skip
     uris = [f"{s3_bucket}/in/clips/{c.name}" for c in clips]
     assert [f.uri for f in found] == uris + uris  # glob and manifest, then the folder: each as often as named
-    samples = tr.read_audio(found[0].uri, 16000)
+    samples = read_audio(found[0].uri, 16000)
     assert samples.dtype == np.float32 and 0.5 < len(samples) / 16000 < 20
-    (nothing,) = tr.collect_inputs([f"{s3_bucket}/in/*.flac"])
+    (nothing,) = collect_inputs([f"{s3_bucket}/in/*.flac"])
     assert nothing.problem[0] == "missing_file"
-    with pytest.raises(tr.audio.AudioRejected, match="missing_file"):
-        tr.read_audio(f"{s3_bucket}/in/clips/nope.mp3", 16000)
+    with pytest.raises(audio.AudioRejected, match="missing_file"):
+        read_audio(f"{s3_bucket}/in/clips/nope.mp3", 16000)

@@ -46,7 +46,11 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from habla import cli
+from habla.core.errors import HablaError
 from habla.evaluation import transcribe as tr
+from habla.evaluation.inputs import AudioInput, collect_inputs, read_audio
+from habla.evaluation.runners import CtcRunner, load_model
+from habla.evaluation.windows import CONTEXT_S, WINDOW_S, plan_windows
 from habla.speech import audio
 
 PROFILES = {
@@ -105,7 +109,7 @@ def transcribed(inputs, batch_size: int = 4) -> tuple[list[str], list[dict]]:
     """``audio_filepath`` of each transcript, and the rejected lines, of ``inputs`` (StandInRunner)."""
     rejected: list[dict] = []
     with no_hang(30):
-        found = tr.collect_inputs([str(i) for i in inputs])
+        found = collect_inputs([str(i) for i in inputs])
         done = [item.uri for item, _ in tr.transcribe_inputs(StandInRunner(), found, batch_size, rejected=rejected)]
     return done, rejected
 
@@ -258,7 +262,7 @@ def test_every_input_is_accounted_for_once_in_input_order(tmp_path):
     inputs = [a, a, tmp_path / "missing.wav", manifest, tmp_path / "empty.wav", b, tmp_path / "text.wav", a]
     rejected: list[dict] = []
     with no_hang(30):
-        found = tr.collect_inputs([str(i) for i in inputs])
+        found = collect_inputs([str(i) for i in inputs])
         done = list(tr.transcribe_inputs(StandInRunner(), found, batch_size=3, rejected=rejected))
     assert [(item.uri, item.fields.get("id")) for item, _ in done] == [
         (str(a), None), (str(a), None), (str(a), 1), (str(a), 2), (str(b), 4), (str(a), 7), (str(b), None),
@@ -281,7 +285,7 @@ def test_a_recording_that_breaks_part_way_is_rejected_and_the_others_go_on(tmp_p
     (tmp_path / "short.wav").write_bytes(encoded(NOISE, 16000))
     rejected: list[dict] = []
     with no_hang(60):
-        inputs = [tr.AudioInput(str(tmp_path / n)) for n in ("long.wav", "breaks.wav", "short.wav")]
+        inputs = [AudioInput(str(tmp_path / n)) for n in ("long.wav", "breaks.wav", "short.wav")]
         done = list(tr.transcribe_inputs(StandInRunner(), inputs, batch_size=2, window_s=5, rejected=rejected))
     assert [(Path(i.uri).name, t.duration, t.text) for i, t in done] == [("long.wav", 30.0, "1500 frames"),
                                                                          ("short.wav", 0.5, "25 frames")]  # fmt: skip
@@ -300,20 +304,21 @@ def test_streamed_samples_are_those_of_decoding_the_whole_file(tmp_path):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         whole = audio.to_target(*audio.decode(data))
-        assert np.array_equal(tr.read_audio(str(tmp_path / name), 16000), whole), name
+        assert np.array_equal(read_audio(str(tmp_path / name), 16000), whole), name
         with open(tmp_path / name, "rb") as f:
             assert np.array_equal(np.concatenate(list(audio.stream(f, 16000, block_frames=777))), whole), name
     import soxr
 
     samples, rate = audio.decode(ODD_AUDIO["flac_11025_stereo"])
     at_8k = soxr.resample(audio.downmix(samples), rate, 8000, quality="HQ")
-    assert np.array_equal(tr.read_audio(str(tmp_path / "flac_11025_stereo"), 8000), at_8k)  # another model rate
+    assert np.array_equal(read_audio(str(tmp_path / "flac_11025_stereo"), 8000), at_8k)  # another model rate
 
 
 _PEAK_SCRIPT = """
 import sys
 import numpy as np, torch
 from habla.evaluation import transcribe as tr
+from habla.evaluation.inputs import AudioInput
 
 class Runner:
     rate, frame_samples = 16000, 320
@@ -326,7 +331,7 @@ def peak_mib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
 
 before = peak_mib()
-((_, t),) = tr.transcribe_inputs(Runner(), [tr.AudioInput(sys.argv[1])], batch_size=8)
+((_, t),) = tr.transcribe_inputs(Runner(), [AudioInput(sys.argv[1])], batch_size=8)
 print(t.duration, peak_mib() - before)
 """
 
@@ -434,8 +439,8 @@ def test_a_corrupt_or_truncated_model_is_one_line_and_exit_2(tiny_model, tmp_pat
     class Prompted(EncDecCTCModel):  # a subclass may need more than audio: not run
         pass
 
-    with pytest.raises(tr.HablaError, match="Prompted: habla transcribes with CTC models"):
-        tr.CtcRunner(object.__new__(Prompted))
+    with pytest.raises(HablaError, match="Prompted: habla transcribes with CTC models"):
+        CtcRunner(object.__new__(Prompted))
 
 
 @pytest.mark.slow
@@ -483,7 +488,7 @@ def test_pred_text_has_single_spaces_and_each_word_its_own_confidence(tiny_model
     "hola que", with one timestamp and one confidence per word, each from the word's own characters."""
     import torch
 
-    model = tr.load_model(str(tiny_model), "cpu")
+    model = load_model(str(tiny_model), "cpu")
     vocabulary = list(model.decoder.vocabulary)
     blank = len(vocabulary)
     probability = {" ": 0.3, "h": 0.9, "o": 0.8, "l": 0.9, "a": 0.7, "q": 0.6, "u": 0.9, "e": 0.9}
@@ -499,10 +504,10 @@ def test_pred_text_has_single_spaces_and_each_word_its_own_confidence(tiny_model
                 log_probs.append(row)
         return torch.tensor(labels), torch.stack(log_probs)
 
-    runner = tr.CtcRunner(model, timestamps=True)
+    runner = CtcRunner(model, timestamps=True)
     text, words, _ = runner.decode(frames(" hola  que ")[0])
     assert text == "hola que" and [w["word"] for w in words] == ["hola", "que"]
-    runner = tr.CtcRunner(model, timestamps=True, confidence=True)
+    runner = CtcRunner(model, timestamps=True, confidence=True)
     text, words, values = runner.decode(frames(" hola  que ")[1])
     assert text == "hola que" and [w["word"] for w in words] == ["hola", "que"]
     assert values == runner.decode(frames("hola que")[1])[2]  # NeMo's values where its rule holds
@@ -526,9 +531,9 @@ def test_a_long_streamed_recording_gets_the_transcript_of_the_whole_recording(ti
     tr.transcribe(str(tiny_model), [str(tmp_path / "long.flac")], str(tmp_path / "out"), timestamps=True)
     (line,) = read_jsonl(tmp_path / "out" / "transcripts.json")
 
-    runner = tr.CtcRunner(tr.load_model(str(tiny_model), "cpu"), timestamps=True)
+    runner = CtcRunner(load_model(str(tiny_model), "cpu"), timestamps=True)
     whole = audio.to_target(*audio.decode((tmp_path / "long.flac").read_bytes()))
-    plans = tr.plan_windows(len(whole), runner.frame_samples, tr.WINDOW_S, tr.CONTEXT_S, runner.rate)
+    plans = plan_windows(len(whole), runner.frame_samples, WINDOW_S, CONTEXT_S, runner.rate)
     outputs = runner.log_probs([whole[start:end] for start, end, _, _ in plans])  # one batch, as transcribe's
     pieces = [lp[skip:] if keep is None else lp[skip : skip + keep] for lp, (_, _, skip, keep) in zip(outputs, plans)]
     text, words, _ = runner.decode(torch.cat(pieces))

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from habla.core.errors import HablaError
-from habla.training import budget, topology
+from habla.training import bucketing, budget, topology
 from habla.training import config as train_config
 
 
@@ -134,7 +134,7 @@ def common_voice_like(n: int) -> list[dict]:
 
 
 def test_bucketing_batches_hold_the_per_device_batch_on_average(monkeypatch):
-    monkeypatch.setattr(budget, "CALIBRATION_BATCHES", 300)  # of a worker's run, simulated (1,000 in use)
+    monkeypatch.setattr(bucketing, "CALIBRATION_BATCHES", 300)  # of a worker's run, simulated (1,000 in use)
     cfg = train_config.load("fastconformer_ctc_bpe", ["model.train_ds.num_workers=2", "model.train_ds.batch_size=32",
                                                       "global_batch=512"])  # 100,000 steps  # fmt: skip
     entries = common_voice_like(20_000)
@@ -148,18 +148,18 @@ def test_bucketing_batches_hold_the_per_device_batch_on_average(monkeypatch):
     # a device holds 32 clips of the longest duration; padded to their buckets, that is many more utterances,
     # so 2 devices accumulate fewer batches than 512 / (2 × 32) = 8, each of 512 / (2 × accumulation)
     assert plan.device_capacity == pytest.approx(32 * max(durations)) and plan.capacity_from == "config"
-    capacity = plan.device_capacity / budget.mean_padded(durations, bins)
+    capacity = plan.device_capacity / bucketing.mean_padded(durations, bins)
     assert plan.accumulate_grad_batches == math.ceil(512 / (2 * capacity)) < 8
     per_device = 512 / (2 * plan.accumulate_grad_batches)
     assert plan.per_device_batch == pytest.approx(per_device, abs=0.001) and plan.global_batch == pytest.approx(512)
     # batch_duration makes Lhotse's own sampler average that many utterances per batch over what a worker draws
     # in the run, where per-device batch × the padded mean gives more (Lhotse picks buckets uniformly)
     assert plan.simulated_per_device_batch == pytest.approx(per_device, rel=0.03)
-    first_guess = per_device * budget.mean_padded(durations, bins)
-    assert budget.simulated_batch(durations, bins, first_guess, 300, 10_000) > 1.05 * per_device
+    first_guess = per_device * bucketing.mean_padded(durations, bins)
+    assert bucketing.simulated_batch(durations, bins, first_guess, 300, 10_000) > 1.05 * per_device
     assert plan.batch_duration < first_guess and plan.batch_duration <= plan.device_capacity
     # another draw of the sampler: still that many on average within a few percent
-    assert budget.simulated_batch(durations, bins, plan.batch_duration, 300, 10_000, seed=7) == pytest.approx(
+    assert bucketing.simulated_batch(durations, bins, plan.batch_duration, 300, 10_000, seed=7) == pytest.approx(
         per_device, rel=0.04)  # fmt: skip
     assert plan.batches_per_epoch == math.ceil(20_000 / (per_device * 2))
 
@@ -181,9 +181,9 @@ def test_bucketing_batches_hold_the_per_device_batch_on_average(monkeypatch):
 def test_padding_and_quantile_edges():
     """Lhotse pads a batch to its longest clip: 1-5 s clips share a bucket padded to 5 s, 6-9 s one to 9 s."""
     durations = [float(d) for d in range(1, 10)] * 10
-    assert budget.bucket_bins(sorted(durations), 2) == [5.0]
-    assert budget.mean_padded(durations, [5.0]) == pytest.approx((50 * 5 + 40 * 9) / 90)
-    assert budget.mean_padded([1.0, 2.0, 3.0], []) == 3.0 and budget.bucket_bins([1.0, 2.0, 3.0, 4.0], 2) == [2.0]
+    assert bucketing.bucket_bins(sorted(durations), 2) == [5.0]
+    assert bucketing.mean_padded(durations, [5.0]) == pytest.approx((50 * 5 + 40 * 9) / 90)
+    assert bucketing.mean_padded([1.0, 2.0, 3.0], []) == 3.0 and bucketing.bucket_bins([1.0, 2.0, 3.0, 4.0], 2) == [2.0]
     plan = budget.plan(train_config.load("tiny_ctc_char"), [{"duration": d} for d in durations], 1, streamed=True)
     assert plan.num_buckets == 2 and plan.bucket_duration_bins == (5.0,)  # 90 clips fill 2 buckets of 4 batches
 
@@ -210,7 +210,7 @@ def test_a_run_whose_length_cannot_be_known_is_one_line():
 
 
 def test_the_decisions_are_logged_in_three_lines(monkeypatch):
-    monkeypatch.setattr(budget, "CALIBRATION_BATCHES", 50)
+    monkeypatch.setattr(bucketing, "CALIBRATION_BATCHES", 50)
     cfg = train_config.load("fastconformer_ctc_bpe")
     batch, schedule, cadence = budget.describe(budget.plan(cfg, clips(4096, 5.0), 2, streamed=True))
     # 4,096 clips of 5 s: one bucket; a device holds 128 × 5 s = 640 s, 128 utterances

@@ -14,8 +14,9 @@ import sys
 import pytest
 from fixtures.commands import cli_env, write_manifest
 
-from habla.training import budget
+from habla.training import bucketing, budget
 from habla.training import config as train_config
+from habla.training.loader import BUFFER_MEMORY_SHARE, LHOTSE_BUFFER
 from habla.training.train import plan_run
 
 CV_CLIPS = 358_000  # Common Voice es 25.0 train
@@ -36,9 +37,9 @@ def cv_manifest(cv_entries, tmp_path_factory):
 
 
 def test_plans_for_1_8_64_and_512_gpus(cv_entries, monkeypatch):
-    monkeypatch.setattr(budget, "CALIBRATION_BATCHES", 100)  # a shorter simulation of Lhotse's sampler
-    monkeypatch.setattr(budget, "CALIBRATION_CLIPS", 20_000)  # over a sample of the durations
-    monkeypatch.setattr(budget, "CALIBRATION_CUTS", 10_000)
+    monkeypatch.setattr(bucketing, "CALIBRATION_BATCHES", 100)  # a shorter simulation of Lhotse's sampler
+    monkeypatch.setattr(bucketing, "CALIBRATION_CLIPS", 20_000)  # over a sample of the durations
+    monkeypatch.setattr(bucketing, "CALIBRATION_CUTS", 10_000)
     cfg = train_config.load("fastconformer_ctc_bpe")
     plans = {}
     for gpus in (1, 8, 64, 512):  # nodes of up to 8 GPUs
@@ -61,8 +62,8 @@ def test_plans_for_1_8_64_and_512_gpus(cv_entries, monkeypatch):
         assert plan["learning_rate"] == one["learning_rate"] == {"lr": 0.001, "tuned_lr": 0.001, "lr_scale": 1.0,
                                                                 "lr_rule": None, "warmup_steps": 15000}  # fmt: skip
         # loaders hold what their memory allows; a node asks for its processes, workers and shared memory
-        assert loader["memory_per_worker_gib"] <= 3.0 * budget.BUFFER_MEMORY_SHARE
-        assert 0 < loader["shuffle_buffer"] <= budget.LHOTSE_BUFFER and loader["bucket_buffer"] <= budget.LHOTSE_BUFFER
+        assert loader["memory_per_worker_gib"] <= 3.0 * BUFFER_MEMORY_SHARE
+        assert 0 < loader["shuffle_buffer"] <= LHOTSE_BUFFER and loader["bucket_buffer"] <= LHOTSE_BUFFER
         devices = min(gpus, 8)
         assert node["processes"] == devices and node["cpu"] == devices * (8 + 1)
         assert node["memory_gib"] == math.ceil(devices * (8.0 + 8 * 3.0) + node["shared_memory_gib"])
@@ -128,7 +129,7 @@ def test_a_container_smaller_than_the_plans_node_is_warned_about(cv_entries, tmp
     v2.write_text(f"{64 * 2**30}\n")
     assert topology.memory_limit_gib((str(v2), str(v1))) == 64
 
-    monkeypatch.setattr(budget, "CALIBRATION_CUTS", 10_000)
+    monkeypatch.setattr(bucketing, "CALIBRATION_CUTS", 10_000)
     plan = budget.plan(train_config.load("fastconformer_ctc_bpe"), cv_entries[:20_000], 64, streamed=True,
                        devices_per_node=8)  # fmt: skip
     with caplog.at_level("WARNING", logger="habla"):
