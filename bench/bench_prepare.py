@@ -13,8 +13,10 @@
 * workers: ``convert_shard`` with 1 vs 2 worker processes (wall-clock throughput);
 * s3: the same shard written as tar shards / per-file WAVs to a loopback S3 server (moto) vs a local folder;
 * scale: planning and assembly of a synthetic release with ``--rows`` TSV rows (Common Voice 25.0 es has
-  1.68 M clips), wall and CPU time and peak memory, each in a fresh process; ``--reference REV`` also plans it
-  with the planner of git revision REV (``git archive REV habla``) and compares the plan files byte for byte.
+  1.68 M clips), wall and CPU time and peak memory, each in a fresh process (``--rounds`` plans);
+  ``--reference rows`` also plans it with the row-by-row planner the column planner must equal
+  (``tests/data/plan_reference.py``), ``--reference REV`` with the planner of git revision REV (``git archive REV
+  habla``), and compares the plan files byte for byte.
 """
 
 from __future__ import annotations
@@ -307,8 +309,10 @@ if step == "plan":
 else:
     prep.assemble(out)
 usage = resource.getrusage(resource.RUSAGE_SELF)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would count this benchmark's own process
+peak_kb = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 print(json.dumps({"step": step, "wall_s": round(time.perf_counter() - start, 1),
-                  "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}))
+                  "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mb": round(peak_kb / 1024)}))
 """
 
 
@@ -331,7 +335,8 @@ def synthesize_release(root: Path, rows: int) -> None:
     )
     header = "\t".join(columns.split()) + "\n"
     durations = ["clip\tduration[ms]\n"]
-    counts = {"train": rows - 2 * 15_900, "dev": 15_900, "test": 15_900}
+    held_out = min(15_900, rows // 10)  # Common Voice 25.0 es: 15,900 dev and test rows each
+    counts = {"train": rows - 2 * held_out, "dev": held_out, "test": held_out}
     n = 0
     for split, count in counts.items():
         with open(root / f"{split}.tsv", "w") as f:
@@ -393,7 +398,29 @@ def reference_plan(work: Path, release: Path, out: Path, revision: str) -> dict:
     return record
 
 
-def bench_scale(work: Path, rows: int, reference: str | None = None) -> list[dict]:
+ROWS_REFERENCE = r"""
+import hashlib, json, sys
+sys.path.insert(0, sys.argv[2])
+import plan_reference
+from habla.data import filters
+from habla.data.options import PrepareOptions
+options = PrepareOptions(shards=64)
+digest = lambda files: {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
+columns = digest(plan_reference.columns_files(filters.build_plan(sys.argv[1], options)))
+rows = digest(plan_reference.build_plan(sys.argv[1], options).files())
+print(json.dumps({"code": "rows (tests/data/plan_reference.py)", "identical_plan_files": columns == rows,
+                  "files_compared": len(rows), "differing": sorted(k for k in rows if rows[k] != columns.get(k))[:5]}))
+"""
+
+
+def rows_reference(release: Path) -> dict:
+    """Compare the column planner's files with the row-by-row reference planner's, on ``release`` (in memory, in
+    a fresh process: the reference holds every row as an object)."""
+    command = [sys.executable, "-c", ROWS_REFERENCE, str(release), str(ROOT / "tests" / "data")]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+
+
+def bench_scale(work: Path, rows: int, reference: str | None = None, rounds: int = 1) -> list[dict]:
     release, out = work / "synthetic" / "es", work / "synthetic-out"
     start = time.perf_counter()
     synthesize_release(release, rows)
@@ -407,9 +434,14 @@ def bench_scale(work: Path, rows: int, reference: str | None = None) -> list[dic
             check=True,
         ).stdout.splitlines()[-1]
     )
-    results.append(run("plan", release, out, 64))
-    print(json.dumps(results[-1]), flush=True)
-    if reference:
+    for _ in range(rounds):
+        shutil.rmtree(out, ignore_errors=True)
+        results.append(run("plan", release, out, 64))
+        print(json.dumps(results[-1]), flush=True)
+    if reference == "rows":
+        results.append(rows_reference(release))
+        print(json.dumps(results[-1]), flush=True)
+    elif reference:
         results.append(reference_plan(work, release, out, reference))
         print(json.dumps(results[-1]), flush=True)
     fake_convert(out)
@@ -422,10 +454,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=1054)
     parser.add_argument("--rows", type=int, default=1_700_000)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the whole-run comparison")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the whole-run comparison and of scale's plan")
     parser.add_argument("--corpus", type=Path, help="reuse a corpus folder built before (its es/ folder)")
     parser.add_argument("--only", default="conversion,whole,workers,s3,scale")
-    parser.add_argument("--reference", help="scale: also plan with this git revision's habla and compare the files")
+    parser.add_argument(
+        "--reference",
+        help="scale: also plan with the row-by-row reference ('rows') or this git revision's habla, "
+        "and compare the plan files",
+    )
     args = parser.parse_args()
     only = set(args.only.split(","))
     results = {}
@@ -442,7 +478,7 @@ def main() -> int:
         if "s3" in only:
             results["s3"] = bench_s3(corpus, work)
         if "scale" in only:
-            results["scale"] = bench_scale(work, args.rows, args.reference)
+            results["scale"] = bench_scale(work, args.rows, args.reference, args.rounds)
     print(json.dumps(results, indent=1))
     return 0
 
