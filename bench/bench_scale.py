@@ -131,16 +131,24 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pin_threads(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus`` (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
 class Bench:
-    def __init__(self, work: Path, server: subprocess.Popen | None) -> None:
-        self.work, self.server, self.results = work, server, []
+    def __init__(self, work: Path, server: subprocess.Popen | None, step_cpus: set[int] | None = None) -> None:
+        self.work, self.server, self.step_cpus, self.results = work, server, step_cpus, []
 
     def run(self, step: str, label: dict, **args) -> dict:
         counts = self.work / "requests.log"
         counts.write_text("")
         server_cpu = _cpu(self.server.pid) if self.server else 0.0
+        pin = (lambda: os.sched_setaffinity(0, self.step_cpus)) if self.step_cpus else None
         out = subprocess.run([sys.executable, "-c", CHILD, step, json.dumps(args)], capture_output=True, text=True,
-                             env={**os.environ, "BENCH_REQUESTS": str(counts), "OMP_NUM_THREADS": "1"})  # fmt: skip
+                             env={**os.environ, "BENCH_REQUESTS": str(counts), "OMP_NUM_THREADS": "1"},
+                             preexec_fn=pin)  # fmt: skip
         if out.returncode:
             raise SystemExit(f"{step} {args}: exit {out.returncode}\n{out.stderr[-3000:]}")
         requests = counts.read_text().split()
@@ -161,8 +169,11 @@ def clear_shard(out: str, shard: int) -> None:
             storage.delete(info.uri)
 
 
-def bench_archive(bench: Bench, sizes: list[int], rounds: int, shard_rounds: int, whole: bool = True) -> dict:
-    """Plan rounds per size; shard 0 of the largest, ``shard_rounds`` times; with ``whole`` every shard and assembly."""
+def bench_archive(
+    bench: Bench, sizes: list[int], rounds: int, shard_rounds: int, whole: bool = True, shards: int | None = None
+) -> dict:
+    """Plan rounds per size (into ``shards`` shards, else as many as habla picks); shard 0 of the largest,
+    ``shard_rounds`` times; with ``whole`` every shard and assembly."""
     outs = {}
     for clips in sizes:
         archive, _ = build_release(bench.work, clips)
@@ -174,7 +185,8 @@ def bench_archive(bench: Bench, sizes: list[int], rounds: int, shard_rounds: int
                 out = str(bench.work / f"out-{clips}-{n}") if target == "local" else f"s3://bench/out-{clips}-{n}"
                 release = str(archive) if target == "local" else uploaded
                 label = {"clips": clips, "target": target, "round": n, "archive_mb": archive.stat().st_size >> 20}
-                planned = bench.run("plan", label, release=release, out=out)
+                options = {} if shards is None else {"shards": shards}
+                planned = bench.run("plan", label, release=release, out=out, options=options)
                 outs[clips, target] = out, planned["shards"]
         if clips == max(sizes):  # shard 0 again and again, local and S3 alternated
             for workers in (1, 2):
@@ -222,6 +234,10 @@ def main() -> int:
     parser.add_argument("--shard-rounds", type=int, default=2)
     parser.add_argument("--only", default="archive,shard,prefix")
     parser.add_argument("--json", type=Path, help="write every record here")
+    parser.add_argument("--shards", type=int, help="plan this many shards (default: as many as habla picks)")
+    parser.add_argument(
+        "--store-cpu", type=int, help="pin SeaweedFS to this CPU and the steps to the others (a store in its own pod)"
+    )
     parser.add_argument(
         "--tables", type=Path, nargs="+", help="print the tables of records written before; run nothing"
     )
@@ -236,15 +252,20 @@ def main() -> int:
         work = Path(tmp)
         (work / "weed").mkdir()
         server, url = start_seaweedfs(work / "weed")
+        step_cpus = None
+        if args.store_cpu is not None:
+            step_cpus = os.sched_getaffinity(0) - {args.store_cpu}
+            pin_threads(server.pid, {args.store_cpu})
         os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                           AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")  # fmt: skip
         storage._client_for_pid.cache_clear()
         storage.s3_client().create_bucket(Bucket="bench")
-        bench = Bench(work, server)
+        bench = Bench(work, server, step_cpus)
         try:
             only = set(args.only.split(","))
             if only & {"archive", "shard"}:
-                bench_archive(bench, sizes, args.rounds, args.shard_rounds if "shard" in only else 0, "archive" in only)
+                bench_archive(bench, sizes, args.rounds, args.shard_rounds if "shard" in only else 0, "archive" in only,
+                              args.shards)  # fmt: skip
             if "prefix" in only:
                 bench_prefix(bench, min(sizes), args.shard_rounds)
         finally:
