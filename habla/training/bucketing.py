@@ -1,18 +1,17 @@
 """Lhotse's dynamic bucketing, simulated on the train durations: bucket edges and the ``batch_duration`` whose
 batches hold the per-device batch on average (habla.training.budget decides the per-device batch).
 
-Tar shards stream through Lhotse, which groups clips of similar length into buckets
-(``use_bucketing``) and fills each batch up to ``batch_duration`` seconds of *padded* audio (clips × the
-longest of the batch), so batches carry little padding. habla places the bucket edges
-(``bucket_duration_bins``) at quantiles of the train durations, equal clips per bucket (NeMo's default spreads
-them evenly between min and max duration, where few Common Voice clips are), and, unless the config sets it,
-chooses ``batch_duration`` so that a batch holds the per-device batch in utterances on average. It starts from
-``utterances × mean padded clip duration`` (each clip padded to the longest of its bucket) and corrects it by
-running Lhotse's own sampler over the train durations (no audio) for the batches one loader worker draws in
-the run: the sampler picks among its ready buckets uniformly, not by their share of the clips, so the first
-guess is off (measured: +11 % utterances per batch over 1,000 batches of Common-Voice-like durations; -43 %
-on the bundled release, whose few long clips make one-clip batches). A batch never holds more padded audio
-than the device holds.
+Tar shards stream through Lhotse, which groups clips of similar length into buckets (``use_bucketing``) and fills
+each batch up to ``batch_duration`` seconds of *padded* audio (clips × the longest of the batch), so batches carry
+little padding. habla places the bucket edges (``bucket_duration_bins``) at quantiles of the train durations, equal
+clips per bucket (NeMo's default spreads them evenly between min and max duration, where few Common Voice clips
+are), and, unless the config sets it, chooses ``batch_duration`` so that a batch holds the per-device batch in
+utterances on average. It starts from ``utterances × mean padded clip duration`` (each clip padded to the longest of
+its bucket) and corrects it by running Lhotse's own sampler over the train durations (no audio) for the batches one
+loader worker draws in the run: the sampler picks among its ready buckets uniformly, not by their share of the
+clips, so the first guess is off (measured: +11 % utterances per batch over 1,000 batches of Common-Voice-like
+durations; -43 % on the bundled release, whose few long clips make one-clip batches). A batch never holds more
+padded audio than the device holds.
 """
 
 from __future__ import annotations

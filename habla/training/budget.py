@@ -20,7 +20,8 @@ factor is in the plan and in train_summary.json. ``trainer.accumulate_grad_batch
 over the derived value (the per-device batch is then what the device holds; a global batch far from the
 tuned one is warned about).
 
-Dynamic bucketing: habla.training.bucketing places the bucket edges and calibrates ``batch_duration``.
+**Dynamic bucketing**: habla.training.bucketing (bucket edges at quantiles of the train durations,
+``batch_duration`` calibrated on Lhotse's own sampler).
 
 **Budget.** The run trains ``trainer.max_steps`` optimizer steps, or ``trainer.max_epochs`` epochs, whichever
 ends first (as Lightning does). ``max_steps`` counts steps of the tuned global batch: when the global batch

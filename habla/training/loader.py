@@ -1,10 +1,9 @@
 """What a training process's data loader holds, and what a node of the job requests for it.
 
-Lhotse's shuffle and bucket buffers keep each buffered clip's bytes (a
-16-bit WAV in the tar shard): habla sizes both buffers so that a loader worker holds at most
-``resources.loader_worker_memory_gib``, and a node requests, per training process (one per GPU), its
-``resources.process_memory_gib`` plus its workers' memory, the shared memory its workers' prefetched batches
-take, and one CPU per worker plus one.
+Lhotse's shuffle and bucket buffers keep each buffered clip's bytes (a 16-bit WAV in the tar shard): habla sizes
+both buffers so that a loader worker holds at most ``resources.loader_worker_memory_gib``, and a node requests, per
+training process (one per GPU), its ``resources.process_memory_gib`` plus its workers' memory, the shared memory its
+workers' prefetched batches take, and one CPU per worker plus one.
 """
 
 from __future__ import annotations
