@@ -103,13 +103,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 server.dropped += len(headers) - len(kept)
             headers = kept  # moto does not check SigV4 signatures, so the request goes through as sent minus these
         headers["Content-Length"] = str(len(body))
-        if server.slow_writes and self.command in ("PUT", "POST") and server.slow_paths in self.path:
+        slow_write = server.slow_writes and self.command in ("PUT", "POST") and server.slow_paths in self.path
+        if slow_write:
             with server.lock:
                 server.slowed += 1
                 server.writing += 1
             time.sleep(server.slow_writes)
-            with server.lock:
-                server.writing -= 1
         if server.slow_reads and self.command == "GET" and server.slow_paths in self.path:
             with server.lock:
                 server.reading += 1
@@ -118,9 +117,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             with server.lock:
                 server.reading -= 1
         conn = http.client.HTTPConnection(server.upstream, timeout=60)
-        conn.request(self.command, self.path, body=body, headers=headers)
-        response = conn.getresponse()
-        data = response.read()
+        try:
+            conn.request(self.command, self.path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            if slow_write:  # under way until the store has answered, even when its writer is gone
+                with server.lock:
+                    server.writing -= 1
         if server.fail_after and n % server.fail_after == 0:
             with server.lock:
                 server.failed += 1

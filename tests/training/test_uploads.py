@@ -174,6 +174,9 @@ def test_a_run_killed_during_an_upload_resumes_from_the_last_checkpoint_the_stor
     from habla.training.train import train
 
     bucket, proxy = slow_seaweedfs
+    # Uploads shorter than the fixture's: on a fast machine the 300 steps end within one 8 s upload, and the run
+    # would finish before a later upload could be caught under way.
+    proxy.slow_writes = 1.5
     dst = f"{bucket}/run/model"
     overrides = ["trainer.max_steps=300", "validate_every_steps=10"]
     log = (tmp_path / "first.log").open("w")
@@ -184,12 +187,19 @@ def test_a_run_killed_during_an_upload_resumes_from_the_last_checkpoint_the_stor
     )  # fmt: skip
     deadline = time.monotonic() + 240
     remote_last = f"{dst}/checkpoints/last.ckpt"
+    log_tail = lambda: (tmp_path / "first.log").read_text()[-3000:]  # noqa: E731
     # one upload done, another under way: the store holds an older checkpoint than the one being written
     while not (storage.exists(remote_last) and proxy.writing) and first.poll() is None:
-        assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, log_tail()
         time.sleep(0.05)
+    assert first.poll() is None, "the run ended before an upload was caught under way: " + log_tail()
     first.send_signal(signal.SIGKILL)
     first.wait()
+    # A write whose body the store had received still lands after the writer dies (as on a real store): what
+    # the store holds is settled once the proxy has no write in flight.
+    while proxy.writing:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     storage.download_file(remote_last, tmp_path / "held.ckpt")
     held = int(torch.load(tmp_path / "held.ckpt", weights_only=False)["global_step"])
     assert 0 < held < 300 and held % 10 == 0 and not storage.exists(f"{dst}/model.nemo")
