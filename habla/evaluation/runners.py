@@ -206,7 +206,29 @@ def make_runner(model, decoder: str | None = None, timestamps: bool = False, con
     return RnntRunner(model)
 
 
-class CtcRunner:
+class _Runner:
+    """What both heads share: the model's front end set up as NeMo's transcribe() sets it, and the frame geometry
+    the windows follow."""
+
+    def _ready_for_inference(self, model) -> None:
+        # As NeMo's transcribe() does: no dither (random noise added to the features) and no padding of the
+        # features to a multiple of 16 frames.
+        featurizer = getattr(model.preprocessor, "featurizer", None)
+        if featurizer is not None:
+            featurizer.dither = 0.0
+            featurizer.pad_to = 0
+        self.rate = int(model.cfg.sample_rate)
+        self.window_stride = float(model.cfg.preprocessor.window_stride)
+        self.subsampling = int(getattr(model.encoder, "subsampling_factor", 1))
+        # Samples per output frame: windows start on a frame boundary, so frames line up across windows.
+        self.frame_samples = round(self.window_stride * self.rate) * self.subsampling
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+class CtcRunner(_Runner):
     """The CTC path of a NeMo model: log-probabilities of audio windows, and NeMo's CTC decoding of them."""
 
     decoder = "ctc"
@@ -237,22 +259,8 @@ class CtcRunner:
             model.change_decoding_strategy(decoding, verbose=False)
             self.decoding = model.decoding
         self.timestamps, self.confidence = timestamps, confidence
-        # As NeMo's transcribe() does: no dither (random noise added to the features) and no padding of the
-        # features to a multiple of 16 frames.
-        featurizer = getattr(model.preprocessor, "featurizer", None)
-        if featurizer is not None:
-            featurizer.dither = 0.0
-            featurizer.pad_to = 0
-        self.rate = int(model.cfg.sample_rate)
-        self.window_stride = float(model.cfg.preprocessor.window_stride)
-        self.subsampling = int(getattr(model.encoder, "subsampling_factor", 1))
-        # Samples per output frame: windows start on a frame boundary, so frames line up across windows.
-        self.frame_samples = round(self.window_stride * self.rate) * self.subsampling
+        self._ready_for_inference(model)
         _refuse_non_finite(self, "outputs (NaN or infinite log-probabilities)")
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
 
     def log_probs(self, windows: Sequence[np.ndarray]) -> list:
         """Log-probabilities (frames x vocabulary, on the CPU) of each window, computed as one padded batch."""
@@ -308,7 +316,7 @@ class CtcRunner:
         return " ".join(raw.split()), words, confidence
 
 
-class RnntRunner:
+class RnntRunner(_Runner):
     """The transducer head of a NeMo model (a transducer, or a hybrid's RNNT head): the encoder's frames of
     audio windows, and NeMo's greedy RNNT decoding of a recording's frames laid end to end."""
 
@@ -330,19 +338,8 @@ class RnntRunner:
             model.change_decoding_strategy(decoding, verbose=False)
         self.decoding = model.decoding
         self.timestamps = self.confidence = False
-        featurizer = getattr(model.preprocessor, "featurizer", None)
-        if featurizer is not None:  # as NeMo's transcribe(): no dither, no padding to 16 frames
-            featurizer.dither = 0.0
-            featurizer.pad_to = 0
-        self.rate = int(model.cfg.sample_rate)
-        self.window_stride = float(model.cfg.preprocessor.window_stride)
-        self.subsampling = int(getattr(model.encoder, "subsampling_factor", 1))
-        self.frame_samples = round(self.window_stride * self.rate) * self.subsampling
+        self._ready_for_inference(model)
         _refuse_non_finite(self, "outputs")
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
 
     def log_probs(self, windows: Sequence[np.ndarray]) -> list:
         """The encoder's output frames (frames x features, on the CPU) of each window, as one padded batch."""
