@@ -88,6 +88,13 @@ def table(
     raise ValueError(f"unknown table format {fmt!r} (choose among {', '.join(FORMATS)})")
 
 
+def figure_png(fig, dpi: int) -> bytes:
+    """A matplotlib figure as PNG bytes (written with storage.write_bytes: atomic, local or ``s3://``)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
 def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 

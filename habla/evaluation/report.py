@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 from habla.core import render, storage
@@ -149,10 +148,9 @@ def render_plot(metrics: dict, model: str = "", test_set: str = "") -> bytes:
             heading += f"\nmodel {_short(model)} · test set {_short(test_set)} ({metrics['utterances']} utterances)"
         fig.suptitle(heading, fontsize=10)
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
+        png = render.figure_png(fig, 100)
         plt.close(fig)
-        return buffer.getvalue()
+        return png
 
 
 def _short(uri: str, keep: int = 3) -> str:

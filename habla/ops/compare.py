@@ -18,7 +18,6 @@ parameter; parameters missing from ``run.json`` are taken from the run's paramet
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -273,12 +272,7 @@ def plot(rows: list[dict], groups: list[str], path: str) -> None:
             ax.set_title(f"WER per run and {group}", loc="left")
             ax.legend(fontsize="small", title=group, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        if storage.is_s3(path):
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png", dpi=120)
-            storage.write_bytes(path, buffer.getvalue())
-        else:
-            fig.savefig(path, dpi=120)
+        storage.write_bytes(path, render.figure_png(fig, 120))
         plt.close(fig)
 
 
@@ -330,11 +324,6 @@ def plot_curves(rows: list[dict], path: str) -> int:
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        if storage.is_s3(path):
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png", dpi=110)
-            storage.write_bytes(path, buffer.getvalue())
-        else:
-            fig.savefig(path, dpi=110)
+        storage.write_bytes(path, render.figure_png(fig, 110))
         plt.close(fig)
     return len(found)
