@@ -13,7 +13,7 @@ import sys
 import tarfile
 
 import pytest
-from fixtures.releases import MINI, real_clips, tsv_row, write_release
+from fixtures.releases import MINI, real_clips, tar_bytes, tsv_row, write_release
 
 from habla.core import state, storage
 from habla.core.errors import HablaError
@@ -21,17 +21,6 @@ from habla.data import archive, bundles
 from habla.data import prepare as prep
 from habla.data.filters import build_plan
 from habla.data.options import PrepareOptions
-
-
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
 
 TSV = b"client_id\tpath\tsentence\na\t1.mp3\tuno\nb\t2.mp3\tdos\n"
 
@@ -65,7 +54,7 @@ def bundled(staging, shards: int = 2) -> dict[str, bytes | list]:
 
 
 def test_cut_archives_are_refused_and_the_failure_is_remembered(tmp_path):
-    whole = _tar(_members())
+    whole = tar_bytes(_members())
     for data in (whole[: whole.index(b"n" * 900) + 1024], whole[: whole.index(b"o" * 500) + 10]):
         for suffix, content in ((".tar", data), (".tar.gz", gzip.compress(data))):
             path = tmp_path / f"cut{suffix}"
@@ -82,23 +71,23 @@ def test_cut_archives_are_refused_and_the_failure_is_remembered(tmp_path):
 def test_a_member_held_twice_is_refused_and_not_read_again(tmp_path):
     """tar lets the later copy of a member win silently: which audio is the release's cannot be told."""
     path = tmp_path / "cv.tar"
-    path.write_bytes(_tar([*_members(), ("top/es/clips/1.mp3", b"x" * 300)]))
+    path.write_bytes(tar_bytes([*_members(), ("top/es/clips/1.mp3", b"x" * 300)]))
     with pytest.raises(HablaError, match="holds top/es/clips/1.mp3 twice"):
         stage(path, tmp_path / "s")
     with pytest.raises(HablaError, match="holds top/es/clips/1.mp3 twice"):  # found once, said again unread
         archive.staged(str(path), str(tmp_path / "s"), "es", "other options")
-    path.write_bytes(_tar([*_members(), ("top/es/train.tsv", TSV)]))  # a table twice too
+    path.write_bytes(tar_bytes([*_members(), ("top/es/train.tsv", TSV)]))  # a table twice too
     with pytest.raises(HablaError, match="holds top/es/train.tsv twice"):
         stage(path, tmp_path / "s")
 
 
 def test_a_staging_belongs_to_the_archive_content_and_the_options(tmp_path):
     path, staging = tmp_path / "cv.tar", tmp_path / "s"
-    path.write_bytes(_tar(_members()))
+    path.write_bytes(tar_bytes(_members()))
     first = stage(path, staging)
     assert stage(path, staging) == first  # unchanged: reused, not read again
     other = b"client_id\tpath\tsentence\nc\t3.mp3\ttres\n"
-    path.write_bytes(_tar(_members(other)))  # another archive at the same path
+    path.write_bytes(tar_bytes(_members(other)))  # another archive at the same path
     second = stage(path, staging)
     assert second.index_sha256 != first.index_sha256
     assert b"tres" in (staging / "es" / "train.tsv").read_bytes()
@@ -109,7 +98,7 @@ def test_a_staging_belongs_to_the_archive_content_and_the_options(tmp_path):
 def test_a_checksum_sidecar_is_verified_and_oversized_clips_are_not_bundled(tmp_path):
     path = tmp_path / "cv.tar.gz"
     tsv = TSV + b"c\thuge.mp3\tgrande\n"
-    path.write_bytes(gzip.compress(_tar([*_members(tsv), ("top/es/clips/huge.mp3", b"\0" * 50_000)])))
+    path.write_bytes(gzip.compress(tar_bytes([*_members(tsv), ("top/es/clips/huge.mp3", b"\0" * 50_000)])))
     (tmp_path / "cv.tar.gz.sha256").write_text("0" * 64 + "  cv.tar.gz\n")
     with pytest.raises(HablaError, match="SHA-256 differs"):
         stage(path, tmp_path / "s")
@@ -121,8 +110,8 @@ def test_a_checksum_sidecar_is_verified_and_oversized_clips_are_not_bundled(tmp_
 def test_clips_listed_before_the_tables_take_a_second_read(tmp_path, caplog):
     """Common Voice lists the TSVs first; another packer may not: the clips are routed in a second read."""
     first, last = tmp_path / "tables-first.tar", tmp_path / "clips-first.tar"
-    first.write_bytes(_tar(_members()))
-    last.write_bytes(_tar(_members()[1:] + _members()[:1]))
+    first.write_bytes(tar_bytes(_members()))
+    last.write_bytes(tar_bytes(_members()[1:] + _members()[:1]))
     stage(first, tmp_path / "a")
     with caplog.at_level(logging.INFO, logger="habla.prepare"):
         stage(last, tmp_path / "b")
@@ -136,7 +125,7 @@ def test_an_interrupted_pass_writes_only_the_chunks_it_had_not_written(tmp_path,
     clips = {f"{k:03d}.mp3": bytes([k]) * (1000 + k) for k in range(60)}
     tsv = b"client_id\tpath\tsentence\n" + b"".join(f"s\t{n}\thola\n".encode() for n in clips)
     path = tmp_path / "cv.tar"
-    path.write_bytes(_tar([("top/es/train.tsv", tsv), *((f"top/es/clips/{n}", d) for n, d in clips.items())]))
+    path.write_bytes(tar_bytes([("top/es/train.tsv", tsv), *((f"top/es/clips/{n}", d) for n, d in clips.items())]))
     monkeypatch.setattr(bundles, "CHUNK_BYTES", 5000)  # about 4 clips a chunk: 15 chunks over 2 shards
     written: list[str] = []
     kill = [True]

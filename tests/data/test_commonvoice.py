@@ -1,10 +1,8 @@
 import gzip
-import io
 import os
-import tarfile
 
 import pytest
-from fixtures.releases import MINI, MINI_V8
+from fixtures.releases import MINI, MINI_V8, tar_bytes
 
 from habla.core.errors import HablaError
 from habla.data import commonvoice
@@ -186,16 +184,6 @@ def test_durations_that_are_not_positive_numbers_are_measured_instead(tmp_path):
 # ------------------------------------------------------------------------------------------- archives
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def _release_members(extra: str = "") -> list[tuple[str, bytes]]:
     tsv = f"client_id\tpath\tsentence\na\t1.mp3\tuno{extra}\n".encode()
     return [("top/es/train.tsv", tsv), ("top/es/clips/1.mp3", b"m" * 700), ("top/es/clips/2.mp3", b"n" * 900)]
@@ -203,7 +191,7 @@ def _release_members(extra: str = "") -> list[tuple[str, bytes]]:
 
 def test_an_archive_cut_at_a_member_boundary_is_refused(tmp_path):
     """tarfile stops silently where the data ends; only the end-of-archive blocks say it is whole."""
-    whole = _tar(_release_members())
+    whole = tar_bytes(_release_members())
     second_header = whole.index(b"m" * 700) + 1024  # the 700-byte member padded to 1,024
     cases = {
         "at a member boundary": whole[:second_header],
