@@ -163,7 +163,8 @@ class Bench:
 
 def clear_shard(out: str, shard: int) -> None:
     """Shard ``shard``'s outputs gone: the next convert does it again."""
-    names = (f"shards/shard-{shard:05d}", f"tarred/train/audio_{shard}.tar", f"tarred/train/manifest_{shard}.json")
+    names = (f"shards/shard-{shard:05d}", *(f"tarred/{split}/{kind}_{shard}.{ext}" for split in ("train", "dev", "test")
+                                          for kind, ext in (("audio", "tar"), ("manifest", "json"))))  # fmt: skip
     for info in list(storage.list_files(out)):
         if any(n in info.uri for n in names) or "/audio/" in info.uri:
             storage.delete(info.uri)

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--manifest", help="NeMo manifest to transcribe (local or s3://); with --predictions: the references"
     )
+    parser.add_argument("--tars", metavar="PATTERN",
+                        help="the tar shards of a --manifest in tarred form (habla prepare --format tar: report.json's "
+                        "tarred.test.tarred_audio_filepaths); its clips are read out of them once")  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder (local or s3://)")
     parser.add_argument("--batch-size", type=int, default=16, help="utterances per transcription batch (default 16)")
     parser.add_argument("--worst", type=int, default=20, help="worst utterances listed in report.md (default 20)")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         from habla.evaluation.evaluate import evaluate
 
         metrics = evaluate(args.model, args.manifest, args.out, batch_size=args.batch_size, worst=args.worst,
-                           decoder=args.decoder, overlap_with=args.overlap_with)  # fmt: skip
+                           decoder=args.decoder, overlap_with=args.overlap_with, tars=args.tars)  # fmt: skip
     keys = ("wer", "wer_ci", "cer", "cer_ci", "utterances", "hours", "rtfx", "device", "decoder", "heads", "overlap")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, ensure_ascii=False))
     return 0

@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=("wav", "tar"),
         default=defaults.format,
-        help="wav files, or the train split as NeMo tarred shards (default %(default)s)",
+        help="wav files, or every split as NeMo tarred shards (default %(default)s)",
     )
     parser.add_argument("--locale", default=defaults.locale, help="locale folder inside a corpus folder or archive")
     parser.add_argument("--min-duration", type=float, default=defaults.min_duration, metavar="S")

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-tars",
         help="tarred audio shards, e.g. 's3://b/data/tarred/train/audio__OP_0..7_CL_.tar' (streamed with Lhotse)",
     )
+    parser.add_argument("--val-tars", help="the validation split's tar shards, when --val-manifest is in tarred form "
+                        "(its clips are read out of them once, into the local cache)")  # fmt: skip
     parser.add_argument(
         "--init-from",
         metavar="MODEL",
@@ -67,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         train_tars=args.train_tars,
         freeze_encoder_steps=args.freeze_encoder_steps,
+        val_tars=args.val_tars,
     )
     if summary.get("written_by_this_rank"):
         print(json.dumps({k: v for k, v in summary.items() if k != "written_by_this_rank"}, indent=2))

@@ -305,6 +305,8 @@ class AtomicWriter(io.RawIOBase):
         )
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.closed:  # committed (or aborted) already
+            return
         if exc_type is None:
             self.commit()
         else:

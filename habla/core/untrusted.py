@@ -19,6 +19,12 @@ class TooLarge(Exception):
     """The file is larger than the caller's cap."""
 
 
+def is_plain_name(name: str) -> bool:
+    """A plain, printable file name: no folder part, no leading dot (``..``), no control characters or line
+    breaks. A name from data that is used as a file name must pass this, or it could escape its folder."""
+    return bool(name) and name[0] != "." and "/" not in name and "\\" not in name and name.isprintable()
+
+
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFDIR: "a folder", stat.S_IFSOCK: "a socket"}  # fmt: skip
 

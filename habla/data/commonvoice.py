@@ -53,11 +53,8 @@ class MalformedRow:
     detail: str
 
 
-def is_safe_clip_name(name: str) -> bool:
-    """A plain, printable file name: no folder part, no leading dot (``..``), no control characters or line
-    breaks. Data files are untrusted: a clip must not escape ``clips/``, and its name ends up in file
-    names, tar members and logs."""
-    return bool(name) and name[0] != "." and "/" not in name and "\\" not in name and name.isprintable()
+# A clip must not escape ``clips/``, and its name ends up in file names, tar members and logs.
+is_safe_clip_name = untrusted.is_plain_name
 
 
 def name_too_long(name: str) -> bool:

@@ -170,8 +170,8 @@ def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
     """Step 2: convert the clips of one shard. Returns the shard's result (also written to ``shards/``).
 
     A complete shard is skipped. A shard that was started before (and killed) resumes: WAVs already
-    written are kept, not converted again. Tar shards are built in a local temporary file and published
-    whole, so a killed tar shard is rebuilt.
+    written are kept, not converted again. Tar shards are published whole (a temporary file renamed, or a
+    multipart upload completed), so a killed tar shard is rebuilt.
     """
     layout = DatasetLayout(out)
     result_uri = layout.shard_result(shard)
@@ -214,11 +214,15 @@ def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
             )
             for clip in clips
         ]
-        # Tar shards are written as the clips arrive (in plan order, which is sorted by path) and uploaded
-        # while the conversion goes on; they are published only if the whole shard succeeds.
-        tars = {
-            split: _open_tar_shard(stack, layout.tar(split, shard)) for split in tarred & {c["split"] for c in clips}
+        # Tar shards are written as the clips arrive (in plan order: by path for dev/test, shuffled for train)
+        # and uploaded while the conversion goes on; they are published only if the whole shard succeeds.
+        writers = {
+            split: stack.enter_context(storage.AtomicWriter(layout.tar(split, shard)))
+            for split, count in summary["tar_shards"].items()
+            if shard < count
         }
+        # PAX: member names of any length and any Unicode (ustar stops at 100 bytes of ASCII-safe name)
+        tars = {split: tarfile.open(fileobj=w, mode="w|", format=tarfile.PAX_FORMAT) for split, w in writers.items()}
         batches = [(tasks[k : k + BATCH], options) for k in range(0, len(tasks), BATCH)]
         for records in _map(_convert_batch, batches, workers):
             for record, wav in records:
@@ -235,16 +239,24 @@ def convert_shard(out: str, shard: int, workers: int | None = None) -> dict:
                         _deterministic_tarinfo(entry["audio_filepath"], len(wav)), fileobj=_BytesReader(wav)
                     )
                 entries.setdefault(record["split"], []).append(entry)
-    for split in tars:
-        storage.write_text(layout.tar_manifest(split, shard), jsonl.dumps(entries.get(split, [])))
+        for tar in tars.values():
+            tar.close()
+        # What the shard writes, at once (each object's request latency overlaps the others'): its tars, their
+        # manifests (members in tar order), its manifest lines per split and its rejections, each sorted so
+        # that assembly can merge the shards as streams. The summary is written last: the shard is complete.
+        outputs: list[tuple] = [(w.commit,) for w in writers.values()]
+        outputs += [(storage.write_text, layout.tar_manifest(split, shard), jsonl.dumps(entries.get(split, [])))
+                    for split in tars]  # fmt: skip
+        for split_entries in entries.values():
+            split_entries.sort(key=lambda e: e["path"])
+        outputs += [(storage.write_text, layout.shard_file(shard, f"{split}.jsonl"), jsonl.dumps(split_entries))
+                    for split, split_entries in entries.items()]  # fmt: skip
+        rejected.sort(key=rejection_order)
+        outputs.append((storage.write_text, layout.shard_file(shard, "rejected.jsonl"), jsonl.dumps(rejected)))
+        with ThreadPoolExecutor(max_workers=len(outputs), thread_name_prefix="habla-publish") as pool:
+            for done in [pool.submit(*output) for output in outputs]:
+                done.result()
 
-    # The shard's manifest lines per split and its rejections, each sorted, so that assembly can merge
-    # the shards as streams; the summary is written last and marks the shard complete.
-    for split, split_entries in entries.items():
-        split_entries.sort(key=lambda e: e["path"])
-        storage.write_text(layout.shard_file(shard, f"{split}.jsonl"), jsonl.dumps(split_entries))
-    rejected.sort(key=rejection_order)
-    storage.write_text(layout.shard_file(shard, "rejected.jsonl"), jsonl.dumps(rejected))
     result = {
         "shard": shard,
         "splits": {split: len(split_entries) for split, split_entries in sorted(entries.items())},
@@ -289,13 +301,6 @@ def _die_with(parent: int) -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
-
-
-def _open_tar_shard(stack: contextlib.ExitStack, uri: str) -> tarfile.TarFile:
-    """A tar stream into ``uri``, published when ``stack`` exits cleanly."""
-    writer = stack.enter_context(storage.AtomicWriter(uri))
-    # PAX: member names of any length and any Unicode (ustar stops at 100 bytes of ASCII-safe name)
-    return stack.enter_context(tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT))
 
 
 class _BytesReader:

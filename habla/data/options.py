@@ -31,7 +31,7 @@ class PrepareOptions:
 
     splits: tuple[str, ...] = SPLITS
     train_source: str = "train"  # "validated": validated.tsv minus dev/test speakers, sentences and clips
-    format: str = "wav"  # "tar": the train split as NeMo tarred shards
+    format: str = "wav"  # "tar": every split as NeMo tarred shards
     shards: int | None = None  # None: from the data size and world_size (habla.data.shards.shard_count)
     world_size: int = 1  # GPUs in all of the training the tar shards are sized for
     shard_seed: int = 0  # the shuffle of the train clips over the tar shards

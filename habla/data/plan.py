@@ -224,6 +224,13 @@ def _tsvs_read(root: str, options: PrepareOptions) -> list[str]:
                     and storage.exists(storage.join(root, f"{s}.tsv"))]  # fmt: skip
 
 
+def _tar_shards(options: PrepareOptions, train_shards: int, shards: int) -> dict[str, int]:
+    """How many tar shards each split is written as (none: WAV files)."""
+    if options.format != "tar":
+        return {}
+    return {split: train_shards if split == "train" else shards for split in options.splits}
+
+
 def _make_plan(release: str, label: str, root: str, inputs: dict | None, out: str, options: PrepareOptions,
                result: Plan | None, bundled: bool) -> dict:  # fmt: skip
     """Write ``plan/``: each shard's clips, the rejections, and plan.json last. ``result``: the plan an archive's
@@ -257,8 +264,9 @@ def _make_plan(release: str, label: str, root: str, inputs: dict | None, out: st
         # where convert reads the clips: "bundles" (an archive's, staged per shard under root) or root/clips/
         "clip_source": "bundles" if bundled else "folder",
         "num_shards": len(result.shards),
-        # With --format tar the train split is written as tar shards 0..m-1 (dev/test stay WAV files).
-        "tar_shards": {"train": tar_shards} if options.format == "tar" and "train" in options.splits else {},
+        # With --format tar every split is written as tar shards: train as shards 0..m-1 (its clips shuffled over
+        # them), dev and test as one tar per conversion shard (one PUT per shard, not per clip).
+        "tar_shards": _tar_shards(options, tar_shards, len(result.shards)),
         "shards": [
             {"clips": result.shard_clips(k), "planned_seconds": round(result.shard_seconds(k), 3)}
             for k in range(len(result.shards))

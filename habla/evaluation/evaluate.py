@@ -87,8 +87,10 @@ def evaluate(
     worst: int = 20,
     decoder: str | None = None,
     overlap_with: str | None = None,
+    tars: str | None = None,
 ) -> dict:
     """Transcribe ``manifest`` with ``model``; write metrics.json, predictions.json, report.md and the plot to ``out``.
+    ``tars``: the tar shards of a manifest in NeMo's tarred form.
 
     Returns the metrics. Raises HablaError for a missing model, manifest or audio file, before transcribing.
     """
@@ -99,7 +101,7 @@ def evaluate(
         raise HablaError(f"--worst must be >= 0 (got {worst})")
     storage.check_writable_root(out)
     entries = manifests.read_manifest(manifest)
-    local = manifests.localize(entries, manifest)
+    local = manifests.localize(entries, manifest, tars=tars)
     for entry, original in zip(local, entries):
         entry["_source"] = original["audio_filepath"]
     model = models.model_in_folder(model)  # an output, run or training folder: the model it holds

@@ -20,7 +20,7 @@ import yaml
 from habla.core import render, state, storage
 from habla.core.layout import RunLayout
 from habla.evaluation.report import TITLES, interval, ordered_groups
-from habla.speech.dataset import read_report
+from habla.speech.dataset import read_report, split_tars
 from habla.speech.releases import parse_release_name, release_label, release_license
 
 log = logging.getLogger("habla.package")
@@ -381,7 +381,8 @@ def package(run_dir: str, dataset_uri: str, model_uri: str, output_uri: str, lic
     except FileNotFoundError:
         config_yaml = "# not found"
     target = OutputLayout(output_uri).package(record["run_name"])
-    entries = manifests.localize(manifests.read_manifest(dataset["manifests"]["test"]), dataset["manifests"]["test"])
+    test = dataset["manifests"]["test"]
+    entries = manifests.localize(manifests.read_manifest(test), test, tars=split_tars(dataset, "test"))
     local_model = models.fetch_model(model_uri, "model")
     with tempfile.TemporaryDirectory(prefix="habla-onnx-") as tmp:
         onnx_local = Path(tmp) / "model.onnx"

@@ -11,7 +11,7 @@ from habla.evaluation.evaluate import evaluate
 from habla.evaluation.verdict import Verdict, fine_tuning_gain, verdict
 from habla.runs import record, registry
 from habla.speech import models
-from habla.speech.dataset import read_report
+from habla.speech.dataset import read_report, split_tars
 
 
 @dataclass(frozen=True)
@@ -66,15 +66,17 @@ def evaluate_run(
     report, its Markdown and the metrics show baseline → fine-tuned with the paired interval. Promotion is
     unchanged. ``overlap_with`` (the checkpoint's training data) adds ``overlap`` to both evaluations."""
     run = RunLayout(run_dir)
-    test_manifest = read_report(dataset_uri)["manifests"]["test"]
+    dataset = read_report(dataset_uri)
+    test_manifest = dataset["manifests"]["test"]
+    tars = split_tars(dataset, "test")
     best = registry.read_best(output_uri)  # before the long evaluation: a corrupt best.json fails at once
-    metrics = evaluate(model_uri, test_manifest, run.eval.root, overlap_with=overlap_with or None)
-    best_metrics = evaluate(best["model"], test_manifest, run.best_eval.root) if best else None
+    metrics = evaluate(model_uri, test_manifest, run.eval.root, overlap_with=overlap_with or None, tars=tars)
+    best_metrics = evaluate(best["model"], test_manifest, run.best_eval.root, tars=tars) if best else None
     rows = [registry.scores(where)[1] for where in (run.eval, run.best_eval)] if best else [None, None]
     gain = None
     if init_from:
         baseline = evaluate(models.resolve_model(init_from), test_manifest, run.baseline_eval.root,
-                            overlap_with=overlap_with or None)  # fmt: skip
+                            overlap_with=overlap_with or None, tars=tars)  # fmt: skip
         gain = fine_tuning_gain(baseline, registry.scores(run.baseline_eval)[1], metrics,
                                 registry.scores(run.eval)[1], init_from)  # fmt: skip
         metrics["fine_tuning_gain"] = {k: v for k, v in gain.items() if k != "markdown"}

@@ -98,7 +98,7 @@ class RunParameters:
     audio_format: str = _param(
         "tar",
         local="wav",
-        help='"tar" (train split as NeMo tarred shards, streamed from object storage) or "wav".',
+        help='"tar" (NeMo tarred shards: train streamed from object storage, dev/test one tar per shard) or "wav".',
     )
     min_duration: float = _param(0.5, help="Shortest clip kept, in seconds.")
     max_duration: float = _param(20.0, help="Longest clip kept, in seconds.")

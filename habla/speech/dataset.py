@@ -16,6 +16,11 @@ def read_report(dataset_uri: str) -> dict:
     return report
 
 
+def split_tars(report: dict, split: str) -> str | None:
+    """The ``_OP_0..N_CL_`` pattern of a split's tar shards (``--format tar``), or None: WAV files."""
+    return (report.get("tarred") or {}).get(split, {}).get("tarred_audio_filepaths")
+
+
 #: Common Voice's age groups, youngest first ("fourties" is Common Voice's spelling); others sort after them.
 AGE_ORDER = ("teens", "twenties", "thirties", "fourties", "forties", "fifties", "sixties", "seventies", "eighties",
              "nineties")  # fmt: skip

@@ -5,20 +5,25 @@ NeMo's classic data loaders read local audio files only. A manifest whose ``audi
 downloaded once into a cache (``$HABLA_CACHE``, default ``~/.cache/habla``; objects are immutable, so a
 file already in the cache is reused) and the manifest is rewritten to point at it. Large training sets
 should use tarred shards instead (``--format tar``), which NeMo streams from object storage through Lhotse
-without a local copy; their manifests are only read here for checks and counts.
+without a local copy; their manifests are only read here for checks and counts. The dev and test splits of such
+a dataset are tarred too (a few objects per shard, not one per clip): for validation and evaluation each tar is
+read once and its members extracted into the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import re
+import tarfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from habla.core import jsonl, storage
+from habla.core import jsonl, storage, untrusted
 from habla.core.errors import HablaError, one_line
 from habla.speech.models import cache_root
 
@@ -26,6 +31,8 @@ log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("audio_filepath", "duration", "text")
 DOWNLOAD_THREADS = 16
+#: The largest tar member extracted (habla prepare converts clips of at most 32 MiB).
+MAX_MEMBER_BYTES = 64 << 20
 # NeMo's brace form for shard lists (`_OP_`/`_CL_` stand for braces, which shells and YAML mangle).
 _SHARD_RANGE = re.compile(r"(?:_OP_|\{)(\d+)\.\.(\d+)(?:_CL_|\})")
 
@@ -114,21 +121,34 @@ def _cache_path(uri: str, cache: Path) -> Path:
     return cache / "audio" / bucket / key
 
 
-def localize(entries: Sequence[dict], manifest_uri: str, cache: Path | None = None) -> list[dict]:
+def localize(
+    entries: Sequence[dict], manifest_uri: str, cache: Path | None = None, tars: str | None = None
+) -> list[dict]:
     """Entries whose ``audio_filepath`` is a local file that exists; ``s3://`` audio is downloaded.
 
+    Entries in NeMo's tarred form (``audio_filepath`` the member name in tar shard ``shard_id``) are read out of
+    ``tars`` (a tar URI or a ``_OP_0..N_CL_`` pattern): one streamed read per tar shard, not one request per clip.
     Every file is checked (a stat per local file; a download per missing S3 object), so a missing clip is
     reported now, in one line, and not as a traceback minutes into training.
     """
     cache = cache or cache_root()
     out = [dict(e) for e in entries]
+    tarred = [e for e in out if "shard_id" in e]
+    if tarred and not tars:
+        raise HablaError(
+            f"{manifest_uri}: line {tarred[0].get('_line', '?')} names a member of tar shard {tarred[0]['shard_id']!r} "
+            "(shard_id): give the tar shards too (habla prepare's report.json lists them under tarred)"
+        )
+    if tarred:
+        _unpack_tarred(tarred, tars, manifest_uri, cache)
     for entry in out:
-        entry["audio_filepath"] = resolve_audio(str(entry["audio_filepath"]), manifest_uri)
+        if "shard_id" not in entry:
+            entry["audio_filepath"] = resolve_audio(str(entry["audio_filepath"]), manifest_uri)
 
     to_fetch = {}
     for entry in out:
         uri = entry["audio_filepath"]
-        if storage.is_s3(uri):
+        if storage.is_s3(uri) and "shard_id" not in entry:
             local = _cache_path(uri, cache)
             entry["audio_filepath"] = str(local)
             if not (local.exists() and local.stat().st_size > 0):
@@ -162,6 +182,61 @@ def localize(entries: Sequence[dict], manifest_uri: str, cache: Path | None = No
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise HablaError(f"{manifest_uri}: line {line}: audio {path}: {why}{more}")
     return out
+
+
+def _unpack_tarred(entries: Sequence[dict], tars: str, manifest_uri: str, cache: Path) -> None:
+    """Point each tarred entry at its member, extracted into the cache (once per tar shard's content: a tar that
+    changes is extracted again)."""
+    uris = expand_shards(tars)
+    wanted: dict[int, set[str]] = {}
+    for entry in entries:
+        shard, name = entry["shard_id"], str(entry["audio_filepath"])
+        if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < len(uris):
+            raise HablaError(f"{manifest_uri}: line {entry.get('_line', '?')}: shard_id {shard!r} is not one of the "
+                             f"{len(uris)} tar shard(s) {tars}")  # fmt: skip
+        if not untrusted.is_plain_name(name):
+            raise HablaError(f"{manifest_uri}: line {entry.get('_line', '?')}: tar member {name!r} is not a plain "
+                             "file name")  # fmt: skip
+        wanted.setdefault(shard, set()).add(name)
+
+    def unpack(shard: int) -> tuple[Path, set[str]]:
+        try:
+            return _extract_members(uris[shard], wanted[shard], cache)
+        except FileNotFoundError:
+            raise HablaError(f"{uris[shard]}: tar shard not found") from None
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise HablaError(f"{uris[shard]}: not a readable tar shard ({one_line(exc, with_type=True)})") from None
+
+    log.info("reading %d clip(s) out of %d tar shard(s) into %s", len(entries), len(wanted), cache / "tarred")
+    with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(wanted))) as pool:
+        unpacked = dict(zip(wanted, pool.map(unpack, wanted)))
+    for entry in entries:
+        folder, found = unpacked[entry["shard_id"]]
+        if str(entry["audio_filepath"]) not in found:
+            raise HablaError(f"{manifest_uri}: line {entry.get('_line', '?')}: {entry['audio_filepath']} is not a "
+                             f"file in {uris[entry['shard_id']]}")  # fmt: skip
+        entry["audio_filepath"] = str(folder / str(entry["audio_filepath"]))
+
+
+def _extract_members(uri: str, names: set[str], cache: Path) -> tuple[Path, set[str]]:
+    """Extract the tar at ``uri`` (streamed once) into its cache folder, keyed by the tar's URI and content stamp:
+    its regular files of plain names up to MAX_MEMBER_BYTES (the tar is untrusted). Returns the folder and which
+    of ``names`` it holds."""
+    key = hashlib.sha256(json.dumps([storage.absolute(uri), storage.stamp(uri)]).encode()).hexdigest()[:24]
+    folder = cache / "tarred" / key
+    done = folder / ".complete"  # every regular member of the tar, once all of them are there
+    if done.exists():
+        return folder, set(done.read_text(encoding="utf-8").splitlines()) & names
+    folder.mkdir(parents=True, exist_ok=True)
+    found: dict[str, None] = {}  # in tar order; the first of two members of one name is kept
+    with storage.open_stream(uri) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if (member.isfile() and untrusted.is_plain_name(member.name) and member.size <= MAX_MEMBER_BYTES
+                    and member.name not in found):  # fmt: skip
+                storage.write_bytes(str(folder / member.name), tar.extractfile(member).read())
+                found[member.name] = None
+    storage.write_text(str(done), "".join(f"{name}\n" for name in found))
+    return folder, found.keys() & names
 
 
 def check_audio_readable(entries: Sequence[dict], threads: int = DOWNLOAD_THREADS) -> None:

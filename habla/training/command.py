@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from habla.core import state, storage
 from habla.core.errors import HablaError
 from habla.core.layout import RunLayout, TrainLayout
-from habla.speech.dataset import read_report
+from habla.speech.dataset import read_report, split_tars
 
 #: train_summary.json numbers worth showing and comparing in the KFP UI: top-level keys, then the plan's.
 SUMMARY_METRICS = ("steps", "epochs", "wall_seconds", "audio_hours_seen", "final_train_loss", "val_wer", "world_size")
@@ -28,6 +28,7 @@ class TrainInputs:
     train_manifest: str
     val_manifest: str
     train_tars: str | None
+    val_tars: str | None
     init_from: str
     overrides: tuple[str, ...]
 
@@ -54,6 +55,7 @@ class TrainInputs:
             train_manifest=tarred["manifest_filepath"] if tarred else manifests["train"],
             val_manifest=manifests["dev"],
             train_tars=tarred["tarred_audio_filepaths"] if tarred else None,
+            val_tars=split_tars(report, "dev"),
             init_from=init_from,
             overrides=tuple(extra),
         )
@@ -66,6 +68,8 @@ class TrainInputs:
                  "--train-manifest", self.train_manifest]  # fmt: skip
         if self.train_tars:
             args += ["--train-tars", self.train_tars]
+        if self.val_tars:
+            args += ["--val-tars", self.val_tars]
         if self.init_from:
             args += ["--init-from", self.init_from]
         return args + list(self.overrides)

@@ -42,9 +42,11 @@ log = logging.getLogger("habla.train")
 
 
 def _prepare_data(
-    cfg, paths: output.RunPaths, train_manifest: str, val_manifest: str, train_tars: str | None, world_size: int
-):
-    """Read, check and localise the manifests; point the config at them. Returns the train entries."""
+    cfg, paths: output.RunPaths, train_manifest: str, val_manifest: str, train_tars: str | None, world_size: int,
+    val_tars: str | None = None,
+):  # fmt: skip
+    """Read, check and localise the manifests; point the config at them. Returns the train entries. Validation
+    audio is always made local (a tarred dev split is read out of its tars once)."""
     train_entries = manifests.read_manifest(train_manifest)
     val_entries = manifests.read_manifest(val_manifest)
     local_manifests = paths.scratch / "manifests"
@@ -70,7 +72,7 @@ def _prepare_data(
         manifests.check_audio_readable(train_entries)
         ds.manifest_filepath = str(local_manifests / "train_manifest.json")
         manifests.write_manifest(train_entries, ds.manifest_filepath)
-    val_entries = manifests.localize(val_entries, val_manifest)
+    val_entries = manifests.localize(val_entries, val_manifest, tars=val_tars)
     manifests.check_audio_readable(val_entries)
     cfg.model.validation_ds.manifest_filepath = str(local_manifests / "val_manifest.json")
     manifests.write_manifest(val_entries, cfg.model.validation_ds.manifest_filepath)
@@ -237,6 +239,7 @@ def train(
     resume: bool = False,
     train_tars: str | None = None,
     freeze_encoder_steps: int | None = None,
+    val_tars: str | None = None,
 ) -> dict:
     """Train a model; write DST/model.nemo, checkpoints, logs, tokenizer and DST/train_summary.json.
 
@@ -256,7 +259,7 @@ def train(
     storage.check_writable_root(out)
     paths = output.RunPaths.for_dst(out)
     streamed = bool(train_tars)
-    entries = _prepare_data(cfg, paths, train_manifest, val_manifest, train_tars, place.world_size)
+    entries = _prepare_data(cfg, paths, train_manifest, val_manifest, train_tars, place.world_size, val_tars)
     loaded = copy.deepcopy(cfg)
     plan = budget.plan(cfg, entries, place.world_size, streamed, devices_per_node=place.devices)
     budget.apply(cfg, plan, streamed)

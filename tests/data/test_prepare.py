@@ -18,6 +18,7 @@ from fixtures.releases import MINI, MINI_V8, real_clips, tsv_row, write_release
 
 from habla.data import prepare as prep
 from habla.data.options import PrepareOptions
+from habla.speech import manifests
 from habla.speech.text import ALPHABET
 
 
@@ -302,8 +303,40 @@ def test_tar_format_writes_nemo_tarred_shards(tmp_path):
         assert all(e["shard_id"] == k for e in shard_manifest)
         assert first[:4] == b"RIFF"
     assert {e["audio_filepath"]: e["shard_id"] for e in train} == members
-    assert not (out / "audio" / "train").exists() and (out / "audio" / "dev").is_dir()
-    assert Path(read_jsonl(out / "manifests" / "dev.json")[0]["audio_filepath"]).is_file()
+    assert not (out / "audio").exists()
+
+
+def test_tar_format_writes_dev_and_test_as_one_tar_per_shard_with_the_audio_of_wav_files(tmp_path):
+    """dev and test: one tar per conversion shard (one object-store write per shard, not per clip), members in
+    path order; read back through the manifest and the report's tar pattern, the same bytes as --format wav."""
+    out, wavs = tmp_path / "tar", tmp_path / "wav"
+    report = prep.prepare(str(MINI), str(out), PrepareOptions(shards=3, format="tar"), workers=2)
+    prep.prepare(str(MINI), str(wavs), PrepareOptions(shards=3), workers=2)
+    for split in ("dev", "test"):
+        assert report["tarred"][split]["num_shards"] == 3
+        listed = read_jsonl(out / "manifests" / f"{split}.json")
+        as_wav = {e["path"]: e for e in read_jsonl(wavs / "manifests" / f"{split}.json")}
+        assert sorted(e["path"] for e in listed) == sorted(as_wav) and len(listed) == report["splits"][split]["clips"]
+        seen = []
+        for k in range(3):
+            with tarfile.open(out / "tarred" / split / f"audio_{k}.tar") as tar:
+                names = tar.getnames()
+            in_shard = [e for e in listed if e["shard_id"] == k]
+            assert names == [e["audio_filepath"] for e in in_shard] == sorted(names)  # by path, as a WAV shard
+            seen += names
+        assert len(seen) == len(set(seen)) == len(listed)  # every clip in exactly one tar
+        local = manifests.localize(
+            read_jsonl(out / "manifests" / f"{split}.json"),
+            str(out / "manifests" / split),
+            cache=tmp_path / "cache",
+            tars=report["tarred"][split]["tarred_audio_filepaths"],
+        )
+        for entry in local:
+            wav = as_wav[entry["path"]]
+            assert Path(entry["audio_filepath"]).read_bytes() == Path(wav["audio_filepath"]).read_bytes()
+            assert {k: v for k, v in entry.items() if k not in ("audio_filepath", "shard_id")} == {
+                k: v for k, v in wav.items() if k != "audio_filepath"
+            }
 
 
 def test_archive_input_is_read_once_and_staged(tmp_path):

@@ -60,6 +60,26 @@ def test_tar_shards_in_object_storage(s3_bucket, tmp_path):
     assert [e["audio_filepath"] for e in read_manifest(f"{out}/tarred/train/manifest_0.json")] == names
 
 
+def test_a_tar_shard_writes_a_few_objects_however_many_clips_it_holds(s3_bucket, tmp_path):
+    """--format tar into object storage: dev and test are tars too, so a conversion shard's writes do not grow
+    with its clips (a WAV per dev/test clip was one PUT each)."""
+    names = [f"common_voice_es_{k:03d}.mp3" for k in range(90)]
+    clips = real_clips(16)
+    rows = {split: [tsv_row(n, client_id=f"{split}{k % 7}") for k, n in enumerate(names[30 * i : 30 * (i + 1)])]
+            for i, split in enumerate(("train", "dev", "test"))}  # fmt: skip
+    release = write_release(tmp_path / "rel" / "es", rows, {n: clips[k % 16] for k, n in enumerate(names)})
+    out = f"{s3_bucket}/few/data"
+    prep.plan(str(release), out, PrepareOptions(shards=1, format="tar"))
+    requests: list[str] = []
+    storage.s3_client().meta.events.register("before-send.s3", lambda request, **_: requests.append(request.method))
+    result = prep.convert_shard(out, 0, workers=1)
+    assert result["splits"] == {"train": 30, "dev": 30, "test": 30}
+    # the started marker; per split a tar, its manifest and the shard's manifest lines; the rejections; the result
+    assert requests.count("PUT") == 1 + 3 * 3 + 1 + 1, requests
+    report = prep.assemble(out)
+    assert {s: report["tarred"][s]["num_shards"] for s in ("train", "dev", "test")} == {"train": 1, "dev": 1, "test": 1}
+
+
 def test_transient_s3_failures_are_retried_and_lose_nothing(flaky_s3, tmp_path):
     bucket, proxy = flaky_s3
     release = f"{bucket}/rel/es"

@@ -70,7 +70,8 @@ def test_a_count_that_does_not_divide_is_warned_about(tmp_path, caplog):
         assert "3 train tar shards is not a multiple of world size 1 × 8 loader workers" in caplog.text
         caplog.clear()
         summary = prep.plan(str(MINI), str(tmp_path / "auto"), PrepareOptions(format="tar", world_size=2))
-        assert summary["num_shards"] == 16 and summary["tar_shards"] == {"train": 16} and not caplog.text
+        assert summary["num_shards"] == 16 and summary["tar_shards"] == {"train": 16, "dev": 16, "test": 16}
+        assert not caplog.text
     result = run_habla("prepare", "--out", str(tmp_path / "bad"), "--world-size", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--world-size must be an integer from 1 to" in result.stderr

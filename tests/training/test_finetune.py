@@ -240,7 +240,7 @@ def test_the_pipeline_fine_tunes_as_it_is_with_an_empty_config(hybrid_checkpoint
     from habla.training.command import TrainInputs
 
     inputs = TrainInputs(config="", train_manifest=str(clips30), val_manifest=str(clips30), train_tars=None,
-                         init_from=str(hybrid_checkpoint), overrides=("global_batch=4",))  # fmt: skip
+                         val_tars=None, init_from=str(hybrid_checkpoint), overrides=("global_batch=4",))  # fmt: skip
     args = inputs.arguments("/tmp/model")
     assert "--config" not in args and args[args.index("--init-from") + 1] == str(hybrid_checkpoint)
     assert inputs.plan(1, 0)["fine_tuning"]["checkpoint_class"] == "EncDecHybridRNNTCTCBPEModel"
