@@ -419,7 +419,7 @@ def check_dataset(out: Path, rows: dict[str, int], chosen: dict, code: int, err:
             key = (split, e.get("shard_id"), audio)
             assert key not in seen, f"two manifest lines share {key}"
             seen.add(key)
-            data = members[(e["shard_id"], audio)] if "shard_id" in e else Path(audio).read_bytes()
+            data = members.pop((split, e["shard_id"], audio)) if "shard_id" in e else Path(audio).read_bytes()
             info = sf.info(io.BytesIO(data))
             assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
             assert abs(info.frames / 16000 - e["duration"]) < 1e-3
@@ -429,15 +429,19 @@ def check_dataset(out: Path, rows: dict[str, int], chosen: dict, code: int, err:
             assert shortest <= e["duration"] <= longest
             assert set(e["text"]) <= set(ALPHABET) and e["text"]
             assert "training_filter" not in e
+    assert not members, f"tar members no manifest line lists: {sorted(members)[:3]}"
     assert not list(out.rglob("*.part"))
 
 
-def _tar_members(out: Path) -> dict[tuple[int, str], bytes]:
+def _tar_members(out: Path) -> dict[tuple[str, int, str], bytes]:
+    """Every member of every split's tar shards: (split, shard, name) -> bytes (a name twice in one tar fails)."""
     members = {}
-    for path in (out / "tarred" / "train").glob("audio_*.tar"):
-        shard = int(path.stem.split("_")[1])
+    for path in (out / "tarred").glob("*/audio_*.tar"):
+        split, shard = path.parent.name, int(path.stem.split("_")[1])
         with tarfile.open(path) as tar:
-            members.update({(shard, m.name): tar.extractfile(m).read() for m in tar})
+            for m in tar:
+                assert (split, shard, m.name) not in members, f"{path}: {m.name} twice"
+                members[split, shard, m.name] = tar.extractfile(m).read()
     return members
 
 
