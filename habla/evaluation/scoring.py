@@ -313,6 +313,8 @@ def compute_metrics(entries: Sequence[dict], hypotheses: Sequence[str]) -> tuple
             row[key] = group_of(entry, key)
         if "path" in entry:
             row["path"] = entry["path"]
+        if "shard_id" in entry:  # a tarred manifest's line: audio_filepath is the member of tar shard_id
+            row["shard_id"] = entry["shard_id"]
         rows.append(row)
     speakers = speakers_of(entries)
     overall = _summarize(scores, with_counts=True, clusters=speakers)
