@@ -49,14 +49,16 @@ BUDGETS = {"steps": ["trainer.max_steps=3", "trainer.max_epochs=-1"],
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    """The bundled CV 8.0-layout release, prepared as WAV files and as tar shards (dev as WAV in both)."""
+    """The bundled CV 8.0-layout release, prepared as WAV files and as tar shards (dev tarred too)."""
     root = tmp_path_factory.mktemp("budgets")
     wav = prepare(str(MINI_V8), str(root / "wav"), PrepareOptions(shards=1), workers=2)
     tar = prepare(str(MINI_V8), str(root / "tar"), PrepareOptions(shards=2, format="tar"), workers=2)
     return {
-        "wav": {"train_manifest": wav["manifests"]["train"], "val": wav["manifests"]["dev"], "tars": None},
+        "wav": {"train_manifest": wav["manifests"]["train"], "val": wav["manifests"]["dev"], "tars": None,
+                "val_tars": None},
         "tar": {"train_manifest": tar["tarred"]["train"]["manifest_filepath"], "val": tar["manifests"]["dev"],
-                "tars": tar["tarred"]["train"]["tarred_audio_filepaths"]},
+                "tars": tar["tarred"]["train"]["tarred_audio_filepaths"],
+                "val_tars": tar["tarred"]["dev"]["tarred_audio_filepaths"]},
         "entries": jsonl.loads((root / "wav" / "manifests" / "train.json").read_text()),
     }  # fmt: skip
 
@@ -68,7 +70,7 @@ def test_config_trains_on_its_data_path_to_its_budget(config, path, mode, data, 
     overrides = [*SHRINK[config], *BUDGETS[mode]]
     source = data[path]
     summary = train(config, source["train_manifest"], source["val"], str(tmp_path / "model"), overrides,
-                    train_tars=source["tars"])  # fmt: skip
+                    train_tars=source["tars"], val_tars=source["val_tars"])  # fmt: skip
 
     cfg = train_config.load(config, overrides)
     planned = budget.plan(cfg, data["entries"], 1, streamed=path == "tar")
@@ -97,7 +99,8 @@ def test_the_issue_command_trains_by_epochs_on_tar_shards_and_exits(data, tmp_pa
     Lhotse's bucketing thread it would then never have exited."""
     tar = data["tar"]
     result = run_habla("train", "--config", "tiny_ctc_char", "--train-manifest", tar["train_manifest"],
-                       "--train-tars", tar["tars"], "--val-manifest", tar["val"], "--out", str(tmp_path / "model"),
+                       "--train-tars", tar["tars"], "--val-manifest", tar["val"], "--val-tars", tar["val_tars"],
+                       "--out", str(tmp_path / "model"),
                        "trainer.max_epochs=1", "trainer.max_steps=-1", env={"HABLA_CACHE": str(cache)},
                        timeout=300)  # fmt: skip
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
