@@ -146,3 +146,41 @@ def test_the_pipelines_evaluation_shows_what_fine_tuning_bought(ctc_bpe_checkpoi
     assert on_disk["fine_tuning_gain"]["wer_improvement"] == 0.0
     assert RunLayout(str(run_dir)).baseline_eval.root.endswith("eval/baseline")
     assert (run_dir / "eval" / "baseline" / "predictions.json").is_file()
+
+
+def test_the_pipelines_evaluation_reads_a_tarred_test_split_as_it_reads_wav_files(ctc_bpe_checkpoint, ten_clips,
+                                                                                   tmp_path, one_thread):  # fmt: skip
+    """A dataset prepared with --format tar lists its test clips as members of tar shards (report.json names
+    them): the pipeline's evaluation reads them out of the tars and scores what the same WAV files score."""
+    import tarfile
+    from pathlib import Path
+
+    from habla.runs.evaluate import evaluate_run
+
+    manifest, entries = ten_clips
+    dataset = tmp_path / "dataset"
+    (dataset / "tarred").mkdir(parents=True)
+    tarred = []
+    for k in range(2):
+        with tarfile.open(dataset / "tarred" / f"audio_{k}.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+            for e in entries[5 * k : 5 * (k + 1)]:
+                tar.add(e["audio_filepath"], arcname=Path(e["audio_filepath"]).name)
+                tarred.append({**e, "audio_filepath": Path(e["audio_filepath"]).name, "shard_id": k})
+    write_manifest(tarred, dataset / "test.json")
+    tars = {"tarred_audio_filepaths": str(dataset / "tarred" / "audio__OP_0..1_CL_.tar")}
+    report = {"manifests": {"test": str(dataset / "test.json")}, "tarred": {"test": tars}}
+    (dataset / "report.json").write_text(json.dumps(report))
+    run_dir = tmp_path / "out" / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"run_name": "r1"}))
+    result = evaluate_run(str(run_dir), str(dataset), str(ctc_bpe_checkpoint), str(tmp_path / "out"), 0.0)
+    as_wav = evaluate(str(ctc_bpe_checkpoint), str(manifest), str(tmp_path / "wav"))
+    assert result.metrics["utterances"] == 10 and result.metrics["wer"] == as_wav["wer"]
+    rows = read_jsonl(run_dir / "eval" / "predictions.json")
+    assert [r["pred_text"] for r in rows] == [r["pred_text"] for r in read_jsonl(tmp_path / "wav" / "predictions.json")]
+    assert [(r["audio_filepath"], r["shard_id"]) for r in rows] == [(e["audio_filepath"], k // 5) for k, e in
+                                                                    enumerate(tarred)]  # fmt: skip
+    without_tars = run_habla("evaluate", "--model", str(ctc_bpe_checkpoint), "--manifest", str(dataset / "test.json"),
+                             "--out", str(tmp_path / "x"))  # fmt: skip
+    assert without_tars.returncode == 2 and "give the tar shards too" in without_tars.stderr
+    assert "Traceback" not in without_tars.stderr

@@ -156,3 +156,23 @@ def test_two_runs_into_one_dst_at_once_one_is_refused(tmp_path, clips30):
         result = run_habla(*_train_args(clips30, out, "--resume"), env={"HABLA_TRAIN_LEASE_SECONDS": "2"})
     _assert_one_line_error(result, f"{out} is being written by", "wait for it to finish")
     assert not (out / "model.nemo").exists() and not (out / "checkpoints").exists()
+
+
+def test_the_pipelines_training_step_names_every_split_s_tars(tmp_path):
+    """A dataset prepared with --format tar: the training step streams the train tars and validates on the dev
+    tars (read out once); a WAV dataset passes neither."""
+    from fixtures.releases import MINI_V8
+
+    from habla.data.options import PrepareOptions
+    from habla.data.prepare import prepare
+    from habla.training.command import TrainInputs
+
+    for fmt in ("tar", "wav"):
+        report = prepare(str(MINI_V8), str(tmp_path / fmt), PrepareOptions(shards=2, format=fmt), workers=2)
+        args = TrainInputs.for_dataset(str(tmp_path / fmt), "tiny_ctc_char").arguments(str(tmp_path / "model"))
+        if fmt == "tar":
+            assert args[args.index("--train-tars") + 1] == report["tarred"]["train"]["tarred_audio_filepaths"]
+            assert args[args.index("--val-tars") + 1] == report["tarred"]["dev"]["tarred_audio_filepaths"]
+            assert args[args.index("--val-manifest") + 1] == report["manifests"]["dev"]
+        else:
+            assert "--train-tars" not in args and "--val-tars" not in args
