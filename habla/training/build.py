@@ -68,22 +68,11 @@ def build_trainer(cfg, where: topology.Topology, paths: output.RunPaths, progres
 def _restore_as_it_is(cfg, trainer, checkpoint: finetune.Checkpoint):
     """The checkpoint as its own class (preprocessor, encoder, heads, tokenizer, losses), with habla's data
     and the fine-tuning optimiser (habla.training.finetune)."""
-    from nemo.collections.asr.models import ASRModel
-    from omegaconf import open_dict
-
-    try:
-        model = ASRModel.restore_from(str(checkpoint.path), trainer=trainer, map_location="cpu")
-    except Exception as exc:
-        raise HablaError(f"--init-from {checkpoint.path}: cannot restore a NeMo model ({one_line(exc)})") from None
+    model = _restore(checkpoint.path, trainer)
     if type(model).__name__ != checkpoint.class_name:
         raise HablaError(f"--init-from {checkpoint.path}: restored as {type(model).__name__}, not "
                          f"{checkpoint.class_name} as its config says")  # fmt: skip
-    with open_dict(model.cfg):
-        model.cfg.train_ds = cfg.model.train_ds
-        model.cfg.validation_ds = cfg.model.validation_ds
-        model.cfg.optim = cfg.model.optim
-    model.setup_training_data(model.cfg.train_ds)
-    model.setup_validation_data(model.cfg.validation_ds)
+    _use_run_data(model, cfg)
     ctc_weight = (cfg.model.get("aux_ctc") or {}).get("ctc_loss_weight")
     losses = "" if ctc_weight is None else f"; RNNT and CTC losses, CTC weight {ctc_weight}"
     log.info("init-from: fine-tuning %s as it is (preprocessor, encoder, tokenizer and heads kept%s)",
@@ -91,9 +80,30 @@ def _restore_as_it_is(cfg, trainer, checkpoint: finetune.Checkpoint):
     return model
 
 
-def build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir: Path | None, checkpoint=None):
-    from nemo.collections.asr.models import ASRModel, EncDecCTCModel, EncDecCTCModelBPE
+def _restore(path: Path, trainer):
+    """The .nemo at ``path``, restored on the CPU; one line if it is not one."""
+    from nemo.collections.asr.models import ASRModel
+
+    try:
+        return ASRModel.restore_from(str(path), trainer=trainer, map_location="cpu")
+    except Exception as exc:
+        raise HablaError(f"--init-from {path}: cannot restore a NeMo model ({one_line(exc)})") from None
+
+
+def _use_run_data(model, cfg) -> None:
+    """A restored model trains on this run's data with this run's optimiser (its own are the checkpoint's)."""
     from omegaconf import open_dict
+
+    with open_dict(model.cfg):
+        model.cfg.train_ds = cfg.model.train_ds
+        model.cfg.validation_ds = cfg.model.validation_ds
+        model.cfg.optim = cfg.model.optim
+    model.setup_training_data(model.cfg.train_ds)
+    model.setup_validation_data(model.cfg.validation_ds)
+
+
+def build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir: Path | None, checkpoint=None):
+    from nemo.collections.asr.models import EncDecCTCModel, EncDecCTCModelBPE
 
     from habla.training.init_from import ctc_from
 
@@ -102,10 +112,7 @@ def build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir: 
     if init_from is None:
         return model_class(kind)(cfg=cfg.model, trainer=trainer)
 
-    try:
-        model = ASRModel.restore_from(str(init_from), trainer=trainer, map_location="cpu")
-    except Exception as exc:
-        raise HablaError(f"--init-from {init_from}: cannot restore a NeMo model ({one_line(exc)})") from None
+    model = _restore(init_from, trainer)
     if not isinstance(model, EncDecCTCModel):  # hybrid RNNT/CTC or transducer: its encoder under a CTC head
         model = ctc_from(model, cfg, trainer, kind == train_config.BPE, tokenizer_dir)
     is_bpe = isinstance(model, EncDecCTCModelBPE)
@@ -127,12 +134,7 @@ def build_model(cfg, trainer, kind: str, init_from: Path | None, tokenizer_dir: 
         if list(model.tokenizer.vocab) != new_pieces:
             log.info("init-from: tokenizer %d -> %d pieces (new decoder)", model.tokenizer.vocab_size, len(new_pieces))
             model.change_vocabulary(new_tokenizer_dir=str(tokenizer_dir), new_tokenizer_type="bpe")
-    with open_dict(model.cfg):
-        model.cfg.train_ds = cfg.model.train_ds
-        model.cfg.validation_ds = cfg.model.validation_ds
-        model.cfg.optim = cfg.model.optim
-    model.setup_training_data(model.cfg.train_ds)
-    model.setup_validation_data(model.cfg.validation_ds)
+    _use_run_data(model, cfg)
     return model
 
 
