@@ -141,14 +141,12 @@ def localize(
         )
     if tarred:
         _unpack_tarred(tarred, tars, manifest_uri, cache)
-    for entry in out:
-        if "shard_id" not in entry:
-            entry["audio_filepath"] = resolve_audio(str(entry["audio_filepath"]), manifest_uri)
-
     to_fetch = {}
     for entry in out:
-        uri = entry["audio_filepath"]
-        if storage.is_s3(uri) and "shard_id" not in entry:
+        if "shard_id" in entry:  # a tar member, extracted above
+            continue
+        uri = entry["audio_filepath"] = resolve_audio(str(entry["audio_filepath"]), manifest_uri)
+        if storage.is_s3(uri):
             local = _cache_path(uri, cache)
             entry["audio_filepath"] = str(local)
             if not (local.exists() and local.stat().st_size > 0):

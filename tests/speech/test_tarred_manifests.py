@@ -120,10 +120,15 @@ def test_tars_in_object_storage_are_read_with_one_get_each(s3_bucket, tmp_path, 
         storage.upload_file(tmp_path / f"audio_{k}.tar", f"{s3_bucket}/d/audio_{k}.tar")
     names = sorted(clips)
     entries = [entry(name, k // 2, k + 1) for k, name in enumerate(names)]
+    # beside them, a line of a plain manifest: an object of its own, relative to the manifest
+    storage.write_bytes(f"{s3_bucket}/d/loose.mp3", clips[names[0]])
+    entries.append({"audio_filepath": "loose.mp3", "duration": 1.0, "text": "hola", "_line": 5})
     requests: list[str] = []
     client = storage.s3_client()
     client.meta.events.register("before-send.s3", lambda request, **_: requests.append(request.method))
     local = manifests.localize(entries, f"{s3_bucket}/d/test.json", cache=tmp_path / "cache",
                                tars=f"{s3_bucket}/d/audio__OP_0..1_CL_.tar")  # fmt: skip
-    assert [Path(e["audio_filepath"]).read_bytes() for e in local] == [clips[n] for n in names]
-    assert sorted(requests) == ["GET", "GET", "HEAD", "HEAD"], json.dumps(requests)  # a stamp and a read per tar
+    assert [Path(e["audio_filepath"]).read_bytes() for e in local] == [clips[n] for n in [*names, names[0]]]
+    assert Path(local[-1]["audio_filepath"]).is_relative_to(tmp_path / "cache" / "audio")
+    # a stamp and a read per tar; the loose object's download (boto3's download_file: a HEAD, a GET)
+    assert sorted(requests) == ["GET", "GET", "GET", "HEAD", "HEAD", "HEAD"], json.dumps(requests)
